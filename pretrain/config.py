@@ -1,0 +1,364 @@
+"""The run config: a typed schema, YAML + dotted overrides, strict validation.
+
+Precedence is defaults <- YAML file <- command-line `key=value` overrides. Every key is
+checked against the dataclasses below before anything is merged, so a typo is an error
+that names the key and the closest valid one. Semantic checks (divisibility, ranges) run
+after the merge and name the offending key too. All user errors raise `ConfigError`,
+which the CLI prints as one line and turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from pretrain.model.config import ATTENTION_IMPLS, MLPS, NORMS, POSITIONS, ModelConfig
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message is one actionable line."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    # Run directory: resolved config, metrics, checkpoints. Re-running into it resumes.
+    dir: str = "runs/${run.name}"
+    seed: int = 0
+
+
+@dataclass
+class StreamConfig:
+    # Dataset root written by `pretrain prep shards` (holds meta.json and one folder per split).
+    remote: str = "???"
+    # Local cache for a remote dataset; unused for a local `remote`.
+    local: str | None = None
+    # Mixture weights (at most one of the two per stream); None means "natural size".
+    proportion: float | None = None
+    repeat: float | None = None
+
+
+@dataclass
+class DataConfig:
+    # sentencepiece model from `pretrain prep tokenizer`.
+    tokenizer: str = "???"
+    streams: list[StreamConfig] = field(default_factory=list)
+    seq_len: int = 256
+    train_split: str = "train"
+    val_split: str = "val"
+    shuffle: bool = True
+    # Fixes the global sample order independently of the number of ranks.
+    num_canonical_nodes: int = 1
+    num_workers: int = 0
+    # Allow model.vocab_size > the tokenizer's vocabulary (extra rows are padding).
+    allow_vocab_padding: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Weight decay on norm weights and biases / on embeddings (off by default, as in GPT-3).
+    decay_norms_and_biases: bool = False
+    decay_embeddings: bool = False
+    # Clip the global gradient norm to this value; 0 disables clipping.
+    grad_clip: float = 1.0
+    # AdamW kernel: fused (one kernel), foreach (multi-tensor) or auto (fused when supported).
+    impl: str = "auto"
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup_steps: int = 100
+    # The schedule decays to min_lr_ratio * optim.lr at decay_steps (None: train.max_steps).
+    min_lr_ratio: float = 0.1
+    decay_steps: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    eval_every: int = 100
+    eval_batches: int = 10
+    log_every: int = 10
+    # torch.use_deterministic_algorithms; costs speed on GPU, free on CPU.
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N steps (0: only at the end) and always at the end of training.
+    every: int = 500
+    keep_last: int = 3
+    # Resume automatically from the latest complete checkpoint in the run directory.
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "pretrain"
+    # offline never needs an account or network; `wandb sync` uploads later.
+    wandb_mode: str = "offline"
+    jsonl: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    # Only the single-process strategy exists so far; DDP/FSDP/ZeRO come with issue 4.
+    strategy: str = "single"
+    # Autocast dtype for forward/backward; weights and optimizer state stay fp32.
+    mixed_precision: str = "fp32"
+    # Intra-op threads per process; 0 leaves torch's default (one per core).
+    threads: int = 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // self.train.micro_batch_size
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.position": POSITIONS,
+    "model.mlp": MLPS,
+    "model.norm": NORMS,
+    "model.attention": ATTENTION_IMPLS,
+    "optim.impl": ("auto", "fused", "foreach"),
+    "schedule.name": ("cosine", "linear", "constant"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+    "parallel.strategy": ("single",),
+    "parallel.mixed_precision": ("fp32", "bf16"),
+}
+
+
+# ---------------------------------------------------------------- loading and merging
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML at `path` <- dotted `key=value` overrides, checked strictly."""
+    layers = []
+    if path is not None:
+        layers.append((str(path), _load_yaml(Path(path))))
+    if overrides:
+        layers.append(("command line", _parse_overrides(overrides)))
+    merged = OmegaConf.structured(Config)
+    for source, layer in layers:
+        _check_keys(layer, Config, prefix="", source=source)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_omegaconf_message(e, source)) from None
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # resolves ${...} interpolations
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", "?")
+        raise ConfigError(f"{key} is required: set it in the YAML or as {key}=...") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e, "config")) from None
+    validate(cfg)
+    return cfg
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends, all user errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not valid YAML: {first}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return node
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key or key.startswith(".") or key.endswith("."):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command line: {e}".splitlines()[0]) from None
+
+
+def _check_keys(node: Any, schema: type, prefix: str, source: str) -> None:
+    """Reject keys that are not in the schema, suggesting the closest valid key."""
+    if not isinstance(node, DictConfig):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node:
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{full}'{_suggest(str(key), fields, prefix)}")
+        sub = _dataclass_of(schema, key)
+        if sub is None:
+            continue
+        value = node._get_node(key)
+        if isinstance(value, ListConfig):
+            for i, item in enumerate(value):
+                _check_keys(item, sub, f"{full}[{i}].", source)
+        else:
+            _check_keys(value, sub, f"{full}.", source)
+
+
+def _dataclass_of(schema: type, key: str) -> type | None:
+    """The dataclass a field holds (directly or as list items), if any."""
+    default = OmegaConf.structured(schema)
+    value = default._get_node(key)
+    if isinstance(value, DictConfig):
+        return OmegaConf.get_type(value)
+    if isinstance(value, ListConfig):
+        element = value._metadata.element_type
+        return element if dataclasses.is_dataclass(element) else None
+    return None
+
+
+def _suggest(key: str, fields: dict, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f"; valid keys here: {', '.join(prefix + k for k in fields)}"
+
+
+def _omegaconf_message(e: OmegaConfBaseException, source: str) -> str:
+    key = getattr(e, "full_key", None)
+    msg = getattr(e, "msg", None) or str(e)
+    msg = msg.strip().splitlines()[0]
+    return f"{source}: {key}: {msg}" if key else f"{source}: {msg}"
+
+
+# ---------------------------------------------------------------- semantic checks
+
+
+def validate(cfg: Config) -> None:
+    """Checks no type system can express; each failure names its key."""
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{key} must be one of {', '.join(choices)} (got '{value}'){hint}")
+    for keys, ok, what in _RANGES:
+        for key in keys:
+            value = _get(cfg, key)
+            if value is not None and not ok(value):
+                raise ConfigError(f"{key} {what} (got {value!r})")
+
+    m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.schedule
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"model.d_model / model.n_heads must be even for rope (head dim {m.head_dim})")
+    if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
+    if d.seq_len > m.max_seq_len:
+        what = "the learned position table" if m.position == "learned" else "the model's maximum"
+        raise ConfigError(
+            f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}), {what}; "
+            "raise model.max_seq_len or lower data.seq_len"
+        )
+    for i, stream in enumerate(d.streams):
+        if stream.proportion is not None and stream.repeat is not None:
+            raise ConfigError(f"data.streams[{i}]: give proportion or repeat, not both")
+        for name in ("proportion", "repeat"):
+            value = getattr(stream, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"data.streams[{i}].{name} must be > 0 (got {value})")
+    if s.decay_steps is not None and s.decay_steps <= s.warmup_steps:
+        raise ConfigError(f"schedule.decay_steps ({s.decay_steps}) must be > schedule.warmup_steps ({s.warmup_steps})")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})"
+        )
+
+
+def _positive(v: float) -> bool:
+    return v > 0 and math.isfinite(v)
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0 and math.isfinite(v)
+
+
+def _unit(v: float) -> bool:
+    return 0 <= v < 1
+
+
+# (keys, predicate, what the predicate demands); None values (optional keys) are skipped.
+_RANGES = (
+    (
+        (
+            "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+            "model.n_kv_heads", "model.max_seq_len", "model.sliding_window", "model.mlp_hidden",
+            "model.mlp_multiple_of", "model.rope_theta", "model.init_std", "model.norm_eps",
+            "data.seq_len", "data.num_canonical_nodes", "train.max_steps",
+            "train.global_batch_size", "train.micro_batch_size", "train.eval_every",
+            "train.log_every", "checkpoint.keep_last", "optim.lr", "optim.eps",
+        ),
+        _positive,
+        "must be > 0",
+    ),
+    (
+        (
+            "train.eval_batches", "checkpoint.every", "schedule.warmup_steps",
+            "data.num_workers", "optim.weight_decay", "optim.grad_clip", "parallel.threads",
+        ),
+        _non_negative,
+        "must be >= 0",
+    ),
+    (("model.dropout", "optim.beta1", "optim.beta2"), _unit, "must be in [0, 1)"),
+    (("schedule.min_lr_ratio",), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    (("model.rope_scale",), lambda v: v >= 1, "must be >= 1 (a position interpolation factor)"),
+)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---------------------------------------------------------------- output
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a run directory's config.yaml)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    return OmegaConf.to_object(merged)

@@ -1,0 +1,65 @@
+"""The model's own arguments.
+
+`pretrain.model` imports nothing from the rest of the package, so its hyperparameters live
+here as a plain dataclass. `pretrain.config` uses this class as the `model:` section of the
+run config and validates it there, where errors can name the config key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POSITIONS = ("rope", "alibi", "learned")
+MLPS = ("swiglu", "gelu")
+NORMS = ("rmsnorm", "layernorm")
+ATTENTION_IMPLS = ("auto", "sdpa", "flash", "naive")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    # Key/value heads for grouped-query attention; None means n_heads (plain MHA), 1 is MQA.
+    n_kv_heads: int | None = None
+    # Longest sequence the model supports; sizes the learned position table and RoPE cache.
+    max_seq_len: int = 256
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    # Linear position interpolation: positions are divided by this factor (>= 1) so a model
+    # trained at length L can run at scale * L.
+    rope_scale: float = 1.0
+    mlp: str = "swiglu"
+    # Hidden width of the MLP; None means 4 * d_model for gelu and 8/3 * d_model rounded up to
+    # mlp_multiple_of for swiglu (same parameter count as a 4x gelu MLP).
+    mlp_hidden: int | None = None
+    mlp_multiple_of: int = 64
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    # Each token attends to at most this many previous tokens (itself included); None = all.
+    sliding_window: int | None = None
+    dropout: float = 0.0
+    bias: bool = False
+    init_std: float = 0.02
+    # auto: flash_attn when importable and the tensors are on CUDA, else PyTorch SDPA.
+    attention: str = "auto"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        hidden = int(8 * self.d_model / 3)
+        m = self.mlp_multiple_of
+        return m * ((hidden + m - 1) // m)

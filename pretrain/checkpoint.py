@@ -1,0 +1,175 @@
+"""Atomic checkpoints in the run directory, and finding the latest complete one.
+
+Layout under `RUN_DIR/checkpoints/`:
+
+    step_00000200/        a complete checkpoint (it has manifest.json)
+      model + optimizer   written by the parallel strategy (DCP files, or DeepSpeed's)
+      train_state.json    step, tokens, data-loader position, ... (rank 0)
+      rng_rank{r}.pt      every RNG of rank r
+      manifest.json       every file above with its size; written last
+    latest                the name of the newest complete checkpoint; moved last
+    .tmp-step_00000300/   a save in progress (or one killed mid-write): never loaded
+
+A save writes everything into a `.tmp-` folder, fsyncs it, writes the manifest, then
+renames the folder into place, so a checkpoint either is complete or does not exist under
+its final name. Loading re-checks the manifest, and falls back to the previous checkpoint
+when files are missing or truncated. Pruning renames a folder to `.trash-` before
+deleting it, so a half-deleted checkpoint can never look complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+STEP_RE = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Saves and finds checkpoints; the strategy writes and reads model + optimizer state.
+
+    `barrier` synchronises ranks (a no-op in one process). Every rank calls `save`; only
+    rank 0 renames, moves `latest` and prunes, after every rank's part is durable.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        keep_last: int,
+        rank: int = 0,
+        barrier: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.barrier = barrier
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):  # a save that was killed mid-write
+                log.warning("removing incomplete checkpoint %s", stale.name)
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.root.glob(".trash-*"):  # a prune that was killed mid-delete
+                shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+
+    def save(self, step: int, train_state: dict, write_model: Callable[[Path], None]) -> Path:
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{final.name}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        write_model(tmp)
+        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            _write_json(tmp / TRAIN_STATE, train_state)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        self.barrier()  # every rank's part is on disk
+        if self.rank == 0:
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            _write_json(tmp / MANIFEST, {"step": step, "files": files})
+            _fsync(tmp)
+            if final.exists():  # re-saving a step (e.g. after a resume): replace atomically
+                _trash(final)
+            os.rename(tmp, final)
+            _fsync(self.root)
+            _write_json(self.root / "latest", {"checkpoint": final.name, "step": step})
+            self._prune()
+        self.barrier()
+        return final
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, newest first."""
+        found = []
+        for path in self.root.glob("step_*"):
+            match = STEP_RE.match(path.name)
+            if match and path.is_dir() and _verify(path):
+                found.append((int(match.group(1)), path))
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def latest(self) -> Path | None:
+        complete = self.complete()
+        return complete[0] if complete else None
+
+    def load(self, path: Path, read_model: Callable[[Path], None]) -> dict:
+        read_model(path)
+        rng = path / f"rng_rank{self.rank}.pt"
+        if rng.exists():  # absent when resuming on more ranks than were saved
+            set_rng_state(torch.load(rng, weights_only=False))
+        return json.loads((path / TRAIN_STATE).read_text())
+
+    def _prune(self) -> None:
+        for old in self.complete()[self.keep_last :]:
+            _trash(old)
+
+
+def _verify(path: Path) -> bool:
+    manifest = path / MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            log.warning("checkpoint %s is damaged (%s missing or truncated); skipping it", path.name, name)
+            return False
+    return True
+
+
+def _trash(path: Path) -> None:
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

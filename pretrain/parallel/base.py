@@ -1,0 +1,111 @@
+"""The interface between the training loop and a way of running it on one or more ranks.
+
+A strategy builds the model where it must live (device, sharding), owns the optimizer
+step, reduces metrics across ranks, and writes/reads its part of a checkpoint folder. The
+trainer calls only these methods, so adding DDP, FSDP or ZeRO adds a class, not branches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from pretrain.model import Transformer
+from pretrain.optim import build_optimizer
+
+
+class Strategy(ABC):
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.autocast_dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else None
+
+    # ------------------------------------------------------------ building
+    def setup(self) -> None:
+        """Build the model (seeded, so every rank and every resume starts alike) and optimizer."""
+        torch.manual_seed(self.cfg.run.seed)
+        self.model = self.build_model()
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+
+    @abstractmethod
+    def build_model(self) -> nn.Module: ...
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The plain Transformer under any wrapper."""
+        return self.model
+
+    # ------------------------------------------------------------ the step
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(tokens)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` (0: no clipping); returns the global norm before clipping."""
+        limit = max_norm if max_norm > 0 else float("inf")
+        return nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, folder: Path) -> None:
+        """Write model and optimizer state into `folder` (sharded: each rank its part)."""
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        with _quiet_dcp():
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=folder)
+
+    def load(self, folder: Path) -> None:
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        state = {"model": msd, "optim": osd}
+        with _quiet_dcp():
+            dcp.load(state, checkpoint_id=folder)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    # In one process DCP warns that it "assumes the intent is to save in a single process".
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
+def new_transformer(cfg, device: torch.device) -> Transformer:
+    """Build on the meta device, then materialise and initialise on `device`.
+
+    No full-size fp32 copy is made on the CPU first; the sharded strategies reuse this
+    with `fully_shard` between the two steps.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

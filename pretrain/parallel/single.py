@@ -1,0 +1,17 @@
+"""One process, one device: the reference every other strategy is compared against."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.parallel.base import Strategy, new_transformer
+
+
+class SingleStrategy(Strategy):
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def build_model(self) -> nn.Module:
+        return new_transformer(self.cfg, self.device)

@@ -1,0 +1,115 @@
+"""Process start-up, in one place: run directory, seeds, threads, temp files, logging.
+
+Everything a training process must do before the first tensor is made happens in
+`start(cfg)`, in a fixed order, so a resumed or restarted process sets itself up exactly
+like the original one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain.config import Config, ConfigError, from_dict, to_dict, to_yaml
+
+log = logging.getLogger("pretrain")
+
+# Sections that must not change when a run directory is reused: a different model, data or
+# optimisation would make the resumed run a different experiment. Length, checkpointing
+# and logging may change (e.g. training longer than first planned).
+FROZEN_SECTIONS = ("model", "data", "optim", "schedule", "parallel")
+
+
+def setup_logging(rank: int = 0) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("streaming", "filelock", "urllib3", "botocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def start(cfg: Config, rank: int = 0) -> Path:
+    """Prepare this process for training; returns the run directory."""
+    run_dir = prepare_run_dir(cfg, write=rank == 0)
+    if cfg.parallel.threads:
+        torch.set_num_threads(cfg.parallel.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    seed_everything(cfg.run.seed)
+    scope_temp_files(run_dir)
+    return run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def scope_temp_files(run_dir: Path) -> None:
+    """Keep streaming's lock files inside the run, and drop shared memory left by a crash.
+
+    mosaicml-streaming puts `*_filelock` files in the temp dir and segments in /dev/shm; a
+    killed run leaves both behind, and stale ones can block or confuse the next start.
+    """
+    tmp = run_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None  # re-read TMPDIR
+    from pretrain.streaming_compat import streaming_module
+
+    streaming_module()
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+
+
+def prepare_run_dir(cfg: Config, write: bool = True) -> Path:
+    """Create the run directory, or check that an existing one holds the same experiment.
+
+    The resolved config is written to `config.yaml`, so the folder alone reproduces the run.
+    """
+    run_dir = Path(cfg.run.dir)
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        _check_same_experiment(cfg, saved)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_name("config.yaml.tmp")
+        tmp.write_text(to_yaml(cfg))
+        os.replace(tmp, saved)
+    return run_dir
+
+
+def _check_same_experiment(cfg: Config, saved: Path) -> None:
+    import yaml
+
+    try:
+        before = to_dict(from_dict(yaml.safe_load(saved.read_text())))
+    except Exception as e:
+        raise ConfigError(f"{saved}: cannot read the saved config ({e}); use a new run.dir") from None
+    now = to_dict(cfg)
+    for section in FROZEN_SECTIONS:
+        diff = _first_difference(before[section], now[section], section)
+        if diff:
+            key, old, new = diff
+            raise ConfigError(
+                f"run.dir {saved.parent} holds a run with {key}={old!r}, this config has {new!r}; "
+                "use another run.name (or run.dir) for a new experiment"
+            )
+
+
+def _first_difference(a, b, prefix: str):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            diff = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}")
+            if diff:
+                return diff
+        return None
+    return None if a == b else (prefix, a, b)

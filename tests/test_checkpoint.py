@@ -1,0 +1,78 @@
+"""The atomic checkpoint protocol, on a real folder."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+
+from pretrain.checkpoint import Checkpointer
+
+
+def _writer(value: float):
+    def write(folder):
+        torch.save({"w": torch.full((4,), value)}, folder / "model.pt")
+
+    return write
+
+
+def _reader(box: dict):
+    def read(folder):
+        box.update(torch.load(folder / "model.pt"))
+
+    return read
+
+
+def test_save_then_load_round_trips_state_and_rng(tmp_path):
+    ck = Checkpointer(tmp_path / "ck", keep_last=3)
+    torch.manual_seed(7)
+    random.seed(7)
+    path = ck.save(10, {"step": 10, "data": {"epoch": 0, "sample_in_epoch": 160}}, _writer(1.5))
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(99)
+    random.seed(99)
+    box: dict = {}
+    state = ck.load(path, _reader(box))
+    assert state == {"step": 10, "data": {"epoch": 0, "sample_in_epoch": 160}}
+    assert torch.equal(box["w"], torch.full((4,), 1.5))
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert json.loads((tmp_path / "ck/latest").read_text()) == {"checkpoint": "step_00000010", "step": 10}
+
+
+def test_keep_last_prunes_oldest_complete(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2)
+    for step in (5, 10, 15):
+        ck.save(step, {"step": step}, _writer(step))
+    assert [p.name for p in ck.complete()] == ["step_00000015", "step_00000010"]
+    assert not list(tmp_path.glob(".t*"))
+
+
+def test_interrupted_save_is_never_loaded_and_is_cleaned(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=3)
+    ck.save(5, {"step": 5}, _writer(5))
+    # A save killed mid-write leaves a .tmp- folder with partial files and no manifest.
+    partial = tmp_path / ".tmp-step_00000010"
+    partial.mkdir()
+    (partial / "model.pt").write_bytes(b"\0" * 10)
+    assert ck.latest().name == "step_00000005"
+    Checkpointer(tmp_path, keep_last=3)  # the next start cleans it
+    assert not partial.exists()
+
+
+def test_damaged_checkpoint_falls_back_to_previous(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=3)
+    ck.save(5, {"step": 5}, _writer(5))
+    newest = ck.save(10, {"step": 10}, _writer(10))
+    with open(newest / "model.pt", "r+b") as f:  # truncated on disk after the commit
+        f.truncate(5)
+    assert ck.latest().name == "step_00000005"
+    (newest / "model.pt").unlink()
+    assert ck.latest().name == "step_00000005"
+
+
+def test_checkpoint_without_manifest_is_not_complete(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=3)
+    path = ck.save(5, {"step": 5}, _writer(5))
+    (path / "manifest.json").unlink()
+    assert ck.latest() is None

@@ -1,0 +1,78 @@
+"""The `pretrain` command line. Subcommands dispatch only; the work lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.config import ConfigError
+
+USAGE = """pretrain <command> ...
+
+commands:
+  train CONFIG [key=value ...]    train (or resume) the run CONFIG describes
+  config CONFIG [key=value ...]   print the resolved config
+  prep tokenizer|shards ...       train a tokenizer / write packed MDS shards (see --help)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    commands = {"train": _train, "config": _config, "prep": _prep}
+    if command not in commands:
+        print(f"pretrain: unknown command '{command}'\n{USAGE}", end="", file=sys.stderr)
+        return 2
+    try:
+        return commands[command](rest)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _config_args(prog: str, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"pretrain {prog}")
+    parser.add_argument("config", help="YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
+    return parser.parse_args(argv)
+
+
+def _config(argv: list[str]) -> int:
+    from pretrain.config import load_config, to_yaml
+
+    args = _config_args("config", argv)
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _train(argv: list[str]) -> int:
+    from pretrain.config import load_config
+    from pretrain.runtime import setup_logging
+
+    args = _config_args("train", argv)
+    cfg = load_config(args.config, args.overrides)
+    setup_logging()
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+def _prep(argv: list[str]) -> int:
+    # data_prep is an offline tool beside the library; only the CLI composes the two.
+    from data_prep.cli import main as prep_main
+
+    return prep_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The training loop: step, accumulate, clip, schedule, evaluate, log, checkpoint, resume.
+
+`Trainer(cfg).fit()` is the whole job. Each piece is a method so tests can drive it step by
+step. The loop talks only to the parallel strategy's interface, never to a specific one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pretrain import runtime
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import Config, to_dict
+from pretrain.data import TrainBatches, ValBatches, check_data
+from pretrain.metrics import MetricsSink, memory_gb, peak_flops, train_line
+from pretrain.model import count_params, flops_per_token
+from pretrain.optim import lr_at, set_lr
+from pretrain.parallel import build_strategy
+
+log = logging.getLogger("pretrain")
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.strategy = build_strategy(cfg)
+        self.run_dir = runtime.start(cfg, rank=self.strategy.rank)
+        self.tokenizer = check_data(cfg)
+        self.strategy.setup()
+        self.device = self.strategy.device
+        self.train_data = TrainBatches(cfg)
+        self.val_data = ValBatches(cfg)
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.strategy.rank, self.strategy.barrier
+        )
+        self.sink = MetricsSink(self.run_dir, cfg, enabled=self.strategy.rank == 0, config_dict=to_dict(cfg))
+        self.step = 0
+        self.tokens_seen = 0
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops, self.peak_source = peak_flops(self.device, cfg.parallel.mixed_precision)
+
+    # ------------------------------------------------------------ state
+    def train_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.train_data.state_dict()}
+
+    def resume(self) -> bool:
+        """Load the latest complete checkpoint in the run directory, if there is one."""
+        path = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
+        if path is None:
+            return False
+        state = self.checkpointer.load(path, self.strategy.load)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.train_data.load_state_dict(state["data"])
+        last = _last_logged_step(self.run_dir / "metrics.jsonl")
+        lost = max(last - self.step, 0)
+        self.sink.write({"event": "resume", "step": self.step, "checkpoint": path.name, "steps_lost": lost})
+        log.info("resumed from %s (step %d; %d logged steps after it are redone)", path, self.step, lost)
+        return True
+
+    def save(self) -> Path:
+        path = self.checkpointer.save(self.step, self.train_state(), self.strategy.save)
+        self.sink.write({"event": "checkpoint", "step": self.step, "checkpoint": path.name})
+        return path
+
+    # ------------------------------------------------------------ steps
+    def train_step(self) -> dict:
+        s, cfg = self.strategy, self.cfg
+        start = time.perf_counter()
+        lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
+        set_lr(s.optimizer, lr)
+        accum = cfg.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        data_s = 0.0
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            tokens = self.train_data.next().to(self.device, non_blocking=True)  # (B, T + 1)
+            data_s += time.perf_counter() - t0
+            loss = self.loss(tokens)
+            s.backward(loss / accum)
+            loss_sum += loss.detach()
+        grad_norm = s.clip_grad_norm(cfg.optim.grad_clip)
+        s.optimizer_step()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        loss = s.reduce_mean(loss_sum / accum).item()
+        elapsed = time.perf_counter() - start
+        tokens_per_s = self.tokens_per_step / elapsed
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * s.world_size),
+            "mem_gb": memory_gb(self.device),
+            "step_s": elapsed,
+            "data_s": data_s,
+        }
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
+        logits = self.strategy.forward(inputs)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        model = self.strategy.model
+        model.eval()
+        total, n = torch.zeros((), device=self.device), 0
+        for tokens in self.val_data.batches(self.cfg.train.eval_batches):
+            total += self.loss(tokens.to(self.device))
+            n += 1
+        model.train()
+        return self.strategy.reduce_mean(total / max(n, 1)).item()
+
+    # ------------------------------------------------------------ the job
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.resume()
+        self._announce()
+        if self.step >= t.max_steps:
+            log.info("run already complete at step %d (train.max_steps=%d)", self.step, t.max_steps)
+            return {}
+        record: dict = {}
+        mean_step_s = None
+        while self.step < t.max_steps:
+            record = self.train_step()
+            mean_step_s = record["step_s"] if mean_step_s is None else 0.9 * mean_step_s + 0.1 * record["step_s"]
+            record["eta_s"] = mean_step_s * (t.max_steps - self.step)
+            self.sink.write(record)
+            if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
+                self.sink.console(train_line(record, t.max_steps))
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                val = self.evaluate()
+                record["val_loss"] = val
+                self.sink.write({"step": self.step, "val_loss": val})
+                self.sink.console(f"step {self.step:>6}/{t.max_steps} | val_loss {val:.4f}")
+            every = cfg.checkpoint.every
+            if (every and self.step % every == 0) or self.step == t.max_steps:
+                self.save()
+        return record
+
+    def close(self) -> None:
+        self.sink.close()
+        # streaming datasets hold shared memory until they are collected: free it now, not
+        # at interpreter shutdown, when the multiprocessing resource tracker complains.
+        del self.train_data, self.val_data
+        gc.collect()
+
+    def _announce(self) -> None:
+        cfg = self.cfg
+        self.sink.console(
+            f"run {cfg.run.name} in {self.run_dir} | {count_params(cfg.model) / 1e6:.2f}M params | "
+            f"{self.flops_per_token / 1e6:.1f} MFLOP/token | peak {self.peak_flops / 1e9:.1f} GFLOP/s "
+            f"({self.peak_source}) | {self.cfg.grad_accum_steps} micro-batches/step | "
+            f"from step {self.step}"
+        )
+
+
+def _last_logged_step(path: Path) -> int:
+    last = 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if "loss" in record:
+                last = max(last, record["step"])
+    return last

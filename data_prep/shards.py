@@ -1,0 +1,245 @@
+"""Tokenize documents and pack them into fixed-length MDS samples the trainer streams.
+
+Layout of the output folder:
+    DIR/train/, DIR/val/   mosaicml-streaming MDS, one column `tokens` (seq_len + 1 ids)
+    DIR/meta.json          written last and atomically; its presence marks a complete dataset
+
+Each document is assigned to train or val by a stable hash of (seed, content), so the split
+does not depend on input order, and exact duplicate documents never straddle the split.
+Within a split, documents are tokenized, followed by EOS, concatenated in input order and cut
+into blocks of exactly seq_len + 1 tokens (inputs and shifted targets); the remainder at the
+end of a split is dropped. The same inputs and flags give byte-identical shard files.
+
+Inputs are read twice: a first pass only parses and assigns splits, so a bad JSON line or an
+empty val split is reported before the output folder is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep import PrepError, write_atomic
+from data_prep.inputs import check_readable, iter_documents
+from pretrain.streaming_compat import streaming_module
+from pretrain.tokenizer import Tokenizer
+
+META_FORMAT = "pretrain-mds-v1"
+SPLITS = ("train", "val")
+BATCH_CHARS = 8 << 20  # documents tokenized together (spread over threads by sentencepiece)
+BATCH_DOCS = 4096
+
+
+def assign_split(text: str, seed: int, val_fraction: float) -> str:
+    """'val' for about `val_fraction` of documents, decided by sha256 of (seed, text)."""
+    digest = hashlib.sha256(f"{seed}\0".encode() + text.encode("utf-8")).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    return "val" if position < val_fraction else "train"
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+class BlockPacker:
+    """Concatenates runs of token ids and hands out blocks of exactly `block_len` ids."""
+
+    def __init__(self, block_len: int, dtype: str) -> None:
+        self.block_len = block_len
+        self._pending: list[np.ndarray] = []
+        self._pending_len = 0
+        self._dtype = np.dtype(dtype)
+
+    def add(self, ids: Sequence[int]) -> np.ndarray:
+        """Append `ids`; return the blocks now complete, shape (n_blocks, block_len)."""
+        self._pending.append(np.asarray(ids, dtype=self._dtype))
+        self._pending_len += len(ids)
+        n_blocks = self._pending_len // self.block_len
+        if n_blocks == 0:
+            return np.empty((0, self.block_len), dtype=self._dtype)
+        stream = np.concatenate(self._pending)
+        cut = n_blocks * self.block_len
+        self._pending = [stream[cut:]]
+        self._pending_len = len(stream) - cut
+        return stream[:cut].reshape(n_blocks, self.block_len)
+
+    @property
+    def leftover(self) -> int:
+        """Ids held back because they do not fill a block (dropped at the end of a split)."""
+        return self._pending_len
+
+
+def write_shards(
+    inputs: Sequence[Path],
+    tokenizer: Tokenizer,
+    out: Path,
+    seq_len: int,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+    compression: str | None = None,
+    size_limit: int = 64 << 20,
+    overwrite: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write DIR/train, DIR/val and DIR/meta.json; return the meta.json contents."""
+    if seq_len <= 0:
+        raise PrepError(f"--seq-len must be > 0 (got {seq_len})")
+    if not 0.0 <= val_fraction < 1.0:
+        raise PrepError(f"--val-fraction must be in [0, 1) (got {val_fraction})")
+    if not 0 < size_limit < 2**32:
+        raise PrepError(f"--shard-size-limit must be between 1 byte and 4GB (got {size_limit})")
+    check_readable(inputs)
+    documents = _count_documents(inputs, text_field, seed, val_fraction)
+    if val_fraction > 0 and documents["val"] == 0:
+        raise PrepError(
+            f"the val split is empty ({documents['train']} documents, --val-fraction "
+            f"{val_fraction}); raise --val-fraction or add more documents"
+        )
+    if documents["train"] == 0:
+        raise PrepError("the train split is empty; lower --val-fraction or add more documents")
+
+    _prepare_out_dir(out, overwrite)
+    try:
+        docs = _iter_assigned(inputs, text_field, seed, val_fraction)
+        writers = {
+            split: _mds_writer(out / split, tokenizer.vocab_size, compression, size_limit)
+            for split in SPLITS
+            if documents[split] > 0
+        }
+        splits = _tokenize_and_write(docs, documents.total(), tokenizer, writers, seq_len)
+        _check_samples(splits, seq_len, val_fraction)
+    except BaseException:
+        _empty_dir(out)  # everything in it is ours: it was empty (or emptied) above
+        raise
+
+    meta: dict[str, Any] = {
+        "format": META_FORMAT,
+        "seq_len": seq_len,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size),
+        "tokenizer": str(tokenizer.path.resolve()),
+        "tokenizer_sha256": tokenizer.sha256,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "splits": splits,
+    }
+    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    return meta
+
+
+def split_files(split_dir: Path) -> tuple[int, int]:
+    """(number of shard files, total bytes) of one written split; (0, 0) if it is absent."""
+    if not split_dir.is_dir():
+        return 0, 0
+    shards = [p for p in split_dir.iterdir() if p.name.startswith("shard.")]
+    total = sum(p.stat().st_size for p in split_dir.iterdir() if p.is_file())
+    return len(shards), total
+
+
+def _iter_assigned(
+    inputs: Sequence[Path], text_field: str, seed: int, val_fraction: float
+) -> Iterator[tuple[str, str]]:
+    for path in inputs:
+        for doc in iter_documents(path, text_field):
+            yield assign_split(doc, seed, val_fraction), doc
+
+
+def _count_documents(
+    inputs: Sequence[Path], text_field: str, seed: int, val_fraction: float
+) -> Counter[str]:
+    return Counter(split for split, _ in _iter_assigned(inputs, text_field, seed, val_fraction))
+
+
+def _batches(docs: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+    batch: list[tuple[str, str]] = []
+    chars = 0
+    for item in docs:
+        batch.append(item)
+        chars += len(item[1])
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _mds_writer(split_dir: Path, vocab_size: int, compression: str | None, size_limit: int) -> Any:
+    streaming = streaming_module()
+    return streaming.MDSWriter(
+        out=str(split_dir),
+        columns={"tokens": f"ndarray:{token_dtype(vocab_size)}"},
+        compression=compression,
+        size_limit=size_limit,
+    )
+
+
+def _tokenize_and_write(
+    docs: Iterator[tuple[str, str]],
+    total_docs: int,
+    tokenizer: Tokenizer,
+    writers: dict[str, Any],
+    seq_len: int,
+) -> dict[str, dict[str, int]]:
+    """Tokenize `docs` (split, text), append EOS, pack per split; counts per split."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    stats = {split: {"documents": 0, "tokens": 0, "samples": 0} for split in SPLITS}
+    packers = {split: BlockPacker(seq_len + 1, dtype) for split in SPLITS}
+    progress = tqdm(total=total_docs, unit="doc", desc="shards", disable=None)
+    try:
+        for batch in _batches(docs):
+            encoded = tokenizer.encode_batch([doc for _, doc in batch])
+            for (split, _), ids in zip(batch, encoded, strict=True):
+                ids.append(tokenizer.eos_id)
+                stats[split]["documents"] += 1
+                stats[split]["tokens"] += len(ids)
+                for block in packers[split].add(ids):
+                    writers[split].write({"tokens": block})
+                    stats[split]["samples"] += 1
+            progress.update(len(batch))
+            progress.set_postfix(tokens=stats["train"]["tokens"] + stats["val"]["tokens"])
+    finally:
+        progress.close()
+        for writer in writers.values():
+            writer.finish()
+    return stats
+
+
+def _check_samples(splits: dict[str, dict[str, int]], seq_len: int, val_fraction: float) -> None:
+    for split in SPLITS:
+        if split == "val" and val_fraction == 0:
+            continue
+        if splits[split]["samples"] == 0:
+            fix = "raise --val-fraction or add" if split == "val" else "add more"
+            raise PrepError(
+                f"the {split} split has {splits[split]['tokens']} tokens, fewer than one sample "
+                f"(--seq-len {seq_len} + 1); lower --seq-len or {fix} documents"
+            )
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise PrepError(f"--out {out} is not empty; pass --overwrite to replace its contents")
+        _empty_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _empty_dir(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

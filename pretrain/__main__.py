@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 def _config_args(prog: str, argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"pretrain {prog}")
     parser.add_argument("config", help="YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3"
+    )
     return parser.parse_args(argv)
 
 

@@ -43,7 +43,11 @@ def step_dir_name(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -100,7 +104,11 @@ class Checkpointer:
                 _fsync(path)
         self.barrier()  # every rank's part is on disk
         if self.rank == 0:
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files = {
+                str(p.relative_to(tmp)): p.stat().st_size
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            }
             _write_json(tmp / MANIFEST, {"step": step, "files": files})
             _fsync(tmp)
             if final.exists():  # re-saving a step (e.g. after a resume): replace atomically
@@ -146,7 +154,9 @@ def _verify(path: Path) -> bool:
     for name, size in files.items():
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
-            log.warning("checkpoint %s is damaged (%s missing or truncated); skipping it", path.name, name)
+            log.warning(
+                "checkpoint %s is damaged (%s missing or truncated); skipping it", path.name, name
+            )
             return False
     return True
 

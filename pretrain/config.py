@@ -273,11 +273,17 @@ def validate(cfg: Config) -> None:
 
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.schedule
     if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})"
+        )
     if m.position == "rope" and m.head_dim % 2:
-        raise ConfigError(f"model.d_model / model.n_heads must be even for rope (head dim {m.head_dim})")
+        raise ConfigError(
+            f"model.d_model / model.n_heads must be even for rope (head dim {m.head_dim})"
+        )
     if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
+        raise ConfigError(
+            f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})"
+        )
     if d.seq_len > m.max_seq_len:
         what = "the learned position table" if m.position == "learned" else "the model's maximum"
         raise ConfigError(
@@ -292,7 +298,9 @@ def validate(cfg: Config) -> None:
             if value is not None and value <= 0:
                 raise ConfigError(f"data.streams[{i}].{name} must be > 0 (got {value})")
     if s.decay_steps is not None and s.decay_steps <= s.warmup_steps:
-        raise ConfigError(f"schedule.decay_steps ({s.decay_steps}) must be > schedule.warmup_steps ({s.warmup_steps})")
+        raise ConfigError(
+            f"schedule.decay_steps ({s.decay_steps}) must be > schedule.warmup_steps ({s.warmup_steps})"
+        )
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
@@ -316,20 +324,41 @@ def _unit(v: float) -> bool:
 _RANGES = (
     (
         (
-            "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
-            "model.n_kv_heads", "model.max_seq_len", "model.sliding_window", "model.mlp_hidden",
-            "model.mlp_multiple_of", "model.rope_theta", "model.init_std", "model.norm_eps",
-            "data.seq_len", "data.num_canonical_nodes", "train.max_steps",
-            "train.global_batch_size", "train.micro_batch_size", "train.eval_every",
-            "train.log_every", "checkpoint.keep_last", "optim.lr", "optim.eps",
+            "model.vocab_size",
+            "model.d_model",
+            "model.n_layers",
+            "model.n_heads",
+            "model.n_kv_heads",
+            "model.max_seq_len",
+            "model.sliding_window",
+            "model.mlp_hidden",
+            "model.mlp_multiple_of",
+            "model.rope_theta",
+            "model.init_std",
+            "model.norm_eps",
+            "data.seq_len",
+            "data.num_canonical_nodes",
+            "train.max_steps",
+            "train.global_batch_size",
+            "train.micro_batch_size",
+            "train.eval_every",
+            "train.log_every",
+            "checkpoint.keep_last",
+            "optim.lr",
+            "optim.eps",
         ),
         _positive,
         "must be > 0",
     ),
     (
         (
-            "train.eval_batches", "checkpoint.every", "schedule.warmup_steps",
-            "data.num_workers", "optim.weight_decay", "optim.grad_clip", "parallel.threads",
+            "train.eval_batches",
+            "checkpoint.every",
+            "schedule.warmup_steps",
+            "data.num_workers",
+            "optim.weight_decay",
+            "optim.grad_clip",
+            "parallel.threads",
         ),
         _non_negative,
         "must be >= 0",

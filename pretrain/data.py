@@ -30,20 +30,26 @@ def read_meta(stream: StreamConfig, index: int) -> dict:
     path = Path(stream.remote) / "meta.json"
     where = f"data.streams[{index}] ({stream.remote})"
     if not path.is_file():
-        raise ConfigError(f"{where}: no meta.json; is this a dataset written by `pretrain prep shards`?")
+        raise ConfigError(
+            f"{where}: no meta.json; is this a dataset written by `pretrain prep shards`?"
+        )
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{where}: unreadable meta.json: {e}") from None
     if meta.get("format") != META_FORMAT:
-        raise ConfigError(f"{where}: meta.json has format {meta.get('format')!r}, expected {META_FORMAT!r}")
+        raise ConfigError(
+            f"{where}: meta.json has format {meta.get('format')!r}, expected {META_FORMAT!r}"
+        )
     return meta
 
 
 def check_data(cfg: Config) -> Tokenizer:
     """Refuse, before any training step, data that does not fit the tokenizer or the model."""
     if not cfg.data.streams:
-        raise ConfigError("data.streams is empty: give at least one dataset, e.g. data.streams=[{remote: data/mds}]")
+        raise ConfigError(
+            "data.streams is empty: give at least one dataset, e.g. data.streams=[{remote: data/mds}]"
+        )
     try:
         tokenizer = Tokenizer(cfg.data.tokenizer)
     except (OSError, ValueError) as e:
@@ -51,7 +57,10 @@ def check_data(cfg: Config) -> Tokenizer:
     for i, stream in enumerate(cfg.data.streams):
         meta = read_meta(stream, i)
         where = f"data.streams[{i}] ({stream.remote})"
-        if meta["tokenizer_sha256"] != tokenizer.sha256 or meta["vocab_size"] != tokenizer.vocab_size:
+        if (
+            meta["tokenizer_sha256"] != tokenizer.sha256
+            or meta["vocab_size"] != tokenizer.vocab_size
+        ):
             raise ConfigError(
                 f"{where} was tokenized with {meta['tokenizer']} (vocab {meta['vocab_size']}), not with "
                 f"data.tokenizer {tokenizer.path} (vocab {tokenizer.vocab_size}); re-run `pretrain prep shards`"
@@ -69,7 +78,11 @@ def check_data(cfg: Config) -> Tokenizer:
         raise ConfigError(
             f"model.vocab_size ({model_vocab}) does not match the tokenizer {tokenizer.path} "
             f"({vocab} pieces); set model.vocab_size={vocab}"
-            + ("" if model_vocab < vocab else ", or data.allow_vocab_padding=true to keep the padding")
+            + (
+                ""
+                if model_vocab < vocab
+                else ", or data.allow_vocab_padding=true to keep the padding"
+            )
         )
     return tokenizer
 
@@ -133,7 +146,9 @@ class TrainBatches:
                 return next(self._iter)
             except StopIteration:
                 self._iter = None
-        raise RuntimeError("the training data yields no batch: fewer samples than one micro-batch per rank")
+        raise RuntimeError(
+            "the training data yields no batch: fewer samples than one micro-batch per rank"
+        )
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

@@ -29,7 +29,9 @@ GPU_PEAK_FLOPS = {
 }
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0) -> float:
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0
+) -> float:
     """This machine's achieved FLOP/s on square n x n matmuls: the MFU denominator on CPU."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -80,7 +82,9 @@ class MetricsSink:
     def __init__(self, run_dir: Path, cfg, enabled: bool, config_dict: dict) -> None:
         self.enabled = enabled
         self.cfg = cfg
-        self.jsonl = _open_append(run_dir / "metrics.jsonl") if enabled and cfg.logging.jsonl else None
+        self.jsonl = (
+            _open_append(run_dir / "metrics.jsonl") if enabled and cfg.logging.jsonl else None
+        )
         self.wandb = None
         if enabled and cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
             import wandb  # heavy; only when asked for
@@ -102,7 +106,9 @@ class MetricsSink:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
         if self.wandb is not None and "step" in record:
-            fields = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            fields = {
+                k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"
+            }
             self.wandb.log(fields, step=record["step"])
 
     def console(self, line: str) -> None:
@@ -118,13 +124,12 @@ class MetricsSink:
 
 def _open_append(path: Path):
     """Append to a JSONL file, ending first any line a killed process left unfinished."""
-    f = open(path, "a+b")
-    if f.tell() > 0:
-        f.seek(-1, 2)
-        if f.read(1) != b"\n":
-            f.write(b"\n")
-    f.close()
-    return open(path, "a")
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    return open(path, "a")  # held open for the run; MetricsSink.close() closes it
 
 
 def _wandb_id(run_dir: Path, name: str) -> str:
@@ -135,6 +140,18 @@ def _wandb_id(run_dir: Path, name: str) -> str:
 
         path.write_text(f"{name}-{uuid.uuid4().hex[:8]}")
     return path.read_text().strip()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every complete record of a run's metrics.jsonl (a line cut short by a kill is skipped)."""
+    records = []
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def train_line(r: dict, max_steps: int) -> str:

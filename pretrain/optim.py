@@ -20,13 +20,15 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """
     no_decay: set[int] = set()
     for module in model.modules():
-        direct = list(module.parameters(recurse=False))
-        if isinstance(module, nn.Embedding) and not cfg.decay_embeddings:
-            no_decay.update(id(p) for p in direct)
-        elif isinstance(module, (RMSNorm, LayerNorm, nn.LayerNorm)) and not cfg.decay_norms_and_biases:
-            no_decay.update(id(p) for p in direct)
-        elif not cfg.decay_norms_and_biases:
-            no_decay.update(id(p) for n, p in module.named_parameters(recurse=False) if n == "bias")
+        is_embedding = isinstance(module, nn.Embedding)
+        is_norm = isinstance(module, (RMSNorm, LayerNorm, nn.LayerNorm))
+        for name, p in module.named_parameters(recurse=False):
+            if is_embedding:
+                exempt = not cfg.decay_embeddings
+            else:
+                exempt = (is_norm or name == "bias") and not cfg.decay_norms_and_biases
+            if exempt:
+                no_decay.add(id(p))
     decay, rest, seen = [], [], set()
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:
@@ -50,7 +52,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 def _fused_supported(model: nn.Module) -> bool:
     # Fused AdamW exists for CPU and CUDA floating-point parameters in torch >= 2.4.
-    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+    return all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()
+    )
 
 
 def lr_at(step: int, base_lr: float, sched: ScheduleConfig, max_steps: int) -> float:

@@ -28,7 +28,9 @@ FROZEN_SECTIONS = ("model", "data", "optim", "schedule", "parallel")
 
 def setup_logging(rank: int = 0) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("streaming", "filelock", "urllib3", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -93,7 +95,9 @@ def _check_same_experiment(cfg: Config, saved: Path) -> None:
     try:
         before = to_dict(from_dict(yaml.safe_load(saved.read_text())))
     except Exception as e:
-        raise ConfigError(f"{saved}: cannot read the saved config ({e}); use a new run.dir") from None
+        raise ConfigError(
+            f"{saved}: cannot read the saved config ({e}); use a new run.dir"
+        ) from None
     now = to_dict(cfg)
     for section in FROZEN_SECTIONS:
         diff = _first_difference(before[section], now[section], section)

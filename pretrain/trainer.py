@@ -7,7 +7,6 @@ step. The loop talks only to the parallel strategy's interface, never to a speci
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pretrain import runtime
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config, to_dict
 from pretrain.data import TrainBatches, ValBatches, check_data
-from pretrain.metrics import MetricsSink, memory_gb, peak_flops, train_line
+from pretrain.metrics import MetricsSink, memory_gb, peak_flops, read_metrics, train_line
 from pretrain.model import count_params, flops_per_token
 from pretrain.optim import lr_at, set_lr
 from pretrain.parallel import build_strategy
@@ -38,9 +37,14 @@ class Trainer:
         self.train_data = TrainBatches(cfg)
         self.val_data = ValBatches(cfg)
         self.checkpointer = Checkpointer(
-            self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.strategy.rank, self.strategy.barrier
+            self.run_dir / "checkpoints",
+            cfg.checkpoint.keep_last,
+            self.strategy.rank,
+            self.strategy.barrier,
         )
-        self.sink = MetricsSink(self.run_dir, cfg, enabled=self.strategy.rank == 0, config_dict=to_dict(cfg))
+        self.sink = MetricsSink(
+            self.run_dir, cfg, enabled=self.strategy.rank == 0, config_dict=to_dict(cfg)
+        )
         self.step = 0
         self.tokens_seen = 0
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -49,7 +53,11 @@ class Trainer:
 
     # ------------------------------------------------------------ state
     def train_state(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.train_data.state_dict()}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data": self.train_data.state_dict(),
+        }
 
     def resume(self) -> bool:
         """Load the latest complete checkpoint in the run directory, if there is one."""
@@ -59,15 +67,23 @@ class Trainer:
         state = self.checkpointer.load(path, self.strategy.load)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.train_data.load_state_dict(state["data"])
-        last = _last_logged_step(self.run_dir / "metrics.jsonl")
+        last = _last_logged_step(self.run_dir)
         lost = max(last - self.step, 0)
-        self.sink.write({"event": "resume", "step": self.step, "checkpoint": path.name, "steps_lost": lost})
-        log.info("resumed from %s (step %d; %d logged steps after it are redone)", path, self.step, lost)
+        self.sink.write(
+            {"event": "resume", "step": self.step, "checkpoint": path.name, "steps_lost": lost}
+        )
+        log.info(
+            "resumed from %s (step %d; %d logged steps after it are redone)", path, self.step, lost
+        )
         return True
 
     def save(self) -> Path:
+        start = time.perf_counter()
         path = self.checkpointer.save(self.step, self.train_state(), self.strategy.save)
-        self.sink.write({"event": "checkpoint", "step": self.step, "checkpoint": path.name})
+        seconds = time.perf_counter() - start
+        self.sink.write(
+            {"event": "checkpoint", "step": self.step, "checkpoint": path.name, "save_s": seconds}
+        )
         return path
 
     # ------------------------------------------------------------ steps
@@ -134,15 +150,22 @@ class Trainer:
         mean_step_s = None
         while self.step < t.max_steps:
             record = self.train_step()
-            mean_step_s = record["step_s"] if mean_step_s is None else 0.9 * mean_step_s + 0.1 * record["step_s"]
+            mean_step_s = (
+                record["step_s"]
+                if mean_step_s is None
+                else 0.9 * mean_step_s + 0.1 * record["step_s"]
+            )
             record["eta_s"] = mean_step_s * (t.max_steps - self.step)
             self.sink.write(record)
             if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                 self.sink.console(train_line(record, t.max_steps))
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                start = time.perf_counter()
                 val = self.evaluate()
                 record["val_loss"] = val
-                self.sink.write({"step": self.step, "val_loss": val})
+                self.sink.write(
+                    {"step": self.step, "val_loss": val, "eval_s": time.perf_counter() - start}
+                )
                 self.sink.console(f"step {self.step:>6}/{t.max_steps} | val_loss {val:.4f}")
             every = cfg.checkpoint.every
             if (every and self.step % every == 0) or self.step == t.max_steps:
@@ -166,14 +189,5 @@ class Trainer:
         )
 
 
-def _last_logged_step(path: Path) -> int:
-    last = 0
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if "loss" in record:
-                last = max(last, record["step"])
-    return last
+def _last_logged_step(run_dir: Path) -> int:
+    return max((r["step"] for r in read_metrics(run_dir) if "loss" in r), default=0)

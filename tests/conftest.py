@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 TEXT_FIELD = "body"
 
@@ -23,7 +25,9 @@ def shakespeare_texts() -> list[Path]:
     return texts
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m pretrain ARGS` as a user would, capturing output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
@@ -34,10 +38,6 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
         text=True,
         timeout=timeout,
     )
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:
@@ -62,7 +62,18 @@ def dataset(tmp_path_factory, corpus) -> dict:
     """A 512-piece tokenizer and 64-token MDS shards, made by the real prep commands."""
     root = tmp_path_factory.mktemp("data")
     tok = root / "tok.model"
-    r = run_cli("prep", "tokenizer", "--inputs", str(corpus), "--text-field", TEXT_FIELD, "--vocab-size", "512", "--out", str(tok))
+    r = run_cli(
+        "prep",
+        "tokenizer",
+        "--inputs",
+        str(corpus),
+        "--text-field",
+        TEXT_FIELD,
+        "--vocab-size",
+        "512",
+        "--out",
+        str(tok),
+    )
     assert r.returncode == 0, r.stderr
     mds = root / "mds"
     r = run_cli(

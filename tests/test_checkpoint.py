@@ -37,7 +37,10 @@ def test_save_then_load_round_trips_state_and_rng(tmp_path):
     assert state == {"step": 10, "data": {"epoch": 0, "sample_in_epoch": 160}}
     assert torch.equal(box["w"], torch.full((4,), 1.5))
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
-    assert json.loads((tmp_path / "ck/latest").read_text()) == {"checkpoint": "step_00000010", "step": 10}
+    assert json.loads((tmp_path / "ck/latest").read_text()) == {
+        "checkpoint": "step_00000010",
+        "step": 10,
+    }
 
 
 def test_keep_last_prunes_oldest_complete(tmp_path):

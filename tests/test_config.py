@@ -37,7 +37,9 @@ def test_size_configs_have_their_advertised_size(name, params_b):
 
 
 def test_overrides_beat_yaml(tmp_path):
-    cfg = load_config(REPO / "configs/tiny.yaml", ["optim.lr=1e-3", "model.n_layers=3", "run.name=x"])
+    cfg = load_config(
+        REPO / "configs/tiny.yaml", ["optim.lr=1e-3", "model.n_layers=3", "run.name=x"]
+    )
     assert cfg.optim.lr == 1e-3 and cfg.model.n_layers == 3 and cfg.run.dir == "runs/x"
 
 
@@ -47,7 +49,10 @@ def test_overrides_beat_yaml(tmp_path):
         ("model:\n  d_modle: 128\n", "unknown key 'model.d_modle' (did you mean 'model.d_model'?)"),
         ("optim:\n  lrr: 1\n", "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
         ("modle:\n  d_model: 1\n", "unknown key 'modle' (did you mean 'model'?)"),
-        ("data:\n  streams:\n    - remote: x\n      proportoin: 1\n", "'data.streams[0].proportoin'"),
+        (
+            "data:\n  streams:\n    - remote: x\n      proportoin: 1\n",
+            "'data.streams[0].proportoin'",
+        ),
         ("model:\n  d_model: big\n", "model.d_model"),
         ("- a\n- b\n", "top level must be a mapping"),
         ("model: [\n", "not valid YAML"),
@@ -100,7 +105,10 @@ def test_learned_positions_message_mentions_the_table():
 def test_cli_typo_is_one_line_exit_2_no_traceback():
     r = run_cli("train", "configs/tiny.yaml", "optim.lrr=1e-3")
     assert r.returncode == 2
-    assert r.stderr.strip() == "config error: command line: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"
+    assert (
+        r.stderr.strip()
+        == "config error: command line: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"
+    )
     assert "Traceback" not in r.stderr + r.stdout
 
 
@@ -113,4 +121,7 @@ def test_cli_config_prints_resolved_config():
 
 def test_cli_missing_file():
     r = run_cli("config", "configs/nope.yaml")
-    assert r.returncode == 2 and r.stderr.strip() == "config error: config file not found: configs/nope.yaml"
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == "config error: config file not found: configs/nope.yaml"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -14,7 +15,9 @@ from pretrain.optim import build_optimizer, lr_at, param_groups
 
 def test_warmup_is_linear_to_the_peak():
     s = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
-    assert [lr_at(i, 1.0, s, 100) for i in range(10)] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert [lr_at(i, 1.0, s, 100) for i in range(10)] == pytest.approx(
+        [(i + 1) / 10 for i in range(10)]
+    )
     assert lr_at(10, 1.0, s, 100) == pytest.approx(1.0)
 
 
@@ -24,7 +27,7 @@ def test_decay_reaches_min_lr_at_the_end_and_stays(name):
     assert lr_at(100, 2.0, s, 100) == pytest.approx(0.2)
     assert lr_at(150, 2.0, s, 100) == pytest.approx(0.2)
     lrs = [lr_at(i, 2.0, s, 100) for i in range(10, 101)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 def test_cosine_and_linear_midpoints():
@@ -46,13 +49,17 @@ def test_constant_after_warmup():
 
 
 def _groups(cfg: OptimConfig, **model_kw):
-    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, **model_kw))
+    model = Transformer(
+        ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, **model_kw)
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     return [{names[id(p)] for p in g["params"]} for g in param_groups(model, cfg)], model
 
 
 def test_no_decay_on_norms_biases_embeddings_by_default():
-    (decay, no_decay), model = _groups(OptimConfig(), bias=True, position="learned", tie_embeddings=False)
+    (decay, no_decay), model = _groups(
+        OptimConfig(), bias=True, position="learned", tie_embeddings=False
+    )
     assert all(n.endswith("weight") for n in decay)
     assert "tok_emb.weight" in no_decay and "pos_emb.weight" in no_decay
     assert "lm_head.weight" in decay

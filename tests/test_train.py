@@ -49,13 +49,24 @@ def test_training_learns_and_leaves_a_complete_run_directory(tiny_overrides, tmp
 
 def test_kill_9_then_rerun_gives_the_uninterrupted_losses_bit_for_bit(tiny_overrides, tmp_path):
     steps = ["train.max_steps=40", "checkpoint.every=7"]
-    ref = [o if not o.startswith("run.dir=") else f"run.dir={tmp_path / 'ref'}" for o in tiny_overrides]
+    ref = [
+        o if not o.startswith("run.dir=") else f"run.dir={tmp_path / 'ref'}" for o in tiny_overrides
+    ]
     _train(ref, *steps)
     expected = losses_by_step(tmp_path / "ref")
 
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pretrain", "train", "configs/tiny.yaml", *tiny_overrides, *steps, "checkpoint.keep_last=10"],
+        [
+            sys.executable,
+            "-m",
+            "pretrain",
+            "train",
+            "configs/tiny.yaml",
+            *tiny_overrides,
+            *steps,
+            "checkpoint.keep_last=10",
+        ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -81,7 +92,9 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_losses_bit_for_bit(tiny_overr
 def test_stop_and_extend_matches_a_longer_run(tiny_overrides, tmp_path):
     """Train 10 steps, then rerun asking for 20: equals 20 steps in one go (fixed decay)."""
     fixed = ["schedule.decay_steps=20"]
-    ref = [o if not o.startswith("run.dir=") else f"run.dir={tmp_path / 'ref'}" for o in tiny_overrides]
+    ref = [
+        o if not o.startswith("run.dir=") else f"run.dir={tmp_path / 'ref'}" for o in tiny_overrides
+    ]
     _train(ref, *fixed)
     _train(tiny_overrides, *fixed, "train.max_steps=10")
     _train(tiny_overrides, *fixed)
@@ -108,7 +121,9 @@ def test_shipped_demo_config_trains_on_the_test_data(dataset, tmp_path):
         ("data.streams=[{remote: /nonexistent}]", "no meta.json"),
     ],
 )
-def test_data_that_does_not_fit_is_refused_before_training(tiny_overrides, tmp_path, override, expected):
+def test_data_that_does_not_fit_is_refused_before_training(
+    tiny_overrides, tmp_path, override, expected
+):
     r = run_cli("train", "configs/tiny.yaml", *tiny_overrides, override)
     assert r.returncode == 2
     assert expected in r.stderr and "Traceback" not in r.stderr
@@ -117,7 +132,14 @@ def test_data_that_does_not_fit_is_refused_before_training(tiny_overrides, tmp_p
 
 
 def test_allow_vocab_padding(tiny_overrides, tmp_path):
-    r = run_cli("train", "configs/tiny.yaml", *tiny_overrides, "model.vocab_size=576", "data.allow_vocab_padding=true", "train.max_steps=1")
+    r = run_cli(
+        "train",
+        "configs/tiny.yaml",
+        *tiny_overrides,
+        "model.vocab_size=576",
+        "data.allow_vocab_padding=true",
+        "train.max_steps=1",
+    )
     assert r.returncode == 0, r.stderr
 
 

@@ -72,8 +72,8 @@ class Strategy(ABC):
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
-    def barrier(self) -> None:
-        pass
+    def barrier(self) -> None:  # one process has nothing to wait for
+        return None
 
     # ------------------------------------------------------------ checkpoints
     def save(self, folder: Path) -> None:
@@ -87,7 +87,12 @@ class Strategy(ABC):
         state = {"model": msd, "optim": osd}
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=folder)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+        )
 
 
 @contextlib.contextmanager

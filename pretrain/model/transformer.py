@@ -1,0 +1,216 @@
+"""The decoder-only transformer: embeddings, pre-norm blocks, final norm, LM head.
+
+Design choices, all driven by ModelConfig:
+- pre-norm residual blocks: x + attn(norm(x)), then x + mlp(norm(x));
+- positions: RoPE (cos/sin cache shared by all layers), ALiBi (inside attention) or a
+  learned absolute table `pos_emb`;
+- MLP: SwiGLU (w1 gate, w3 up, w2 down) or GELU (fc, proj); norm: RMSNorm or LayerNorm;
+- `lm_head` shares its weight with `tok_emb` when tie_embeddings.
+
+Initialisation lives in `init_weights`, not in the constructors, so a model can be built on
+the meta device, materialised with `to_empty(device=...)` and then initialised in place. The
+constructor itself builds on meta and materialises, so both routes draw the same random
+numbers in the same order: same seed, same weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.model.attention import Attention
+from pretrain.model.config import ATTENTION_IMPLS, MLPS, NORMS, POSITIONS, ModelConfig
+from pretrain.model.positions import rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(F, "rms_norm"):  # fused kernel, torch >= 2.4
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm whose bias is optional, so `bias: false` removes every bias in the model."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+NORM_CLASSES = (RMSNorm, LayerNorm)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return LayerNorm(cfg.d_model, cfg.norm_eps, bias=cfg.bias)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=cfg.bias)  # gate
+        self.w3 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=cfg.bias)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=cfg.bias)  # down
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=cfg.bias)
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        self.dropout = _dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """Raise ValueError for a config the model cannot be built from."""
+    choices = {"position": POSITIONS, "mlp": MLPS, "norm": NORMS, "attention": ATTENTION_IMPLS}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"model.{name} must be one of {allowed} (got {getattr(cfg, name)!r})")
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})")
+    if cfg.position == "rope" and cfg.head_dim % 2:
+        raise ValueError(f"rope needs an even head_dim (got {cfg.head_dim})")
+    if cfg.sliding_window is not None and cfg.sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None (got {cfg.sliding_window})")
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        # Honours `with torch.device(...)` and torch.set_default_device.
+        device = torch.empty(0).device
+        with torch.device("meta"):  # no memory, no RNG draws until init_weights
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.pos_emb = (
+                nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+            )
+            self.emb_dropout = _dropout(cfg.dropout)
+            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.norm = make_norm(cfg)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            if cfg.position == "rope":
+                # Derived from the config, so not saved in checkpoints; init_weights fills them.
+                half = cfg.head_dim // 2
+                self.register_buffer(
+                    "rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False
+                )
+                self.register_buffer(
+                    "rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False
+                )
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer in place; deterministic under a seed.
+
+        Linear and embedding weights ~ N(0, init_std); the projections that write into the
+        residual stream (attention out_proj, MLP down projection) use init_std / sqrt(2 *
+        n_layers) so the residual variance does not grow with depth (GPT-2). Biases are zero
+        and norm weights one.
+        """
+        cfg = self.cfg
+        if cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight  # to_empty() unties shared parameters
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        residual_out = {id(m) for b in self.layers for m in (b.attn.out_proj, b.mlp.out_proj)}
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head and cfg.tie_embeddings:
+                    continue  # the weight is tok_emb's, initialised as an embedding
+                std = residual_std if id(module) in residual_out else cfg.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+            elif isinstance(module, NORM_CLASSES):
+                module.reset_parameters()
+        if cfg.position == "rope":
+            cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scale)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab_size) in float32."""
+        seq_len = tokens.shape[1]
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds model.max_seq_len {self.cfg.max_seq_len}"
+            )
+        x = self.tok_emb(tokens)  # (B, T, d_model)
+        if self.pos_emb is not None:
+            positions = torch.arange(seq_len, device=tokens.device)
+            x = x + self.pos_emb(positions)  # (T, d_model) broadcasts over the batch
+        x = self.emb_dropout(x)
+        rope = None
+        if self.cfg.position == "rope":
+            rope = (self.rope_cos[:seq_len], self.rope_sin[:seq_len])  # (T, head_dim/2) each
+        for layer in self.layers:
+            x = layer(x, rope)
+        x = self.norm(x)
+        return self.lm_head(x).float()  # (B, T, vocab_size)

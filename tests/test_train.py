@@ -149,3 +149,51 @@ def test_reusing_a_run_dir_for_another_model_is_refused(tiny_overrides, tmp_path
     assert r.returncode == 2
     assert "holds a run with model.n_layers=2, this config has 3" in r.stderr
     assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["model"]["n_layers"] == 2
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_overrides, tmp_path):
+    """2 micro-batches of 8 give the same steps as 1 batch of 16 (up to float rounding)."""
+    steps = ["train.max_steps=6", "train.eval_every=6", "checkpoint.every=0"]
+    big = [
+        o if not o.startswith("run.dir=") else f"run.dir={tmp_path / 'big'}" for o in tiny_overrides
+    ]
+    _train(tiny_overrides, *steps)  # micro 8, accumulate 2
+    _train(big, *steps, "train.micro_batch_size=16")
+    accum, whole = losses_by_step(tmp_path / "run"), losses_by_step(tmp_path / "big")
+    assert accum.keys() == whole.keys()
+    for step in accum:
+        assert accum[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-5)
+
+
+def test_bf16_autocast_step_is_close_to_fp32(tiny_overrides, tmp_path):
+    """bf16 crawls on this CPU, so: two steps, first loss near the fp32 one."""
+    steps = [
+        "train.max_steps=2",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "checkpoint.every=0",
+    ]
+    bf16 = [
+        o if not o.startswith("run.dir=") else f"run.dir={tmp_path / 'bf16'}"
+        for o in tiny_overrides
+    ]
+    _train(tiny_overrides, *steps)
+    _train(bf16, *steps, "parallel.mixed_precision=bf16")
+    fp32, low = losses_by_step(tmp_path / "run"), losses_by_step(tmp_path / "bf16")
+    assert low[1] != fp32[1]  # it really ran in another precision
+    assert low[1] == pytest.approx(fp32[1], rel=2e-2)
+
+
+def test_wandb_offline_run_needs_no_account(tiny_overrides, tmp_path):
+    env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    r = run_cli(
+        "train",
+        "configs/tiny.yaml",
+        *tiny_overrides,
+        "train.max_steps=2",
+        "logging.wandb=true",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

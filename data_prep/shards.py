@@ -227,12 +227,24 @@ def _check_samples(splits: dict[str, dict[str, int]], seq_len: int, val_fraction
             )
 
 
+def _ours(name: str) -> bool:
+    """Whether `write_shards` puts this entry in --out (meta.json goes via a .tmp- name)."""
+    return name in ("meta.json", *SPLITS) or name.startswith(".meta.json.tmp-")
+
+
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PrepError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise PrepError(f"--out {out} is not empty; pass --overwrite to replace its contents")
+        # --overwrite replaces a dataset, never a folder of other files (a mistyped --out).
+        foreign = sorted(c.name for c in out.iterdir() if not _ours(c.name))
+        if foreign:
+            raise PrepError(
+                f"--out {out} holds files prep did not write ({', '.join(foreign[:3])}); "
+                "--overwrite only replaces a dataset: choose a new or empty folder"
+            )
         _empty_dir(out)
     out.mkdir(parents=True, exist_ok=True)
 

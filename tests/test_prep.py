@@ -230,9 +230,18 @@ def test_non_empty_out_is_kept_unless_overwrite(
     assert "zz.txt: not valid UTF-8" in capsys.readouterr().err
     assert (out / "old.txt").exists()
 
+    # --overwrite replaces a dataset, never a folder holding anything else.
     (tmp_path / "corpus" / "zz.txt").unlink()
-    assert prep(*shards_args(tmp_path, tokenizer_path, out, "--seq-len", "64", "--overwrite")) == 0
+    assert prep(*shards_args(tmp_path, tokenizer_path, out, "--seq-len", "64", "--overwrite")) == 2
+    assert "holds files prep did not write (old.txt)" in capsys.readouterr().err
+    assert (out / "old.txt").read_text() == "precious" and not (out / "meta.json").exists()
+
+    (out / "old.txt").unlink()
+    assert prep(*shards_args(tmp_path, tokenizer_path, out, "--seq-len", "64")) == 0
+    first = (out / "meta.json").read_text()
+    assert prep(*shards_args(tmp_path, tokenizer_path, out, "--seq-len", "32", "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train", "val"]
+    assert (out / "meta.json").read_text() != first  # replaced by the 32-token dataset
 
 
 def test_split_and_size_errors_leave_no_dataset(

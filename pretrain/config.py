@@ -36,9 +36,10 @@ class RunConfig:
 
 @dataclass
 class StreamConfig:
-    # Dataset root written by `pretrain prep shards` (holds meta.json and one folder per split).
+    # Dataset root written by `pretrain prep shards` (meta.json + one folder per split): a
+    # local folder or s3://bucket/prefix (endpoint and credentials from the environment).
     remote: str = "???"
-    # Local cache for a remote dataset; unused for a local `remote`.
+    # Local cache for an s3:// dataset; default RUN_DIR/cache/streamsN. Unused for local data.
     local: str | None = None
     # Mixture weights (at most one of the two per stream); None means "natural size".
     proportion: float | None = None
@@ -50,6 +51,8 @@ class DataConfig:
     # sentencepiece model from `pretrain prep tokenizer`.
     tokenizer: str = "???"
     streams: list[StreamConfig] = field(default_factory=list)
+    # Validation data; empty means the val_split of `streams`.
+    val_streams: list[StreamConfig] = field(default_factory=list)
     seq_len: int = 256
     train_split: str = "train"
     val_split: str = "val"
@@ -59,6 +62,14 @@ class DataConfig:
     num_workers: int = 0
     # Allow model.vocab_size > the tokenizer's vocabulary (extra rows are padding).
     allow_vocab_padding: bool = False
+    # Check shards against their xxh64: local ones at start-up, downloaded ones on arrival.
+    validate_hashes: bool = True
+    # Leave out shards found missing, truncated or corrupt at start-up (with a warning)
+    # instead of refusing to start.
+    skip_bad_shards: bool = False
+    # A failed shard download is retried this many times, waiting 1, 2, 4, ... s between.
+    download_retry: int = 6
+    download_timeout: float = 120.0
 
 
 @dataclass
@@ -290,13 +301,18 @@ def validate(cfg: Config) -> None:
             f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}), {what}; "
             "raise model.max_seq_len or lower data.seq_len"
         )
-    for i, stream in enumerate(d.streams):
-        if stream.proportion is not None and stream.repeat is not None:
-            raise ConfigError(f"data.streams[{i}]: give proportion or repeat, not both")
-        for name in ("proportion", "repeat"):
-            value = getattr(stream, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"data.streams[{i}].{name} must be > 0 (got {value})")
+    for key, streams in (("data.streams", d.streams), ("data.val_streams", d.val_streams)):
+        for i, stream in enumerate(streams):
+            if stream.proportion is not None and stream.repeat is not None:
+                raise ConfigError(f"{key}[{i}]: give proportion or repeat, not both")
+            for name in ("proportion", "repeat"):
+                value = getattr(stream, name)
+                if value is not None and value <= 0:
+                    raise ConfigError(f"{key}[{i}].{name} must be > 0 (got {value})")
+            if objstore_like(stream.remote) and not stream.remote.startswith("s3://"):
+                raise ConfigError(
+                    f"{key}[{i}].remote: only s3:// object stores are supported (got {stream.remote})"
+                )
     if s.decay_steps is not None and s.decay_steps <= s.warmup_steps:
         raise ConfigError(
             f"schedule.decay_steps ({s.decay_steps}) must be > schedule.warmup_steps ({s.warmup_steps})"
@@ -306,6 +322,10 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size})"
         )
+
+
+def objstore_like(path: str) -> bool:
+    return "://" in path
 
 
 def _positive(v: float) -> bool:
@@ -346,6 +366,7 @@ _RANGES = (
             "checkpoint.keep_last",
             "optim.lr",
             "optim.eps",
+            "data.download_timeout",
         ),
         _positive,
         "must be > 0",
@@ -356,6 +377,7 @@ _RANGES = (
             "checkpoint.every",
             "schedule.warmup_steps",
             "data.num_workers",
+            "data.download_retry",
             "optim.weight_decay",
             "optim.grad_clip",
             "parallel.threads",

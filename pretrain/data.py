@@ -1,103 +1,49 @@
 """Training and validation batches from MDS shards, through mosaicml-streaming.
 
-`pretrain prep shards` writes a dataset root holding `meta.json` and one MDS folder per
-split. The trainer reads it with `StreamingDataset`: one `Stream` per `data.streams`
-entry (weighted mixtures come from the streams' `proportion`/`repeat`), `shuffle_seed` and
-`num_canonical_nodes` fixed by the config so the global sample order never depends on the
-number of ranks. `TrainBatches.state_dict()` is the loader's exact position (epoch and
-sample within it); it goes into every checkpoint.
+`pretrain prep shards` writes a dataset root (a local folder or an `s3://` prefix) holding
+`meta.json` and one MDS folder per split. Each rank reads its part of every stream with
+`StreamingDataset`: weighted mixtures come from the streams' `proportion`/`repeat`;
+`shuffle_seed` and `num_canonical_nodes` come from the config (frozen in the run
+directory), so the global sample order does not depend on the number of ranks and a run
+can resume on a different number of them. `TrainBatches.state_dict()` is the loader's
+exact position (epoch and sample within it) and goes into every checkpoint.
+
+Remote shards are downloaded into a per-run cache, with retries and backoff, and checked
+against their xxh64 hash on arrival. Everything that can be checked before training is
+checked by `pretrain.data_check` first.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from pretrain.config import Config, ConfigError, StreamConfig
+from pretrain.config import Config
+from pretrain.data_check import DataError, StreamSource, check_same_data, stream_sources
 from pretrain.streaming_compat import streaming_module
-from pretrain.tokenizer import Tokenizer
-
-META_FORMAT = "pretrain-mds-v1"
 
 
-def read_meta(stream: StreamConfig, index: int) -> dict:
-    """The dataset's meta.json; its absence means `prep shards` never finished there."""
-    path = Path(stream.remote) / "meta.json"
-    where = f"data.streams[{index}] ({stream.remote})"
-    if not path.is_file():
-        raise ConfigError(
-            f"{where}: no meta.json; is this a dataset written by `pretrain prep shards`?"
-        )
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{where}: unreadable meta.json: {e}") from None
-    if meta.get("format") != META_FORMAT:
-        raise ConfigError(
-            f"{where}: meta.json has format {meta.get('format')!r}, expected {META_FORMAT!r}"
-        )
-    return meta
-
-
-def check_data(cfg: Config) -> Tokenizer:
-    """Refuse, before any training step, data that does not fit the tokenizer or the model."""
-    if not cfg.data.streams:
-        raise ConfigError(
-            "data.streams is empty: give at least one dataset, e.g. data.streams=[{remote: data/mds}]"
-        )
-    try:
-        tokenizer = Tokenizer(cfg.data.tokenizer)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.tokenizer: {e}") from None
-    for i, stream in enumerate(cfg.data.streams):
-        meta = read_meta(stream, i)
-        where = f"data.streams[{i}] ({stream.remote})"
-        if (
-            meta["tokenizer_sha256"] != tokenizer.sha256
-            or meta["vocab_size"] != tokenizer.vocab_size
-        ):
-            raise ConfigError(
-                f"{where} was tokenized with {meta['tokenizer']} (vocab {meta['vocab_size']}), not with "
-                f"data.tokenizer {tokenizer.path} (vocab {tokenizer.vocab_size}); re-run `pretrain prep shards`"
-            )
-        if meta["seq_len"] != cfg.data.seq_len:
-            raise ConfigError(
-                f"{where} packs sequences of {meta['seq_len']} tokens but data.seq_len is "
-                f"{cfg.data.seq_len}; set data.seq_len={meta['seq_len']} or re-run `pretrain prep shards`"
-            )
-        for split in (cfg.data.train_split, cfg.data.val_split):
-            if meta["splits"].get(split, {}).get("samples", 0) == 0:
-                raise ConfigError(f"{where}: split '{split}' has no samples")
-    vocab, model_vocab = tokenizer.vocab_size, cfg.model.vocab_size
-    if model_vocab < vocab or (model_vocab > vocab and not cfg.data.allow_vocab_padding):
-        raise ConfigError(
-            f"model.vocab_size ({model_vocab}) does not match the tokenizer {tokenizer.path} "
-            f"({vocab} pieces); set model.vocab_size={vocab}"
-            + (
-                ""
-                if model_vocab < vocab
-                else ", or data.allow_vocab_padding=true to keep the padding"
-            )
-        )
-    return tokenizer
-
-
-def _dataset(cfg: Config, split: str, shuffle: bool, batch_size: int):
+def _dataset(cfg: Config, sources: list[StreamSource], shuffle: bool, batch_size: int):
     streaming = streaming_module()
     streams = [
         streaming.Stream(
-            local=s.remote if s.local is None else s.local,
-            remote=None if s.local is None else s.remote,
-            split=split,
+            remote=s.remote,
+            local=s.local,
+            split=s.split,
             proportion=s.proportion,
             repeat=s.repeat,
+            download_retry=cfg.data.download_retry,
+            download_timeout=cfg.data.download_timeout,
+            validate_hash=s.validate_hash,
+            keep_zip=False,
         )
-        for s in cfg.data.streams
+        for s in sources
     ]
     return streaming.StreamingDataset(
         streams=streams,
@@ -129,12 +75,39 @@ def collate_tokens(samples: list[dict[str, Any]]) -> torch.Tensor:
     return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
 
 
+def _sources(cfg: Config, run_dir: Path, split: str, validation: bool) -> list[StreamSource]:
+    sources = stream_sources(cfg, run_dir, split, validation)
+    check_same_data(run_dir, sources, write=not dist.is_initialized() or dist.get_rank() == 0)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # each node's caches are prepared by its local leader
+    return sources
+
+
+def _next(iterator: Iterator, sources: list[StreamSource]):
+    """next(iterator), with streaming's shard failures turned into one-line DataErrors."""
+    try:
+        return next(iterator)
+    except StopIteration:
+        raise
+    except Exception as e:  # raised from streaming's download/decompress threads
+        text = str(e)
+        shard = re.search(r"[\w./-]*shard\.\d+\.mds(?:\.zstd)?", text)
+        names = ", ".join(s.name for s in sources)
+        if shard or "Checksum failure" in text:
+            where = f"shard {shard.group(0)}" if shard else "a shard"
+            raise DataError(
+                f"{names}: {where} could not be read ({text.splitlines()[0][:200]})"
+            ) from e
+        raise
+
+
 class TrainBatches:
     """An endless stream of (micro_batch_size, seq_len + 1) token batches for this rank."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
         bs = cfg.train.micro_batch_size
-        self.dataset = _dataset(cfg, cfg.data.train_split, cfg.data.shuffle, bs)
+        self.sources = _sources(cfg, run_dir, cfg.data.train_split, validation=False)
+        self.dataset = _dataset(cfg, self.sources, cfg.data.shuffle, bs)
         self.loader = _loader(self.dataset, cfg, bs)
         self._iter: Iterator | None = None
 
@@ -143,10 +116,10 @@ class TrainBatches:
             if self._iter is None:
                 self._iter = iter(self.loader)
             try:
-                return next(self._iter)
+                return _next(self._iter, self.sources)
             except StopIteration:
                 self._iter = None
-        raise RuntimeError(
+        raise DataError(
             "the training data yields no batch: fewer samples than one micro-batch per rank"
         )
 
@@ -161,13 +134,16 @@ class TrainBatches:
 class ValBatches:
     """The first `n` validation batches, the same ones at every evaluation."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
         bs = cfg.train.micro_batch_size
-        self.dataset = _dataset(cfg, cfg.data.val_split, shuffle=False, batch_size=bs)
+        self.sources = _sources(cfg, run_dir, cfg.data.val_split, validation=True)
+        self.dataset = _dataset(cfg, self.sources, shuffle=False, batch_size=bs)
         self.loader = _loader(self.dataset, cfg, bs)
 
     def batches(self, n: int) -> Iterator[torch.Tensor]:
-        for i, batch in enumerate(self.loader):
-            if i >= n:
-                break
-            yield batch
+        iterator = iter(self.loader)
+        for _ in range(n):
+            try:
+                yield _next(iterator, self.sources)
+            except StopIteration:
+                return

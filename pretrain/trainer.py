@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from pretrain import runtime
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config, to_dict
-from pretrain.data import TrainBatches, ValBatches, check_data
+from pretrain.data import TrainBatches, ValBatches
+from pretrain.data_check import check_tokenizer
 from pretrain.metrics import MetricsSink, memory_gb, peak_flops, read_metrics, train_line
 from pretrain.model import count_params, flops_per_token
 from pretrain.optim import lr_at, set_lr
@@ -31,11 +32,12 @@ class Trainer:
         self.cfg = cfg
         self.strategy = build_strategy(cfg)
         self.run_dir = runtime.start(cfg, rank=self.strategy.rank)
-        self.tokenizer = check_data(cfg)
+        # Data first: anything wrong with it is reported before a model is built.
+        self.tokenizer = check_tokenizer(cfg)
+        self.train_data = TrainBatches(cfg, self.run_dir)
+        self.val_data = ValBatches(cfg, self.run_dir)
         self.strategy.setup()
         self.device = self.strategy.device
-        self.train_data = TrainBatches(cfg)
-        self.val_data = ValBatches(cfg)
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints",
             cfg.checkpoint.keep_last,

@@ -22,7 +22,8 @@ log = logging.getLogger("pretrain")
 
 # Sections that must not change when a run directory is reused: a different model, data or
 # optimisation would make the resumed run a different experiment. Length, checkpointing
-# and logging may change (e.g. training longer than first planned).
+# and logging may change (e.g. training longer than first planned), and so may where a
+# stream is stored (local <-> s3://): data_check compares the datasets themselves.
 FROZEN_SECTIONS = ("model", "data", "optim", "schedule", "parallel")
 
 
@@ -46,6 +47,38 @@ def start(cfg: Config, rank: int = 0) -> Path:
     seed_everything(cfg.run.seed)
     scope_temp_files(run_dir)
     return run_dir
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the process group torchrun describes; (rank, world_size). (0, 1) without torchrun.
+
+    NCCL on CUDA, gloo on CPU. The group is built on a store prefixed by the restart
+    attempt: after `torchrun --max-restarts` restarts the workers, the new attempt must not
+    read the addresses the old one left in the reused rendezvous store (pytorch#135712),
+    and every collective has a timeout so a dead peer ends in an error, not a hang.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank = int(os.environ["RANK"])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timeout,
+    )
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    return rank, world
 
 
 def seed_everything(seed: int) -> None:
@@ -99,6 +132,10 @@ def _check_same_experiment(cfg: Config, saved: Path) -> None:
             f"{saved}: cannot read the saved config ({e}); use a new run.dir"
         ) from None
     now = to_dict(cfg)
+    for config in (before, now):  # where the data lives may change; what it is may not
+        for key in ("streams", "val_streams"):
+            for stream in config["data"][key]:
+                stream.pop("remote"), stream.pop("local")
     for section in FROZEN_SECTIONS:
         diff = _first_difference(before[section], now[section], section)
         if diff:

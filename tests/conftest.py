@@ -110,3 +110,26 @@ def tiny_overrides(dataset, tmp_path) -> list[str]:
         "optim.lr=3e-3",
         "parallel.threads=1",
     ]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3 server (seaweedfs on 127.0.0.1) for the whole session."""
+    from tests.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The server, with its endpoint and credentials in this process's environment."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    from pretrain import objstore
+
+    objstore._client.cache_clear()  # clients capture the endpoint they were made with
+    yield s3_server
+    objstore._client.cache_clear()

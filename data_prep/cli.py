@@ -2,22 +2,30 @@
 
     pretrain prep tokenizer --inputs 'texts/*.txt' --vocab-size 4096 --out tok.model
     pretrain prep shards --inputs 'texts/*.txt' --tokenizer tok.model --seq-len 256 --out mds
+    pretrain prep shards --inputs 's3://corpus/raw/*.parquet' --tokenizer tok.model \
+        --seq-len 2048 --out s3://datasets/mds --workers 16
 
-Mistakes the user can fix end as one line, `prep error: ...`, on stderr and exit status 2.
+Mistakes the user can fix (and object-store failures) end as one line, `prep error: ...`, on
+stderr and exit status 2. Remote inputs are downloaded, and a remote dataset is staged, in a
+temporary folder under $TMPDIR (or under --local), which is removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import NoReturn
 
 from data_prep import PrepError
 from data_prep.inputs import expand_inputs
-from data_prep.shards import SPLITS, split_files, write_shards
+from data_prep.remote import check_out_prefix, fetch_inputs, publish
+from data_prep.shards import SPLITS, ShardsResult, split_files, write_shards
 from data_prep.tokenizer import MODEL_TYPES, train_tokenizer
+from data_prep.workers import default_workers
+from pretrain.objstore import StoreError, is_remote
 from pretrain.tokenizer import Tokenizer
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
@@ -45,72 +53,124 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,shards}")
 
     tok = commands.add_parser("tokenizer", help="train a lossless sentencepiece tokenizer")
-    tok.add_argument("--inputs", nargs="+", required=True, metavar="GLOB")
+    inputs_help = "files or globs, local or s3://bucket/prefix/*.jsonl (.txt, .jsonl, .parquet)"
+    field_help = "JSONL field / parquet column holding the text"
+    tok.add_argument("--inputs", nargs="+", required=True, metavar="GLOB", help=inputs_help)
     tok.add_argument("--out", type=Path, required=True, metavar="PATH.model")
     tok.add_argument("--vocab-size", type=int, required=True)
     tok.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
-    tok.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    tok.add_argument("--text-field", default="text", help=field_help)
     tok.add_argument("--max-sentences", type=int, help="train on a sample of this many chunks")
 
     shards = commands.add_parser("shards", help="tokenize and pack into MDS shards")
-    shards.add_argument("--inputs", nargs="+", required=True, metavar="GLOB")
+    shards.add_argument("--inputs", nargs="+", required=True, metavar="GLOB", help=inputs_help)
     shards.add_argument("--tokenizer", type=Path, required=True, metavar="PATH.model")
-    shards.add_argument("--out", type=Path, required=True, metavar="DIR")
+    shards.add_argument("--out", required=True, metavar="DIR|s3://BUCKET/PREFIX")
+    shards.add_argument(
+        "--local",
+        type=Path,
+        metavar="DIR",
+        help="with an s3:// --out: write the dataset here first and keep it afterwards "
+        "(default: a temporary folder, removed at the end)",
+    )
     shards.add_argument("--seq-len", type=int, required=True)
     shards.add_argument("--val-fraction", type=float, default=0.05)
-    shards.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    shards.add_argument("--compression", choices=("none", "zstd"), default="none")
+    shards.add_argument("--text-field", default="text", help=field_help)
+    shards.add_argument(
+        "--compression",
+        choices=("none", "zstd"),
+        help="default: zstd for an s3:// --out (fewer bytes to download); none for a local "
+        "--out, whose uncompressed shards streaming reads in place instead of copying",
+    )
     shards.add_argument("--shard-size-limit", type=parse_size, default="64MB")
-    shards.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    shards.add_argument("--overwrite", action="store_true", help="replace a dataset at --out")
     shards.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    shards.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="tokenizer processes; any number gives the same shards (default: min(4, CPUs))",
+    )
     return parser
 
 
 def run_tokenizer(args: argparse.Namespace) -> None:
-    inputs = expand_inputs(args.inputs)
+    names = expand_inputs(args.inputs)
     started = time.perf_counter()
-    sidecar = train_tokenizer(
-        inputs,
-        args.out,
-        vocab_size=args.vocab_size,
-        model_type=args.model_type,
-        text_field=args.text_field,
-        max_sentences=args.max_sentences,
-    )
+    with tempfile.TemporaryDirectory(prefix="pretrain-prep-") as work:
+        sidecar = train_tokenizer(
+            fetch_inputs(names, Path(work) / "inputs"),
+            args.out,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            text_field=args.text_field,
+            max_sentences=args.max_sentences,
+        )
     print(
         f"tokenizer: {args.out} ({sidecar['model_type']}, vocab {sidecar['vocab_size']}, "
-        f"sha256 {sidecar['sha256'][:12]}) from {len(inputs)} files "
+        f"sha256 {sidecar['sha256'][:12]}) from {len(names)} files "
         f"in {time.perf_counter() - started:.1f}s"
     )
 
 
 def run_shards(args: argparse.Namespace) -> None:
-    inputs = expand_inputs(args.inputs)
+    started = time.perf_counter()
+    remote = is_remote(args.out)
+    if args.local is not None and not remote:
+        raise PrepError("--local is only for an s3:// --out (a local --out is written in place)")
+    compression = args.compression or ("zstd" if remote else "none")
     try:
         tokenizer = Tokenizer(args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
         raise PrepError(f"--tokenizer: {e}") from None
-    started = time.perf_counter()
-    meta = write_shards(
-        inputs,
-        tokenizer,
-        args.out,
-        seq_len=args.seq_len,
-        val_fraction=args.val_fraction,
-        text_field=args.text_field,
-        compression=None if args.compression == "none" else args.compression,
-        size_limit=args.shard_size_limit,
-        overwrite=args.overwrite,
-        seed=args.seed,
-    )
+    names = expand_inputs(args.inputs)
+    if remote:
+        check_out_prefix(args.out, args.overwrite)  # before anything is downloaded or written
+    with tempfile.TemporaryDirectory(prefix="pretrain-prep-") as work:
+        local = (args.local or Path(work) / "mds") if remote else Path(args.out)
+        result = write_shards(
+            fetch_inputs(names, Path(work) / "inputs"),
+            tokenizer,
+            local,
+            seq_len=args.seq_len,
+            val_fraction=args.val_fraction,
+            text_field=args.text_field,
+            compression=None if compression == "none" else compression,
+            size_limit=args.shard_size_limit,
+            overwrite=args.overwrite,
+            seed=args.seed,
+            workers=args.workers,
+            out_flag="--local" if args.local else "--out",
+        )
+        uploaded = publish(local, args.out, args.overwrite) if remote else None
+        _print_summary(args, result, local, compression, time.perf_counter() - started, uploaded)
+
+
+def _print_summary(
+    args: argparse.Namespace,
+    result: ShardsResult,
+    local: Path,
+    compression: str,
+    seconds: float,
+    uploaded: tuple[int, int] | None,
+) -> None:
     for split in SPLITS:
-        counts = meta["splits"][split]
-        shards, size = split_files(args.out / split)
+        counts = result.meta["splits"][split]
+        shards, size = split_files(local / split)
+        per_shard = counts["samples"] * (args.seq_len + 1) // max(shards, 1)
         print(
             f"{split}: documents={counts['documents']:,} tokens={counts['tokens']:,} "
-            f"samples={counts['samples']:,} shards={shards} bytes={size:,}"
+            f"samples={counts['samples']:,} shards={shards} bytes={size:,} "
+            f"tokens/shard={per_shard:,} text={result.text_bytes[split] / 1e6:,.2f}MB"
         )
-    print(f"shards: {args.out} (seq_len {args.seq_len}) in {time.perf_counter() - started:.1f}s")
+    text_mb = sum(result.text_bytes.values()) / 1e6
+    where = f"{args.out} (staged in {local})" if args.local else args.out
+    upload = f"; uploaded {uploaded[0]} files, {uploaded[1]:,} bytes" if uploaded else ""
+    print(
+        f"shards: {where} (seq_len {args.seq_len}, {compression}, {args.workers} workers): "
+        f"{text_mb:,.2f} MB of text in {seconds:.1f}s = {text_mb / seconds:.2f} MB/s "
+        f"(tokenize+pack {result.seconds:.1f}s = {text_mb / result.seconds:.2f} MB/s){upload}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             run_tokenizer(args)
         else:
             run_shards(args)
-    except PrepError as e:
+    except (PrepError, StoreError) as e:
         print(f"prep error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help

@@ -2,9 +2,13 @@
 
 A `.txt` file is one document (the whole file, CRLF line ends turned into LF). A `.jsonl` or
 `.json` file holds one JSON object per line, and the string under `text_field` is a document.
-Empty documents are skipped. Errors name the file (and line) so the user fixes the corpus
-instead of reading a traceback. Files are returned sorted by absolute path, so the order of
-the patterns on the command line never changes the output.
+A `.parquet` file holds one document per row in the string column `text_field`, read a row
+batch at a time so a file larger than memory is fine. Empty (and null) documents are skipped.
+Errors name the file (and line) so the user fixes the corpus instead of reading a traceback.
+
+Patterns are local globs or `s3://bucket/prefix/*.jsonl` (see `data_prep.remote`). Files are
+returned sorted by their name, so the order of the patterns on the command line never changes
+the output, and a folder uploaded as is to a prefix gives the same order as the folder.
 """
 
 from __future__ import annotations
@@ -13,71 +17,102 @@ import glob
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep import PrepError
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+PARQUET_BATCH_ROWS = 1024
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Expand glob patterns (`**` allowed) into sorted, deduplicated absolute file paths."""
+@dataclass(frozen=True)
+class InputFile:
+    """One input: `name` is what the user knows (absolute path or s3:// URL), `path` is read."""
+
+    name: str
+    path: Path
+
+    @classmethod
+    def local(cls, path: str | Path) -> InputFile:
+        return cls(str(path), Path(path))
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Expand glob patterns (`**` allowed) into sorted, deduplicated absolute paths or URLs."""
+    from data_prep.remote import expand_remote  # boto3 only when some input is remote
+    from pretrain.objstore import is_remote
+
     if not patterns:
         raise PrepError("--inputs needs at least one file or glob pattern")
-    found: set[Path] = set()
+    found: set[str] = set()
     for pattern in patterns:
-        matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-        files = [Path(m) for m in matches if os.path.isfile(m)]
-        if not files:
+        if is_remote(pattern):
+            names = expand_remote(pattern)
+        else:
+            matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+            names = [str(Path(m).resolve()) for m in matches if os.path.isfile(m)]
+        if not names:
             raise PrepError(f"--inputs pattern {pattern!r} matches no files")
-        for path in files:
-            if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
+        for name in names:
+            suffix = os.path.splitext(name)[1]
+            if suffix not in SUFFIXES:
                 raise PrepError(
-                    f"{path}: unsupported input type {path.suffix or '(none)'!r} "
-                    "(expected .txt, .jsonl or .json)"
+                    f"{name}: unsupported input type {suffix or '(none)'!r} "
+                    "(expected .txt, .jsonl, .json or .parquet)"
                 )
-            found.add(path.resolve())
-    return sorted(found)
+        found.update(names)
+    return sorted(found, key=lambda name: name.split("/"))  # folder by folder, like Path
 
 
-def check_readable(paths: Sequence[Path]) -> None:
+def check_readable(inputs: Sequence[InputFile]) -> None:
     """Fail before any output is touched if some input cannot be opened."""
-    for path in paths:
+    for item in inputs:
         try:
-            with open(path, "rb") as f:
+            with open(item.path, "rb") as f:
                 f.read(1)
         except OSError as e:
-            raise PrepError(f"{path}: cannot read ({e.strerror})") from None
+            raise PrepError(f"{item.name}: cannot read ({e.strerror})") from None
 
 
-def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+def iter_documents(item: InputFile, text_field: str = "text") -> Iterator[str]:
     """Yield the non-empty documents of one input file, in file order."""
-    if path.suffix in TEXT_SUFFIXES:
-        text = _read_text(path)
+    suffix = item.path.suffix
+    if suffix in TEXT_SUFFIXES:
+        text = _read_text(item)
         if text:
             yield text
-        return
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                text = _parse_jsonl_line(raw, f"{path}:{lineno}", text_field, first=lineno == 1)
-                if text:
-                    yield text
-    except OSError as e:
-        raise PrepError(f"{path}: cannot read ({e.strerror})") from None
+    elif suffix in PARQUET_SUFFIXES:
+        yield from _iter_parquet(item, text_field)
+    else:
+        yield from _iter_jsonl(item, text_field)
 
 
-def _read_text(path: Path) -> str:
+def _read_text(item: InputFile) -> str:
     try:
-        data = path.read_bytes()
+        data = item.path.read_bytes()
     except OSError as e:
-        raise PrepError(f"{path}: cannot read ({e.strerror})") from None
+        raise PrepError(f"{item.name}: cannot read ({e.strerror})") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise PrepError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise PrepError(f"{item.name}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     return text.replace("\r\n", "\n")
+
+
+def _iter_jsonl(item: InputFile, text_field: str) -> Iterator[str]:
+    try:
+        with open(item.path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{item.name}:{lineno}"
+                text = _parse_jsonl_line(raw, where, text_field, first=lineno == 1)
+                if text:
+                    yield text
+    except OSError as e:
+        raise PrepError(f"{item.name}: cannot read ({e.strerror})") from None
 
 
 def _parse_jsonl_line(raw: bytes, where: str, text_field: str, first: bool) -> str | None:
@@ -100,3 +135,31 @@ def _parse_jsonl_line(raw: bytes, where: str, text_field: str, first: bool) -> s
             f"{where}: field {text_field!r} holds {type(text).__name__}, expected a string"
         )
     return text
+
+
+def _iter_parquet(item: InputFile, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(item.path)
+    except (pa.ArrowException, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PrepError(f"{item.name}: not a readable parquet file ({reason})") from None
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        raise PrepError(
+            f"{item.name}: no column {text_field!r} (choose another with --text-field; "
+            f"columns: {', '.join(schema.names[:8])})"
+        )
+    column_type = schema.field(text_field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise PrepError(f"{item.name}: column {text_field!r} holds {column_type}, expected strings")
+    try:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                if text:  # None (null) and "" are both empty documents
+                    yield text
+    except (pa.ArrowException, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PrepError(f"{item.name}: cannot read ({reason})") from None

@@ -11,7 +11,10 @@ into blocks of exactly seq_len + 1 tokens (inputs and shifted targets); the rema
 end of a split is dropped. The same inputs and flags give byte-identical shard files.
 
 Inputs are read twice: a first pass only parses and assigns splits, so a bad JSON line or an
-empty val split is reported before the output folder is touched.
+empty val split is reported before the output folder is touched. In the second pass,
+tokenization runs on `workers` processes (see `data_prep.workers`) while this process packs
+their results in input order, so the number of workers never changes the output. Each shard's
+xxh64 is recorded in index.json, so a reader can check every shard it downloads.
 """
 
 from __future__ import annotations
@@ -19,23 +22,34 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from data_prep import PrepError, write_atomic
-from data_prep.inputs import check_readable, iter_documents
+from data_prep.inputs import InputFile, check_readable, iter_documents
+from data_prep.progress import Progress
+from data_prep.workers import batches, default_workers, encode_in_order
+from pretrain.data_check import META_FORMAT  # the trainer checks what prep writes
 from pretrain.streaming_compat import streaming_module
 from pretrain.tokenizer import Tokenizer
 
-META_FORMAT = "pretrain-mds-v1"
+META_NAME = "meta.json"
 SPLITS = ("train", "val")
-BATCH_CHARS = 8 << 20  # documents tokenized together (spread over threads by sentencepiece)
-BATCH_DOCS = 4096
+SHARD_HASHES = ["xxh64"]  # fast, and what the trainer validates downloaded shards with
+
+
+@dataclass
+class ShardsResult:
+    meta: dict[str, Any]  # what meta.json holds
+    text_bytes: dict[str, int]  # UTF-8 bytes of input text per split
+    seconds: float  # tokenizing and packing (the second pass), without checks and imports
 
 
 def assign_split(text: str, seed: int, val_fraction: float) -> str:
@@ -77,8 +91,13 @@ class BlockPacker:
         return self._pending_len
 
 
+def is_dataset_key(relative: str) -> bool:
+    """Whether a file or object at this path inside a dataset is one that prep writes."""
+    return relative == META_NAME or (relative.partition("/")[0] in SPLITS and "/" in relative)
+
+
 def write_shards(
-    inputs: Sequence[Path],
+    inputs: Sequence[InputFile],
     tokenizer: Tokenizer,
     out: Path,
     seq_len: int,
@@ -88,14 +107,19 @@ def write_shards(
     size_limit: int = 64 << 20,
     overwrite: bool = False,
     seed: int = 0,
-) -> dict[str, Any]:
-    """Write DIR/train, DIR/val and DIR/meta.json; return the meta.json contents."""
+    workers: int | None = None,
+    out_flag: str = "--out",
+) -> ShardsResult:
+    """Write DIR/train, DIR/val and DIR/meta.json; `out_flag` names `out` in errors."""
     if seq_len <= 0:
         raise PrepError(f"--seq-len must be > 0 (got {seq_len})")
     if not 0.0 <= val_fraction < 1.0:
         raise PrepError(f"--val-fraction must be in [0, 1) (got {val_fraction})")
     if not 0 < size_limit < 2**32:
         raise PrepError(f"--shard-size-limit must be between 1 byte and 4GB (got {size_limit})")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise PrepError(f"--workers must be >= 1 (got {workers})")
     check_readable(inputs)
     documents = _count_documents(inputs, text_field, seed, val_fraction)
     if val_fraction > 0 and documents["val"] == 0:
@@ -106,7 +130,7 @@ def write_shards(
     if documents["train"] == 0:
         raise PrepError("the train split is empty; lower --val-fraction or add more documents")
 
-    _prepare_out_dir(out, overwrite)
+    _prepare_out_dir(out, overwrite, out_flag)
     try:
         docs = _iter_assigned(inputs, text_field, seed, val_fraction)
         writers = {
@@ -114,7 +138,11 @@ def write_shards(
             for split in SPLITS
             if documents[split] > 0
         }
-        splits = _tokenize_and_write(docs, documents.total(), tokenizer, writers, seq_len)
+        started = time.perf_counter()
+        splits, text_bytes = _tokenize_and_write(
+            docs, documents.total(), tokenizer, writers, seq_len, workers
+        )
+        seconds = max(time.perf_counter() - started, 1e-9)
         _check_samples(splits, seq_len, val_fraction)
     except BaseException:
         _empty_dir(out)  # everything in it is ours: it was empty (or emptied) above
@@ -134,8 +162,8 @@ def write_shards(
         "val_fraction": val_fraction,
         "splits": splits,
     }
-    write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-    return meta
+    write_atomic(out / META_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    return ShardsResult(meta, text_bytes, seconds)
 
 
 def split_files(split_dir: Path) -> tuple[int, int]:
@@ -148,7 +176,7 @@ def split_files(split_dir: Path) -> tuple[int, int]:
 
 
 def _iter_assigned(
-    inputs: Sequence[Path], text_field: str, seed: int, val_fraction: float
+    inputs: Sequence[InputFile], text_field: str, seed: int, val_fraction: float
 ) -> Iterator[tuple[str, str]]:
     for path in inputs:
         for doc in iter_documents(path, text_field):
@@ -156,22 +184,9 @@ def _iter_assigned(
 
 
 def _count_documents(
-    inputs: Sequence[Path], text_field: str, seed: int, val_fraction: float
+    inputs: Sequence[InputFile], text_field: str, seed: int, val_fraction: float
 ) -> Counter[str]:
     return Counter(split for split, _ in _iter_assigned(inputs, text_field, seed, val_fraction))
-
-
-def _batches(docs: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
-    batch: list[tuple[str, str]] = []
-    chars = 0
-    for item in docs:
-        batch.append(item)
-        chars += len(item[1])
-        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
 
 
 def _mds_writer(split_dir: Path, vocab_size: int, compression: str | None, size_limit: int) -> Any:
@@ -180,6 +195,7 @@ def _mds_writer(split_dir: Path, vocab_size: int, compression: str | None, size_
         out=str(split_dir),
         columns={"tokens": f"ndarray:{token_dtype(vocab_size)}"},
         compression=compression,
+        hashes=SHARD_HASHES,
         size_limit=size_limit,
     )
 
@@ -190,29 +206,29 @@ def _tokenize_and_write(
     tokenizer: Tokenizer,
     writers: dict[str, Any],
     seq_len: int,
-) -> dict[str, dict[str, int]]:
-    """Tokenize `docs` (split, text), append EOS, pack per split; counts per split."""
+    workers: int,
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Tokenize `docs` (split, text), append EOS, pack per split; counts and text bytes."""
     dtype = token_dtype(tokenizer.vocab_size)
     stats = {split: {"documents": 0, "tokens": 0, "samples": 0} for split in SPLITS}
+    text_bytes = dict.fromkeys(SPLITS, 0)
     packers = {split: BlockPacker(seq_len + 1, dtype) for split in SPLITS}
-    progress = tqdm(total=total_docs, unit="doc", desc="shards", disable=None)
-    try:
-        for batch in _batches(docs):
-            encoded = tokenizer.encode_batch([doc for _, doc in batch])
-            for (split, _), ids in zip(batch, encoded, strict=True):
-                ids.append(tokenizer.eos_id)
+    encoded = encode_in_order(batches(docs), tokenizer.path.resolve(), dtype, workers)
+    with closing(encoded), Progress("shards", total_docs, "doc") as progress:
+        for batch, streams in encoded:
+            for split, size in zip(batch.splits, batch.sizes, strict=True):
                 stats[split]["documents"] += 1
+                text_bytes[split] += size
+            for split, ids in streams.items():  # ids: (tokens,), EOS after each document
                 stats[split]["tokens"] += len(ids)
                 for block in packers[split].add(ids):
                     writers[split].write({"tokens": block})
                     stats[split]["samples"] += 1
-            progress.update(len(batch))
-            progress.set_postfix(tokens=stats["train"]["tokens"] + stats["val"]["tokens"])
-    finally:
-        progress.close()
-        for writer in writers.values():
-            writer.finish()
-    return stats
+            tokens = sum(len(ids) for ids in streams.values())
+            progress.update(len(batch.texts), sum(batch.sizes), tokens)
+    for writer in writers.values():  # only on success: the caller removes a failed output
+        writer.finish()
+    return stats, text_bytes
 
 
 def _check_samples(splits: dict[str, dict[str, int]], seq_len: int, val_fraction: float) -> None:
@@ -229,20 +245,20 @@ def _check_samples(splits: dict[str, dict[str, int]], seq_len: int, val_fraction
 
 def _ours(name: str) -> bool:
     """Whether `write_shards` puts this entry in --out (meta.json goes via a .tmp- name)."""
-    return name in ("meta.json", *SPLITS) or name.startswith(".meta.json.tmp-")
+    return name in (META_NAME, *SPLITS) or name.startswith(f".{META_NAME}.tmp-")
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+def _prepare_out_dir(out: Path, overwrite: bool, flag: str) -> None:
     if out.exists() and not out.is_dir():
-        raise PrepError(f"--out {out} exists and is not a folder")
+        raise PrepError(f"{flag} {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise PrepError(f"--out {out} is not empty; pass --overwrite to replace its contents")
+            raise PrepError(f"{flag} {out} is not empty; pass --overwrite to replace its contents")
         # --overwrite replaces a dataset, never a folder of other files (a mistyped --out).
         foreign = sorted(c.name for c in out.iterdir() if not _ours(c.name))
         if foreign:
             raise PrepError(
-                f"--out {out} holds files prep did not write ({', '.join(foreign[:3])}); "
+                f"{flag} {out} holds files prep did not write ({', '.join(foreign[:3])}); "
                 "--overwrite only replaces a dataset: choose a new or empty folder"
             )
         _empty_dir(out)
@@ -250,6 +266,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def _empty_dir(path: Path) -> None:
+    (path / META_NAME).unlink(missing_ok=True)  # first: a half-emptied dataset is never complete
     for child in path.iterdir():
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)

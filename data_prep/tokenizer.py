@@ -25,7 +25,7 @@ from typing import Any
 import sentencepiece as spm
 
 from data_prep import PrepError, write_atomic
-from data_prep.inputs import check_readable, iter_documents
+from data_prep.inputs import InputFile, check_readable, iter_documents
 from pretrain.tokenizer import Tokenizer
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
@@ -63,7 +63,7 @@ def training_chunks(text: str, max_bytes: int = MAX_CHUNK_BYTES) -> Iterator[str
 
 
 def train_tokenizer(
-    inputs: Sequence[Path],
+    inputs: Sequence[InputFile],
     out: Path,
     vocab_size: int,
     model_type: str = "bpe",
@@ -87,8 +87,8 @@ def train_tokenizer(
 
     def sentences() -> Iterator[str]:
         try:
-            for path in inputs:
-                for doc in iter_documents(path, text_field):
+            for item in inputs:
+                for doc in iter_documents(item, text_field):
                     yield from training_chunks(doc)
         except PrepError as e:
             failures.append(e)
@@ -132,7 +132,7 @@ def train_tokenizer(
         "unk_id": tokenizer.unk_id,
         "model_type": model_type,
         "sha256": tokenizer.sha256,
-        "inputs": [str(p) for p in inputs],
+        "inputs": [item.name for item in inputs],
     }
     write_atomic(out.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
     return sidecar

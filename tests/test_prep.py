@@ -264,6 +264,8 @@ def test_split_and_size_errors_leave_no_dataset(
         (["--seq-len", "8", "--shard-size-limit", "lots"], "--shard-size-limit"),
         (["--seq-len", "8", "--tokenizer", tmp_path / "nope.model"], "nope.model"),
         (["--seq-len", "8", "--inputs", tmp_path / "*.parquet"], "matches no files"),
+        (["--seq-len", "8", "--workers", "0"], "--workers must be >= 1 (got 0)"),
+        (["--seq-len", "8", "--local", tmp_path / "stage"], "--local is only for an s3:// --out"),
     ]:
         assert prep(*base, *flags) == 2
         err = capsys.readouterr().err
@@ -286,3 +288,87 @@ def test_split_assignment_is_a_stable_content_hash() -> None:
     reseeded = [assign_split(f"document {i}", seed=1, val_fraction=0.5) for i in range(8)]
     assert reseeded == ["val", "val", "train", "train", "train", "train", "train", "train"]
     assert assign_split("x", seed=0, val_fraction=0.0) == "train"
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under `folder`."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_parquet_gives_the_same_shards_as_the_same_jsonl(
+    corpus: list[str], tokenizer_path: Path, tmp_path: Path
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    records = [{"id": i, "body": doc} for i, doc in enumerate(corpus)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Small row groups: the reader goes batch by batch; null and "" rows are no documents.
+    table = pa.table({"id": list(range(len(corpus) + 2)), "body": [*corpus, None, ""]})
+    pq.write_table(table, tmp_path / "docs.parquet", row_group_size=7)
+
+    flags = ["--seq-len", "64", "--text-field", "body", "--val-fraction", "0.2"]
+    for name in ["jsonl", "parquet"]:
+        data = tmp_path / f"docs.{name}"
+        assert prep("shards", "--inputs", data, "--tokenizer", tokenizer_path,
+                    "--out", tmp_path / name, *flags) == 0  # fmt: skip
+    assert files_of(tmp_path / "parquet") == files_of(tmp_path / "jsonl")
+    meta = json.loads((tmp_path / "parquet" / "meta.json").read_text())
+    assert sum(s["documents"] for s in meta["splits"].values()) == len(corpus)
+
+
+def test_parquet_errors_name_the_file_and_column(
+    tokenizer_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    data = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3], "other": ["a", "b", "c"]}), data)
+    (tmp_path / "fake.parquet").write_text("not parquet at all")
+    base = ["shards", "--tokenizer", tokenizer_path, "--seq-len", "8", "--out", tmp_path / "o"]
+    for inputs, expected in [
+        ([data], f"{data}: column 'text' holds int64, expected strings"),
+        ([data, "--text-field", "body"], f"{data}: no column 'body' (choose another"),
+        ([tmp_path / "fake.parquet"], "fake.parquet: not a readable parquet file"),
+    ]:
+        assert prep(*base, "--inputs", *inputs) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("prep error: ") and expected in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_any_number_of_workers_writes_the_same_hashed_shards(
+    corpus: list[str],
+    tokenizer_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from data_prep import progress, workers
+
+    xxhash = pytest.importorskip("xxhash")
+    monkeypatch.setattr(workers, "BATCH_DOCS", 3)  # ~20 batches, finishing out of order
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)  # a progress line per batch
+    flags = ["--seq-len", "32", "--shard-size-limit", "16kb", "--val-fraction", "0.2"]
+    for n in ["1", "2"]:
+        out = tmp_path / f"w{n}"
+        assert prep(*shards_args(tmp_path, tokenizer_path, out, *flags, "--workers", n)) == 0
+    assert files_of(tmp_path / "w1") == files_of(tmp_path / "w2")
+
+    captured = capsys.readouterr()
+    progress_lines = [line for line in captured.err.splitlines() if line.startswith("shards: ")]
+    assert len(progress_lines) > 10 and "tokens" in progress_lines[-1]
+    assert progress_lines[-1].endswith("MB/s")
+    summary = captured.out.splitlines()
+    assert "tokens/shard=" in summary[0] and "2 workers" in summary[-1]
+    assert " MB/s (tokenize+pack " in summary[-1] and ", none, " in summary[-1]
+
+    # A local --out is uncompressed by default, and every shard's xxh64 is in index.json.
+    index = json.loads((tmp_path / "w2" / "train" / "index.json").read_text())
+    assert len(index["shards"]) > 2
+    for shard in index["shards"]:
+        info = shard["raw_data"]
+        assert shard["compression"] is None and info["basename"].endswith(".mds")
+        data = (tmp_path / "w2" / "train" / info["basename"]).read_bytes()
+        assert info["hashes"] == {"xxh64": xxhash.xxh64(data).hexdigest()}

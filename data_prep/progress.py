@@ -1,0 +1,67 @@
+"""Progress of a long prep step: count, tokens and MB/s (10^6 bytes a second).
+
+On a terminal it is a tqdm bar. When stderr is a file or a pipe (a batch job's log), tqdm
+either prints nothing or floods the log with carriage returns, so a plain line is printed
+every `interval` seconds instead (none at all for a step shorter than that).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from types import TracebackType
+
+from tqdm import tqdm
+
+INTERVAL_S = 10.0
+
+
+class Progress:
+    def __init__(self, desc: str, total: int, unit: str, interval: float | None = None) -> None:
+        self.desc, self.total, self.unit = desc, total, unit
+        self.interval = INTERVAL_S if interval is None else interval
+        self.count = self.nbytes = 0
+        self.tokens: int | None = None
+        self._started = self._printed = time.perf_counter()
+        self._bar = (
+            tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, mininterval=0.5)
+            if sys.stderr.isatty()
+            else None
+        )
+
+    def update(self, count: int, nbytes: int, tokens: int | None = None) -> None:
+        self.count += count
+        self.nbytes += nbytes
+        if tokens is not None:
+            self.tokens = (self.tokens or 0) + tokens
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._rates(), refresh=False)
+            self._bar.update(count)
+        elif time.perf_counter() - self._printed >= self.interval:
+            self._printed = time.perf_counter()
+            print(
+                f"{self.desc}: {self.count:,}/{self.total:,} {self.unit}s, {self._rates()}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _rates(self) -> str:
+        seconds = max(time.perf_counter() - self._started, 1e-9)
+        tokens = f"{self.tokens:,} tokens, " if self.tokens is not None else ""
+        return f"{tokens}{self.nbytes / 1e6:,.1f} MB, {self.nbytes / 1e6 / seconds:.2f} MB/s"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

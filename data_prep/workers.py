@@ -1,0 +1,119 @@
+"""Tokenization on worker processes, with the results handed back in input order.
+
+Tokenizing is the expensive part of `prep shards`. The main process reads documents, assigns
+their splits and groups them into batches; each worker loads the Tokenizer once and turns a
+batch into token ids; the main process packs the results in the order the batches were
+submitted. Nothing depends on which worker finishes first, so the shards are byte-identical
+for any number of workers.
+
+- Workers are spawned, not forked: the main process may hold threads (boto3 transfers, tqdm)
+  whose locks a forked child would inherit in a held state.
+- At most `2 * workers` batches are in flight, so memory stays bounded for any corpus size
+  (`Pool.imap` would read the whole input ahead into its task queue).
+- A worker that dies (out of memory, killed) ends the run with an error instead of a hang,
+  which is why this uses `concurrent.futures` rather than `multiprocessing.Pool`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import PrepError
+from pretrain.tokenizer import Tokenizer
+
+BATCH_DOCS = 256
+BATCH_CHARS = 1 << 20  # big documents: a batch stays about 1 MB of text
+IN_FLIGHT_PER_WORKER = 2
+
+
+@dataclass
+class Batch:
+    """Consecutive documents, each with its split and its size in UTF-8 bytes."""
+
+    splits: list[str]
+    texts: list[str]
+    sizes: list[int]
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def batches(docs: Iterator[tuple[str, str]]) -> Iterator[Batch]:
+    """Group (split, text) pairs into batches of at most BATCH_DOCS docs or ~BATCH_CHARS."""
+    batch = Batch([], [], [])
+    chars = 0
+    for split, text in docs:
+        batch.splits.append(split)
+        batch.texts.append(text)
+        batch.sizes.append(len(text.encode("utf-8")))
+        chars += len(text)
+        if chars >= BATCH_CHARS or len(batch.texts) >= BATCH_DOCS:
+            yield batch
+            batch, chars = Batch([], [], []), 0
+    if batch.texts:
+        yield batch
+
+
+def encode_in_order(
+    batches: Iterator[Batch], tokenizer_path: Path, dtype: str, workers: int
+) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
+    """(batch, encode(batch)) for every batch, in order, computed on `workers` processes."""
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_load_tokenizer,
+        initargs=(str(tokenizer_path), dtype),
+    )
+    pending: deque[tuple[Batch, Future[dict[str, np.ndarray]]]] = deque()
+    try:
+        for batch in batches:
+            pending.append((batch, pool.submit(encode, batch)))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    except BrokenProcessPool:
+        raise PrepError(
+            "a tokenizer worker process died (out of memory or killed); retry with fewer --workers"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_tokenizer: Tokenizer | None = None
+_dtype = np.dtype("uint32")
+
+
+def _load_tokenizer(path: str, dtype: str) -> None:
+    global _tokenizer, _dtype
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    _tokenizer = Tokenizer(path)
+    _dtype = np.dtype(dtype)
+
+
+def encode(batch: Batch) -> dict[str, np.ndarray]:
+    """Per split in the batch: the ids of its documents in order, each followed by EOS."""
+    assert _tokenizer is not None, "encode runs in a worker set up by _load_tokenizer"
+    eos = [_tokenizer.eos_id]
+    encoded = _tokenizer.encode_batch(batch.texts, num_threads=1)  # one core per worker
+    streams: dict[str, np.ndarray] = {}
+    for split in sorted(set(batch.splits)):
+        docs = [ids for s, ids in zip(batch.splits, encoded, strict=True) if s == split]
+        count = sum(len(ids) + 1 for ids in docs)
+        ids = itertools.chain.from_iterable(part for doc in docs for part in (doc, eos))
+        streams[split] = np.fromiter(ids, dtype=_dtype, count=count)
+    return streams

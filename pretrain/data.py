@@ -15,7 +15,11 @@ checked by `pretrain.data_check` first.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain import shm
 from pretrain.config import Config
 from pretrain.data_check import DataError, StreamSource, check_same_data, stream_sources
 from pretrain.streaming_compat import streaming_module
@@ -38,7 +43,7 @@ def _dataset(cfg: Config, sources: list[StreamSource], shuffle: bool, batch_size
             split=s.split,
             proportion=s.proportion,
             repeat=s.repeat,
-            download_retry=cfg.data.download_retry,
+            download_retry=cfg.data.download_retry + 1,  # streaming counts attempts
             download_timeout=cfg.data.download_timeout,
             validate_hash=s.validate_hash,
             keep_zip=False,
@@ -78,9 +83,43 @@ def collate_tokens(samples: list[dict[str, Any]]) -> torch.Tensor:
 def _sources(cfg: Config, run_dir: Path, split: str, validation: bool) -> list[StreamSource]:
     sources = stream_sources(cfg, run_dir, split, validation)
     check_same_data(run_dir, sources, write=not dist.is_initialized() or dist.get_rank() == 0)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        shm.clean_stale([str(Path(s.local) / s.split) for s in sources])
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # each node's caches are prepared by its local leader
+        dist.barrier()  # each node's caches and shared memory are prepared by its local leader
     return sources
+
+
+class _StreamingThreadErrors(logging.Filter):
+    """Keeps the exceptions of streaming's download threads, for a one-line report.
+
+    Those threads fail inside a future's done-callback: concurrent.futures logs the
+    traceback, and the iterator itself only raises "Background thread failed". This filter
+    on the concurrent.futures logger keeps such exceptions (ones raised in streaming's own
+    code) instead of printing them; `_next` reports the kept one. Others pass untouched.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not any(
+            "/streaming/" in f.filename for f in traceback.extract_tb(exc.__traceback__)
+        ):
+            return True
+        self.last = exc
+        return False
+
+
+_THREAD_ERRORS = _StreamingThreadErrors()
+
+
+def _watch_streaming_threads() -> None:
+    futures_log = logging.getLogger("concurrent.futures")
+    if _THREAD_ERRORS not in futures_log.filters:
+        futures_log.addFilter(_THREAD_ERRORS)
 
 
 def _next(iterator: Iterator, sources: list[StreamSource]):
@@ -89,16 +128,23 @@ def _next(iterator: Iterator, sources: list[StreamSource]):
         return next(iterator)
     except StopIteration:
         raise
-    except Exception as e:  # raised from streaming's download/decompress threads
-        text = str(e)
+    except Exception as e:
+        cause = e
+        if "Background thread failed" in str(e):
+            # The failing thread sets streaming's flag before its exception is logged.
+            deadline = time.monotonic() + 5
+            while _THREAD_ERRORS.last is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            cause = _THREAD_ERRORS.last or e
+        text = " ".join(str(cause).split())
         shard = re.search(r"[\w./-]*shard\.\d+\.mds(?:\.zstd)?", text)
+        if shard is None and cause is e:
+            raise
+        where = f"shard {shard.group(0)}" if shard else "a shard"
         names = ", ".join(s.name for s in sources)
-        if shard or "Checksum failure" in text:
-            where = f"shard {shard.group(0)}" if shard else "a shard"
-            raise DataError(
-                f"{names}: {where} could not be read ({text.splitlines()[0][:200]})"
-            ) from e
-        raise
+        raise DataError(
+            f"{names}: {where} could not be read: {type(cause).__name__}: {text[:300]}"
+        ) from cause
 
 
 class TrainBatches:
@@ -106,6 +152,7 @@ class TrainBatches:
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         bs = cfg.train.micro_batch_size
+        _watch_streaming_threads()
         self.sources = _sources(cfg, run_dir, cfg.data.train_split, validation=False)
         self.dataset = _dataset(cfg, self.sources, cfg.data.shuffle, bs)
         self.loader = _loader(self.dataset, cfg, bs)
@@ -136,6 +183,7 @@ class ValBatches:
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         bs = cfg.train.micro_batch_size
+        _watch_streaming_threads()
         self.sources = _sources(cfg, run_dir, cfg.data.val_split, validation=True)
         self.dataset = _dataset(cfg, self.sources, shuffle=False, batch_size=bs)
         self.loader = _loader(self.dataset, cfg, bs)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pretrain.checkpoint import has_checkpoint
 from pretrain.config import Config, ConfigError, from_dict, to_dict, to_yaml
 
 log = logging.getLogger("pretrain")
@@ -25,6 +26,14 @@ log = logging.getLogger("pretrain")
 # and logging may change (e.g. training longer than first planned), and so may where a
 # stream is stored (local <-> s3://): data_check compares the datasets themselves.
 FROZEN_SECTIONS = ("model", "data", "optim", "schedule", "parallel")
+# How data is fetched and checked, not what it is: free to change on resume.
+OPERATIONAL_DATA_KEYS = (
+    "num_workers",
+    "validate_hashes",
+    "skip_bad_shards",
+    "download_retry",
+    "download_timeout",
+)
 
 
 def setup_logging(rank: int = 0) -> None:
@@ -38,6 +47,8 @@ def setup_logging(rank: int = 0) -> None:
 
 def start(cfg: Config, rank: int = 0) -> Path:
     """Prepare this process for training; returns the run directory."""
+    if rank == 0:
+        lock_run_dir(Path(cfg.run.dir))
     run_dir = prepare_run_dir(cfg, write=rank == 0)
     if cfg.parallel.threads:
         torch.set_num_threads(cfg.parallel.threads)
@@ -88,21 +99,45 @@ def seed_everything(seed: int) -> None:
 
 
 def scope_temp_files(run_dir: Path) -> None:
-    """Keep streaming's lock files inside the run, and drop shared memory left by a crash.
+    """Keep streaming's lock files inside the run, and drop those a killed run left.
 
-    mosaicml-streaming puts `*_filelock` files in the temp dir and segments in /dev/shm; a
-    killed run leaves both behind, and stale ones can block or confuse the next start.
+    mosaicml-streaming puts `*_filelock` files in the temp dir; with TMPDIR inside the run,
+    every one there belongs to an earlier process of this run (the run lock says none is
+    alive), and a stale one would make streaming skip or wait on its prefix.
     """
     tmp = run_dir / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        for stale in tmp.glob("*_filelock"):
+            stale.unlink(missing_ok=True)
     os.environ["TMPDIR"] = str(tmp)
     tempfile.tempdir = None  # re-read TMPDIR
-    from pretrain.streaming_compat import streaming_module
 
-    streaming_module()
-    from streaming.base.util import clean_stale_shared_memory
 
-    clean_stale_shared_memory()
+_RUN_LOCK = None  # held (open) for the life of the process; the kernel drops it on any exit
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """At most one training process tree per run directory (rank 0 holds the lock)."""
+    import fcntl
+
+    global _RUN_LOCK
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held until the process exits
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise ConfigError(
+            f"run.dir {run_dir} is in use by another training process (pid {owner})"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _RUN_LOCK = f
 
 
 def prepare_run_dir(cfg: Config, write: bool = True) -> Path:
@@ -112,7 +147,7 @@ def prepare_run_dir(cfg: Config, write: bool = True) -> Path:
     """
     run_dir = Path(cfg.run.dir)
     saved = run_dir / "config.yaml"
-    if saved.exists():
+    if saved.exists() and has_checkpoint(run_dir):  # before any checkpoint, nothing to protect
         _check_same_experiment(cfg, saved)
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +171,8 @@ def _check_same_experiment(cfg: Config, saved: Path) -> None:
         for key in ("streams", "val_streams"):
             for stream in config["data"][key]:
                 stream.pop("remote"), stream.pop("local")
+        for key in OPERATIONAL_DATA_KEYS:
+            config["data"].pop(key)
     for section in FROZEN_SECTIONS:
         diff = _first_difference(before[section], now[section], section)
         if diff:

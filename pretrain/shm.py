@@ -1,0 +1,52 @@
+"""Shared memory and lock files that mosaicml-streaming leaves behind after a crash.
+
+Streaming registers each dataset's shared memory under a small integer prefix
+(`/dev/shm/000003_locals`, `000003_barrier`, ...) and keeps file locks in the temp dir. A
+killed run leaves both behind, and its next start then fails with "Reused local
+directory". Streaming's own `clean_stale_shared_memory()` unlinks every prefix on the
+machine, live ones of other runs included, so we clean only the prefixes registered to
+this run's own stream folders. The run lock (`runtime.lock_run_dir`) guarantees that no
+live process of this run still uses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.streaming_compat import streaming_module
+
+log = logging.getLogger("pretrain")
+SHM_DIR = Path("/dev/shm")
+
+
+def registered_locals(locals_file: Path) -> list[str]:
+    """The local folders a `NNNNNN_locals` segment registers (streaming's packed format)."""
+    data = locals_file.read_bytes()
+    size = int(np.frombuffer(data[:4], np.int32)[0])
+    return data[4:size].decode("utf-8", errors="replace").split("\0")[:-1]
+
+
+def clean_stale(stream_dirs: list[str]) -> int:
+    """Unlink the segments of prefixes registered to any of `stream_dirs`; how many prefixes."""
+    streaming_module()  # the torchvision-safe import, before any streaming submodule
+    from streaming.base.constant import SHM_TO_CLEAN
+
+    ours = {os.path.abspath(d) for d in stream_dirs}
+    cleaned = 0
+    for locals_file in sorted(SHM_DIR.glob("*_locals")) if SHM_DIR.is_dir() else []:
+        prefix = locals_file.name.split("_", 1)[0]
+        try:
+            if not ours & set(registered_locals(locals_file)):
+                continue
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        for name in SHM_TO_CLEAN:
+            (SHM_DIR / f"{prefix}_{name}").unlink(missing_ok=True)
+        cleaned += 1
+    if cleaned:
+        log.info("removed shared memory left by %d earlier dataset(s) of this run", cleaned)
+    return cleaned

@@ -38,6 +38,11 @@ MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run directory holds any trained state to protect (even a damaged one)."""
+    return any((Path(run_dir) / "checkpoints").glob("step_*"))
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 

@@ -7,8 +7,9 @@ index is present with the listed size (and, for local shards, the listed xxh64 h
 `data.validate_hashes`). Problems are one-line `DataError`s naming the stream, and
 object-store problems (credentials, bucket, prefix) surface here, not mid-training.
 
-With `data.skip_bad_shards`, damaged shards are left out with a warning instead: a
-filtered `index.json` is written into the stream's local cache, which streaming then uses.
+Every stream is read through a folder of the run's own (`RUN_DIR/cache/streamsN`, local
+shards linked into it), holding the index checked here. With `data.skip_bad_shards`,
+damaged shards are left out of that index, with a warning, instead of refusing to start.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain import objstore
+from pretrain.checkpoint import has_checkpoint
 from pretrain.config import Config, ConfigError, StreamConfig
 from pretrain.tokenizer import Tokenizer
 
@@ -51,7 +53,7 @@ def check_same_data(run_dir: Path, sources: list[StreamSource], write: bool) -> 
     """Refuse to resume a run on datasets other than the ones it started with."""
     path = run_dir / f"data_{sources[0].split}.json"
     now = [s.fingerprint for s in sources]
-    if path.exists():
+    if path.exists() and has_checkpoint(run_dir):
         before = json.loads(path.read_text())
         for source, old, new in zip(sources, before, now, strict=False):
             if old != new:
@@ -64,6 +66,7 @@ def check_same_data(run_dir: Path, sources: list[StreamSource], write: bool) -> 
                 f"this run started with {len(before)} {sources[0].split} stream(s), not {len(now)}"
             )
     elif write:
+        run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(now, indent=1))
 
 
@@ -172,27 +175,18 @@ def _check_stream(
         }
         if not index["shards"]:
             raise DataError(f"{name}: every shard of split '{split}' is damaged")
-    if is_remote or bad:
-        # Streaming reads the index from the local folder: give it this one (filtered or as the
-        # store has it now), so a cache left by an older version of the dataset is never used.
-        local = Path(stream.local) if is_remote and stream.local else cache
-        if _local_leader():
-            _sync_cache(
-                local / split,
-                json.dumps(index).encode() if bad else raw_index,
-                stream.remote,
-                split,
-                index,
-                is_remote,
-            )
-        local = str(local)
-    else:
-        local = stream.remote
+    # Streaming reads each stream through a folder of this run's own (local shards are
+    # linked there): its shared memory is registered per folder, so two runs never share
+    # it, and the index there is the one checked now (filtered, or as the store has it).
+    local = Path(stream.local) if is_remote and stream.local else cache
+    if _local_leader():
+        index_bytes = json.dumps(index).encode() if bad else raw_index
+        _sync_cache(local / split, index_bytes, stream.remote, split, index, is_remote)
     hashed = all(HASH in s.get("hashes", []) for s in index["shards"])
     return StreamSource(
         name=name,
         remote=stream.remote if is_remote else None,
-        local=local,
+        local=str(local),
         split=split,
         proportion=stream.proportion,
         repeat=stream.repeat,

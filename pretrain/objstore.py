@@ -118,12 +118,16 @@ def describe(error: Exception, url: str) -> str:
 
 
 def _call(url: str, fn, *args, **kwargs):
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         return fn(*args, **kwargs)
     except (ClientError, BotoCoreError) as e:
         raise StoreError(describe(e, url)) from None
+    except Boto3Error as e:  # S3UploadFailedError and friends wrap a ClientError
+        cause = e.__context__ if isinstance(e.__context__, (ClientError, BotoCoreError)) else e
+        raise StoreError(describe(cause, url)) from None
 
 
 def read_bytes(url: str) -> bytes:

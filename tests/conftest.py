@@ -81,7 +81,7 @@ def dataset(tmp_path_factory, corpus) -> dict:
         "--seq-len", "64", "--val-fraction", "0.1", "--out", str(mds),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    return {"tokenizer": tok, "mds": mds}
+    return {"tokenizer": tok, "mds": mds, "corpus": corpus}
 
 
 @pytest.fixture
@@ -133,3 +133,27 @@ def s3(s3_server, monkeypatch):
     objstore._client.cache_clear()  # clients capture the endpoint they were made with
     yield s3_server
     objstore._client.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def dataset_b(tmp_path_factory, dataset) -> Path:
+    """A second dataset (three other plays) with the same tokenizer, for mixtures."""
+    corpus = tmp_path_factory.mktemp("corpus_b") / "plays.jsonl"
+    with open(corpus, "w") as f:
+        for path in shakespeare_texts()[5:8]:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for i in range(0, len(text), 3000):
+                f.write(json.dumps({TEXT_FIELD: text[i : i + 3000]}) + "\n")
+    mds = tmp_path_factory.mktemp("data_b") / "mds"
+    r = run_cli(
+        "prep", "shards", "--inputs", str(corpus), "--text-field", TEXT_FIELD, "--tokenizer",
+        str(dataset["tokenizer"]), "--seq-len", "64", "--val-fraction", "0.1", "--out", str(mds),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return mds
+
+
+def with_overrides(overrides: list[str], *extra: str) -> list[str]:
+    """`overrides` with the keys set in `extra` replaced."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(extra)

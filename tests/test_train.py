@@ -151,6 +151,14 @@ def test_reusing_a_run_dir_for_another_model_is_refused(tiny_overrides, tmp_path
     assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["model"]["n_layers"] == 2
 
 
+def test_a_run_that_never_checkpointed_can_change_its_config(tiny_overrides, tmp_path):
+    r = run_cli(
+        "train", "configs/tiny.yaml", *tiny_overrides, "data.seq_len=32", "model.n_layers=3"
+    )
+    assert r.returncode == 2 and "packs sequences of 64 tokens" in r.stderr
+    _train(tiny_overrides, "train.max_steps=1")  # the fixed config starts; nothing was trained
+
+
 def test_gradient_accumulation_matches_one_big_batch(tiny_overrides, tmp_path):
     """2 micro-batches of 8 give the same steps as 1 batch of 16 (up to float rounding)."""
     steps = ["train.max_steps=6", "train.eval_every=6", "checkpoint.every=0"]
@@ -197,3 +205,49 @@ def test_wandb_offline_run_needs_no_account(tiny_overrides, tmp_path):
     assert r.returncode == 0, r.stderr
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def _start(overrides, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "pretrain", "train", "configs/tiny.yaml", *overrides, *extra],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_second_process_on_a_running_run_dir_is_refused(tiny_overrides, tmp_path):
+    first = _start(tiny_overrides, "train.max_steps=100000", "checkpoint.every=0")
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists():
+            assert time.time() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.1)
+        r = run_cli("train", "configs/tiny.yaml", *tiny_overrides)
+        assert r.returncode == 2
+        assert f"is in use by another training process (pid {first.pid})" in r.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # kill -9 released the lock: the run can be started again.
+    _train(tiny_overrides, "train.max_steps=1")
+
+
+def test_two_runs_on_the_same_data_at_once_do_not_disturb_each_other(tiny_overrides, tmp_path):
+    """Each run's streaming shared memory is its own: concurrent runs equal solo runs."""
+    solo = [
+        o if not o.startswith("run.dir=") else f"run.dir={tmp_path / 'solo'}"
+        for o in tiny_overrides
+    ]
+    _train(solo)
+    other = [
+        o if not o.startswith("run.dir=") else f"run.dir={tmp_path / 'other'}"
+        for o in tiny_overrides
+    ]
+    runs = [_start(tiny_overrides), _start(other, "run.seed=1")]
+    for proc in runs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert "leaked shared_memory" not in err
+    assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "solo")

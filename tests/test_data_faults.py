@@ -1,0 +1,111 @@
+"""Damaged datasets and mixtures on local data: refused with the shard named, or skipped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+
+from tests.conftest import losses_by_step, run_cli, with_overrides
+from tests.test_data_dist import all_samples, seen, torchrun
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def damaged(dataset, tmp_path):
+    """A private copy of the test dataset, split into several shards, to damage."""
+    copy = tmp_path / "mds"
+    r = run_cli(
+        "prep", "shards", "--inputs", str(dataset["corpus"]), "--text-field", "body", "--tokenizer",
+        str(dataset["tokenizer"]), "--seq-len", "64", "--val-fraction", "0.1", "--out", str(copy),
+        "--shard-size-limit", "64KB",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    shards = sorted((copy / "train").glob("shard.*.mds"))
+    assert len(shards) > 3
+    return copy, shards
+
+
+def _train(tiny_overrides, mds, *extra):
+    return run_cli(
+        "train",
+        "configs/tiny.yaml",
+        *with_overrides(tiny_overrides, f"data.streams=[{{remote: {mds}}}]", *extra),
+    )
+
+
+def test_truncated_shard_is_named_before_training(tiny_overrides, damaged, tmp_path):
+    mds, shards = damaged
+    with open(shards[2], "r+b") as f:
+        f.truncate(1000)
+    r = _train(tiny_overrides, mds)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"damaged shard(s) train/{shards[2].name}" in r.stderr
+    assert "data.skip_bad_shards=true" in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_corrupt_shard_fails_its_checksum(tiny_overrides, damaged):
+    mds, shards = damaged
+    data = bytearray(shards[1].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    shards[1].write_bytes(bytes(data))
+    r = _train(tiny_overrides, mds)
+    assert r.returncode == 2 and f"train/{shards[1].name}" in r.stderr
+
+
+def test_skip_bad_shards_trains_without_them(tiny_overrides, damaged, tmp_path):
+    mds, shards = damaged
+    shards[0].unlink()
+    r = _train(tiny_overrides, mds, "data.skip_bad_shards=true", "train.max_steps=3")
+    assert r.returncode == 0, r.stderr
+    assert f"skipping damaged shard(s) train/{shards[0].name}" in r.stderr
+    assert len(losses_by_step(tmp_path / "run")) == 3
+    fingerprint = json.loads((tmp_path / "run" / "data_train.json").read_text())[0]
+    index = json.loads((mds / "train" / "index.json").read_text())
+    assert fingerprint["shards"] == len(index["shards"]) - 1
+
+
+def test_val_streams_are_read_for_validation(tiny_overrides, dataset, damaged):
+    mds, _ = damaged
+    for shard in (mds / "val").glob("shard.*"):
+        shard.unlink()
+    r = _train(tiny_overrides, dataset["mds"], f"data.val_streams=[{{remote: {mds}}}]")
+    assert r.returncode == 2 and "data.val_streams[0]" in r.stderr and "val/shard." in r.stderr
+
+
+def test_repeat_weights_show_up_exactly_in_an_epoch(tiny_overrides, dataset, dataset_b, tmp_path):
+    streams = f"data.streams=[{{remote: {dataset['mds']}, repeat: 2}}, {{remote: {dataset_b}}}]"
+    out = tmp_path / "out"
+    torchrun(1, "--epoch", out, 0, *with_overrides(tiny_overrides, streams))
+    got = Counter(h for record in seen(out) for h in record["rows"])
+    a, b = all_samples(dataset["mds"]), all_samples(dataset_b)
+    assert not set(a) & set(b)
+    expected = Counter({h: 2 * n for h, n in a.items()}) + b
+    assert not got - expected
+    assert sum((expected - got).values()) < 8  # only the tail that fills no micro-batch
+
+
+def test_proportions_set_the_mix(tiny_overrides, dataset, dataset_b, tmp_path):
+    streams = f"data.streams=[{{remote: {dataset['mds']}, proportion: 0.8}}, {{remote: {dataset_b}, proportion: 0.2}}]"
+    out = tmp_path / "out"
+    torchrun(1, "--epoch", out, 0, *with_overrides(tiny_overrides, streams))
+    a, b = all_samples(dataset["mds"]), all_samples(dataset_b)
+    rows = [h for record in seen(out) for h in record["rows"]]
+    # Over an epoch streaming draws round(proportion * epoch size) samples from each stream.
+    assert abs(len(rows) - (a.total() + b.total())) < 8
+    assert sum(h in a for h in rows) / len(rows) == pytest.approx(0.8, abs=0.005)
+
+
+def test_a_run_may_move_its_data_but_not_change_it(tiny_overrides, dataset, dataset_b, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(dataset["mds"], moved)
+    assert _train(tiny_overrides, dataset["mds"], "train.max_steps=5").returncode == 0
+    r = _train(tiny_overrides, moved, "train.max_steps=10")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr
+    r = _train(tiny_overrides, dataset_b, "train.max_steps=15")
+    assert r.returncode == 2 and "is not the dataset this run started with" in r.stderr

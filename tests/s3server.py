@@ -6,6 +6,7 @@ stop, so `stop()` then `start()` is an object store that was briefly down.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -104,3 +105,54 @@ class S3Server:
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
+
+
+class SlowProxy:
+    """A TCP proxy on 127.0.0.1 that holds every chunk from the server for `delay` seconds:
+    an object store that answers, slowly."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        import threading
+
+        self.target_port, self.delay = target_port, delay
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.stopped:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(server, client, self.delay), daemon=True
+            ).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := src.recv(65536):
+                time.sleep(delay)
+                dst.sendall(chunk)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> SlowProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped = True
+        self.listener.close()

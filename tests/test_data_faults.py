@@ -109,3 +109,31 @@ def test_a_run_may_move_its_data_but_not_change_it(tiny_overrides, dataset, data
     assert "resumed from" in r.stderr
     r = _train(tiny_overrides, dataset_b, "train.max_steps=15")
     assert r.returncode == 2 and "is not the dataset this run started with" in r.stderr
+
+
+def test_shards_from_another_tokenizer_are_refused(tiny_overrides, dataset, tmp_path):
+    other = tmp_path / "other.model"
+    r = run_cli(
+        "prep",
+        "tokenizer",
+        "--inputs",
+        str(dataset["corpus"]),
+        "--text-field",
+        "body",
+        "--vocab-size",
+        "600",
+        "--out",
+        str(other),
+    )
+    assert r.returncode == 0, r.stderr
+    r = run_cli(
+        "train",
+        "configs/tiny.yaml",
+        *with_overrides(tiny_overrides, f"data.tokenizer={other}", "model.vocab_size=600"),
+    )
+    assert (
+        r.returncode == 2
+        and "was tokenized with" in r.stderr
+        and "re-run `pretrain prep shards`" in r.stderr
+    )
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

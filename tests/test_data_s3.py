@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from pretrain.metrics import read_metrics
 from tests.conftest import REPO, losses_by_step, run_cli, with_overrides
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 from tests.test_data_dist import all_samples, assert_one_epoch
@@ -178,3 +179,21 @@ def test_store_down_mid_epoch_then_back(s3_server, s3_dataset, dataset, tiny_ove
     s3_server.start()
     assert proc.wait(timeout=300) == 0, "".join(output)[-3000:]
     assert_one_epoch(out, all_samples(dataset["mds"]), world=2, micro=8)
+
+
+def test_slow_store_training_goes_on(s3_server, s3_dataset, tiny_overrides, tmp_path):
+    from tests.s3server import SlowProxy
+
+    with SlowProxy(s3_server.ports["s3"], delay=0.3) as proxy:
+        r = _train(
+            s3_server,
+            tiny_overrides,
+            s3_dataset,
+            "train.max_steps=3",
+            "train.eval_every=3",
+            env={"S3_ENDPOINT_URL": proxy.endpoint},
+        )
+    assert r.returncode == 0, r.stderr
+    steps = [x for x in read_metrics(tmp_path / "run") if "loss" in x]
+    assert len(steps) == 3
+    assert steps[0]["data_s"] > 0.3  # the first shard really came through the slow proxy

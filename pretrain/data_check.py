@@ -79,31 +79,31 @@ def stream_sources(
     cfg: Config, run_dir: Path, split: str, validation: bool = False
 ) -> list[StreamSource]:
     """Check every stream for `split` and say where streaming should read it from."""
-    key = "data.val_streams" if validation and cfg.data.val_streams else "data.streams"
-    streams = cfg.data.val_streams if key == "data.val_streams" else cfg.data.streams
+    field = "val_streams" if validation and cfg.data.val_streams else "streams"
+    tokenizer = Tokenizer(cfg.data.tokenizer)
     return [
         _check_stream(
-            cfg, s, f"{key}[{i}] ({s.remote})", split, run_dir / "cache" / f"{key[5:]}{i}"
+            cfg,
+            tokenizer,
+            s,
+            f"data.{field}[{i}] ({s.remote})",
+            split,
+            run_dir / "cache" / f"{field}{i}",
         )
-        for i, s in enumerate(streams)
+        for i, s in enumerate(getattr(cfg.data, field))
     ]
 
 
 def read_meta(stream: StreamConfig, name: str) -> dict:
     """The dataset's meta.json; its absence means `prep shards` never finished there."""
     url = _join(stream.remote, "meta.json")
+    missing = f"{name}: no meta.json; is this a dataset written by `pretrain prep shards`?"
     try:
         raw = objstore.read_bytes(url) if objstore.is_remote(url) else Path(url).read_bytes()
     except objstore.StoreError as e:
-        if str(e).endswith(": not found"):
-            raise DataError(
-                f"{name}: no meta.json; is this a dataset written by `pretrain prep shards`?"
-            ) from None
-        raise DataError(f"{name}: {e}") from None
+        raise DataError(missing if str(e).endswith(": not found") else f"{name}: {e}") from None
     except FileNotFoundError:
-        raise DataError(
-            f"{name}: no meta.json; is this a dataset written by `pretrain prep shards`?"
-        ) from None
+        raise DataError(missing) from None
     except OSError as e:
         raise DataError(f"{name}: cannot read meta.json: {e.strerror}") from None
     try:
@@ -138,10 +138,9 @@ def check_tokenizer(cfg: Config) -> Tokenizer:
 
 
 def _check_stream(
-    cfg: Config, stream: StreamConfig, name: str, split: str, cache: Path
+    cfg: Config, tokenizer: Tokenizer, stream: StreamConfig, name: str, split: str, cache: Path
 ) -> StreamSource:
     meta = read_meta(stream, name)
-    tokenizer = Tokenizer(cfg.data.tokenizer)
     if meta["tokenizer_sha256"] != tokenizer.sha256 or meta["vocab_size"] != tokenizer.vocab_size:
         raise DataError(
             f"{name} was tokenized with {meta['tokenizer']} (vocab {meta['vocab_size']}), not with "

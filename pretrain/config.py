@@ -103,6 +103,7 @@ class TrainConfig:
     global_batch_size: int = 32
     micro_batch_size: int = 8
     eval_every: int = 100
+    # Validation micro-batches per evaluation, over all ranks together.
     eval_batches: int = 10
     log_every: int = 10
     # torch.use_deterministic_algorithms; costs speed on GPU, free on CPU.
@@ -129,7 +130,8 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    # Only the single-process strategy exists so far; DDP/FSDP/ZeRO come with issue 4.
+    # single: one process. ddp: data parallel, one process per device under torchrun
+    # (FSDP2 and DeepSpeed ZeRO are not built yet).
     strategy: str = "single"
     # Autocast dtype for forward/backward; weights and optimizer state stay fp32.
     mixed_precision: str = "fp32"
@@ -149,10 +151,6 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.train.global_batch_size // self.train.micro_batch_size
-
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.position": POSITIONS,
@@ -162,7 +160,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.impl": ("auto", "fused", "foreach"),
     "schedule.name": ("cosine", "linear", "constant"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
-    "parallel.strategy": ("single",),
+    "parallel.strategy": ("single", "ddp"),
     "parallel.mixed_precision": ("fp32", "bf16"),
 }
 

@@ -31,6 +31,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.strategy = build_strategy(cfg)
+        self.strategy.accum_steps  # noqa: B018 - checks the batch sizes against the ranks now
         self.run_dir = runtime.start(cfg, rank=self.strategy.rank)
         # Data first: anything wrong with it is reported before a model is built.
         self.tokenizer = check_tokenizer(cfg)
@@ -94,15 +95,15 @@ class Trainer:
         start = time.perf_counter()
         lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
         set_lr(s.optimizer, lr)
-        accum = cfg.grad_accum_steps
+        accum = s.accum_steps
         loss_sum = torch.zeros((), device=self.device)
         data_s = 0.0
-        for _ in range(accum):
+        for i in range(accum):
             t0 = time.perf_counter()
             tokens = self.train_data.next().to(self.device, non_blocking=True)  # (B, T + 1)
             data_s += time.perf_counter() - t0
             loss = self.loss(tokens)
-            s.backward(loss / accum)
+            s.backward(loss / accum, last=i == accum - 1)
             loss_sum += loss.detach()
         grad_norm = s.clip_grad_norm(cfg.optim.grad_clip)
         s.optimizer_step()
@@ -134,7 +135,9 @@ class Trainer:
         model = self.strategy.model
         model.eval()
         total, n = torch.zeros((), device=self.device), 0
-        for tokens in self.val_data.batches(self.cfg.train.eval_batches):
+        # eval_batches counts micro-batches over all ranks: the same samples at any world size.
+        per_rank = max(1, self.cfg.train.eval_batches // self.strategy.world_size)
+        for tokens in self.val_data.batches(per_rank):
             total += self.loss(tokens.to(self.device))
             n += 1
         model.train()
@@ -180,13 +183,14 @@ class Trainer:
         # at interpreter shutdown, when the multiprocessing resource tracker complains.
         del self.train_data, self.val_data
         gc.collect()
+        self.strategy.close()
 
     def _announce(self) -> None:
         cfg = self.cfg
         self.sink.console(
             f"run {cfg.run.name} in {self.run_dir} | {count_params(cfg.model) / 1e6:.2f}M params | "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token | peak {self.peak_flops / 1e9:.1f} GFLOP/s "
-            f"({self.peak_source}) | {self.cfg.grad_accum_steps} micro-batches/step | "
+            f"({self.peak_source}) | {self.strategy.accum_steps} micro-batches/step x {self.strategy.world_size} ranks | "
             f"from step {self.step}"
         )
 

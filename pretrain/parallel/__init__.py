@@ -1,13 +1,14 @@
 """Parallel strategies behind one interface; the trainer never branches on the strategy."""
 
 from pretrain.parallel.base import Strategy
+from pretrain.parallel.ddp import DDPStrategy
 from pretrain.parallel.single import SingleStrategy
 
 
 def build_strategy(cfg) -> Strategy:
     """The strategy named by `parallel.strategy` (validated by the config schema)."""
-    strategies = {"single": SingleStrategy}
+    strategies = {"single": SingleStrategy, "ddp": DDPStrategy}
     return strategies[cfg.parallel.strategy](cfg)
 
 
-__all__ = ["SingleStrategy", "Strategy", "build_strategy"]
+__all__ = ["DDPStrategy", "SingleStrategy", "Strategy", "build_strategy"]

@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from pretrain.config import ConfigError
 from pretrain.model import Transformer
 from pretrain.optim import build_optimizer
 
@@ -31,6 +32,18 @@ class Strategy(ABC):
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.autocast_dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else None
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per rank per optimizer step."""
+        t = self.cfg.train
+        per_step = t.micro_batch_size * self.world_size
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x ranks ({t.micro_batch_size} x {self.world_size})"
+            )
+        return t.global_batch_size // per_step
 
     # ------------------------------------------------------------ building
     def setup(self) -> None:
@@ -57,7 +70,9 @@ class Strategy(ABC):
         with self.autocast():
             return self.model(tokens)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """Backward of one micro-batch; `last` says whether the step's gradients are complete
+        after it (a strategy may skip gradient communication before then)."""
         loss.backward()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -73,6 +88,9 @@ class Strategy(ABC):
         return value
 
     def barrier(self) -> None:  # one process has nothing to wait for
+        return None
+
+    def close(self) -> None:  # no process group to leave
         return None
 
     # ------------------------------------------------------------ checkpoints

@@ -130,13 +130,17 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    # single: one process. ddp: data parallel, one process per device under torchrun
-    # (FSDP2 and DeepSpeed ZeRO are not built yet).
+    # single: one process. ddp: data parallel, one process per device under torchrun.
+    # fsdp: FSDP2, parameters/gradients/optimizer state sharded across ranks. (DeepSpeed
+    # ZeRO is not built yet.)
     strategy: str = "single"
     # Autocast dtype for forward/backward; weights and optimizer state stay fp32.
     mixed_precision: str = "fp32"
     # Intra-op threads per process; 0 leaves torch's default (one per core).
     threads: int = 0
+    # fsdp: free each block's gathered parameters after its forward (less memory, one more
+    # all-gather in backward).
+    reshard_after_forward: bool = True
 
 
 @dataclass
@@ -160,7 +164,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.impl": ("auto", "fused", "foreach"),
     "schedule.name": ("cosine", "linear", "constant"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
-    "parallel.strategy": ("single", "ddp"),
+    "parallel.strategy": ("single", "ddp", "fsdp"),
     "parallel.mixed_precision": ("fp32", "bf16"),
 }
 

@@ -39,12 +39,8 @@ def torchrun_train(nproc: int, *overrides: str) -> subprocess.CompletedProcess:
     return r
 
 
-def test_ddp_on_2_ranks_matches_one_process(tiny_overrides, tmp_path):
-    steps = ["train.max_steps=8", "train.eval_every=4"]
-    single = with_overrides(tiny_overrides, f"run.dir={tmp_path / 'single'}", *steps)
-    assert run_cli("train", "configs/tiny.yaml", *single).returncode == 0
-    torchrun_train(2, *with_overrides(tiny_overrides, "parallel.strategy=ddp", *steps))
-    one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "run")
+def assert_close_losses(run_a, run_b) -> None:
+    one, two = read_metrics(run_a), read_metrics(run_b)
     for key in ("loss", "val_loss"):
         a = {r["step"]: r[key] for r in one if key in r}
         b = {r["step"]: r[key] for r in two if key in r}
@@ -53,8 +49,18 @@ def test_ddp_on_2_ranks_matches_one_process(tiny_overrides, tmp_path):
             assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-5), (key, step)
 
 
-def test_ddp_stop_and_resume_is_exact(tiny_overrides, tmp_path):
-    ddp = ["parallel.strategy=ddp", "schedule.decay_steps=10"]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_2_ranks_match_one_process(tiny_overrides, tmp_path, strategy):
+    steps = ["train.max_steps=8", "train.eval_every=4"]
+    single = with_overrides(tiny_overrides, f"run.dir={tmp_path / 'single'}", *steps)
+    assert run_cli("train", "configs/tiny.yaml", *single).returncode == 0
+    torchrun_train(2, *with_overrides(tiny_overrides, f"parallel.strategy={strategy}", *steps))
+    assert_close_losses(tmp_path / "single", tmp_path / "run")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_stop_and_resume_is_exact(tiny_overrides, tmp_path, strategy):
+    ddp = [f"parallel.strategy={strategy}", "schedule.decay_steps=10"]
     torchrun_train(
         2,
         *with_overrides(tiny_overrides, f"run.dir={tmp_path / 'ref'}", "train.max_steps=10", *ddp),
@@ -63,6 +69,19 @@ def test_ddp_stop_and_resume_is_exact(tiny_overrides, tmp_path):
     r = torchrun_train(2, *with_overrides(tiny_overrides, "train.max_steps=10", *ddp))
     assert "resumed from" in r.stderr
     assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "ref")
+
+
+def test_fsdp_checkpoint_of_2_ranks_resumes_on_1(tiny_overrides, tmp_path):
+    """DCP reshards: the 2-rank run's checkpoint at step 5 continues on one rank."""
+    fsdp = ["parallel.strategy=fsdp", "schedule.decay_steps=10", "train.eval_every=5"]
+    torchrun_train(
+        2,
+        *with_overrides(tiny_overrides, f"run.dir={tmp_path / 'ref'}", "train.max_steps=10", *fsdp),
+    )
+    torchrun_train(2, *with_overrides(tiny_overrides, "train.max_steps=5", *fsdp))
+    r = torchrun_train(1, *with_overrides(tiny_overrides, "train.max_steps=10", *fsdp))
+    assert "resumed from" in r.stderr
+    assert_close_losses(tmp_path / "ref", tmp_path / "run")
 
 
 def test_batch_sizes_must_divide_over_the_ranks(tiny_overrides):

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from pretrain.model.attention import Attention
 from pretrain.model.config import ATTENTION_IMPLS, MLPS, NORMS, POSITIONS, ModelConfig
@@ -183,11 +184,11 @@ class Transformer(nn.Module):
                 if module is self.lm_head and cfg.tie_embeddings:
                     continue  # the weight is tok_emb's, initialised as an embedding
                 std = residual_std if id(module) in residual_out else cfg.init_std
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                _normal_(module.weight, std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+                _normal_(module.weight, cfg.init_std)
             elif isinstance(module, NORM_CLASSES):
                 module.reset_parameters()
         if cfg.position == "rope":
@@ -214,3 +215,19 @@ class Transformer(nn.Module):
             x = layer(x, rope)
         x = self.norm(x)
         return self.lm_head(x).float()  # (B, T, vocab_size)
+
+
+@torch.no_grad()
+def _normal_(param: torch.Tensor, std: float) -> None:
+    """N(0, std) init that gives the same values whether `param` is whole or a shard.
+
+    The full tensor is drawn (one parameter at a time, never the whole model) in the same
+    RNG order on every rank; a sharded parameter (an FSDP2 DTensor) keeps its own slice,
+    so a sharded model starts bit-identical to a single-process one.
+    """
+    full = torch.empty(param.shape, dtype=param.dtype, device=param.device).normal_(0.0, std)
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(full)

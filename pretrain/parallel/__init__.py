@@ -2,13 +2,14 @@
 
 from pretrain.parallel.base import Strategy
 from pretrain.parallel.ddp import DDPStrategy
+from pretrain.parallel.fsdp import FSDPStrategy
 from pretrain.parallel.single import SingleStrategy
 
 
 def build_strategy(cfg) -> Strategy:
     """The strategy named by `parallel.strategy` (validated by the config schema)."""
-    strategies = {"single": SingleStrategy, "ddp": DDPStrategy}
+    strategies = {"single": SingleStrategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy}
     return strategies[cfg.parallel.strategy](cfg)
 
 
-__all__ = ["DDPStrategy", "SingleStrategy", "Strategy", "build_strategy"]
+__all__ = ["DDPStrategy", "FSDPStrategy", "SingleStrategy", "Strategy", "build_strategy"]

@@ -141,6 +141,10 @@ class ParallelConfig:
     # fsdp: free each block's gathered parameters after its forward (less memory, one more
     # all-gather in backward).
     reshard_after_forward: bool = True
+    # none, full (every block) or every (each activation_checkpointing_every-th block):
+    # recompute those blocks' activations in backward instead of keeping them.
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
 
 
 @dataclass
@@ -166,6 +170,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "parallel.strategy": ("single", "ddp", "fsdp"),
     "parallel.mixed_precision": ("fp32", "bf16"),
+    "parallel.activation_checkpointing": ("none", "full", "every"),
 }
 
 
@@ -369,6 +374,7 @@ _RANGES = (
             "optim.lr",
             "optim.eps",
             "data.download_timeout",
+            "parallel.activation_checkpointing_every",
         ),
         _positive,
         "must be > 0",

@@ -103,3 +103,60 @@ def test_batch_sizes_must_divide_over_the_ranks(tiny_overrides):
         "train.global_batch_size (24) must be a multiple of train.micro_batch_size x ranks (8 x 2)"
         in r.stderr
     )
+
+
+@pytest.mark.parametrize("mode", ["full", "every"])
+def test_activation_checkpointing_gives_the_same_losses(tiny_overrides, tmp_path, mode):
+    steps = ["train.max_steps=4", "train.eval_every=2", "checkpoint.every=2"]
+    plain = with_overrides(tiny_overrides, f"run.dir={tmp_path / 'plain'}", *steps)
+    assert run_cli("train", "configs/tiny.yaml", *plain).returncode == 0
+    r = run_cli(
+        "train",
+        "configs/tiny.yaml",
+        *tiny_overrides,
+        *steps,
+        f"parallel.activation_checkpointing={mode}",
+    )
+    assert r.returncode == 0, r.stderr
+    assert_close_losses(tmp_path / "plain", tmp_path / "run")
+
+
+def test_activation_checkpointing_under_fsdp(tiny_overrides, tmp_path):
+    steps = ["train.max_steps=4", "train.eval_every=2"]
+    single = with_overrides(tiny_overrides, f"run.dir={tmp_path / 'single'}", *steps)
+    assert run_cli("train", "configs/tiny.yaml", *single).returncode == 0
+    torchrun_train(
+        2,
+        *with_overrides(
+            tiny_overrides,
+            "parallel.strategy=fsdp",
+            "parallel.activation_checkpointing=full",
+            *steps,
+        ),
+    )
+    assert_close_losses(tmp_path / "single", tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("none", [0, 0, 0, 0]), ("full", [1, 1, 1, 1]), ("every", [0, 1, 0, 1])]
+)
+def test_activation_checkpointing_wraps_the_chosen_blocks(mode, expected):
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from pretrain.config import load_config
+    from pretrain.parallel.base import new_transformer
+
+    overrides = [
+        "model.n_layers=4",
+        f"parallel.activation_checkpointing={mode}",
+        "parallel.activation_checkpointing_every=2",
+    ]
+    model = new_transformer(load_config(REPO / "configs/tiny.yaml", overrides), torch.device("cpu"))
+    assert [int(type(b).__name__ == "CheckpointWrapper") for b in model.layers] == expected
+    plain = new_transformer(
+        load_config(REPO / "configs/tiny.yaml", overrides[:1]), torch.device("cpu")
+    )
+    assert (
+        get_model_state_dict(model).keys() == get_model_state_dict(plain).keys()
+    )  # checkpoints interchange

@@ -121,6 +121,23 @@ def _quiet_dcp():
         yield
 
 
+def apply_activation_checkpointing(model: Transformer, mode: str, every: int) -> None:
+    """Recompute the activations of checkpointed blocks in backward instead of storing them.
+
+    `full` wraps every block, `every` each `every`-th one (trading less memory for less
+    recomputation). Done before any sharding; DCP state dicts drop the wrapper's name, so
+    checkpoints load with or without it.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode == "none":
+        return
+    step = 1 if mode == "full" else every
+    for i, block in enumerate(model.layers):
+        if i % step == step - 1 or step == 1:
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
 def new_transformer(cfg, device: torch.device) -> Transformer:
     """Build on the meta device, then materialise and initialise on `device`.
 
@@ -131,4 +148,8 @@ def new_transformer(cfg, device: torch.device) -> Transformer:
         model = Transformer(cfg.model)
     model.to_empty(device=device)
     model.init_weights()
+    p = cfg.parallel
+    apply_activation_checkpointing(
+        model, p.activation_checkpointing, p.activation_checkpointing_every
+    )
     return model

@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from pretrain.model import Transformer
+from pretrain.parallel.base import apply_activation_checkpointing
 from pretrain.parallel.ddp import DDPStrategy
 
 
@@ -33,7 +34,11 @@ class FSDPStrategy(DDPStrategy):
     def build_model(self) -> nn.Module:
         with torch.device("meta"):
             model = Transformer(self.cfg.model)
-        reshard = self.cfg.parallel.reshard_after_forward
+        p = self.cfg.parallel
+        apply_activation_checkpointing(
+            model, p.activation_checkpointing, p.activation_checkpointing_every
+        )
+        reshard = p.reshard_after_forward
         for block in model.layers:  # one all-gather per block, freed after use
             fully_shard(block, mp_policy=self.mp_policy, reshard_after_forward=reshard)
         fully_shard(model, mp_policy=self.mp_policy, reshard_after_forward=reshard)

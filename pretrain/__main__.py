@@ -15,6 +15,7 @@ commands:
   train CONFIG [key=value ...]    train (or resume) the run CONFIG describes
   config CONFIG [key=value ...]   print the resolved config
   prep tokenizer|shards ...       train a tokenizer / write packed MDS shards (see --help)
+  consolidate CHECKPOINT --out F  full weights of a (sharded) checkpoint as safetensors
 """
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "config": _config, "prep": _prep}
+    commands = {"train": _train, "config": _config, "prep": _prep, "consolidate": _consolidate}
     if command not in commands:
         print(f"pretrain: unknown command '{command}'\n{USAGE}", end="", file=sys.stderr)
         return 2
@@ -71,6 +72,26 @@ def _train(argv: list[str]) -> int:
         trainer.fit()
     finally:
         trainer.close()
+    return 0
+
+
+def _consolidate(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from pretrain.consolidate import consolidate
+
+    parser = argparse.ArgumentParser(prog="pretrain consolidate")
+    parser.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00001000",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    args = parser.parse_args(argv)
+    if not (args.checkpoint / ".metadata").is_file():
+        raise ConfigError(f"{args.checkpoint}: not a checkpoint folder (no .metadata)")
+    n = consolidate(args.checkpoint, args.out)
+    print(f"{args.out}: {n} tensors from {args.checkpoint}")
     return 0
 
 

@@ -83,6 +83,28 @@ def test_fsdp_checkpoint_of_2_ranks_resumes_on_1(tiny_overrides, tmp_path):
     assert "resumed from" in r.stderr
     assert_close_losses(tmp_path / "ref", tmp_path / "run")
 
+    # The 2-rank sharded checkpoint consolidates, tensor by tensor, into full weights equal
+    # to the ones DCP loads into a whole model in one go.
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from pretrain.config import load_config
+    from pretrain.model import Transformer
+
+    ckpt = tmp_path / "ref" / "checkpoints" / "step_00000010"
+    r = run_cli("consolidate", str(ckpt), "--out", str(tmp_path / "model.safetensors"))
+    assert r.returncode == 0, r.stderr
+    full = load_file(tmp_path / "model.safetensors")
+    cfg = load_config(
+        REPO / "configs/tiny.yaml", with_overrides(tiny_overrides, "model.max_seq_len=64")
+    )
+    model = Transformer(cfg.model)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    assert full.keys() == state["model"].keys()
+    assert all(torch.equal(full[k], state["model"][k]) for k in full)
+
 
 def test_batch_sizes_must_divide_over_the_ranks(tiny_overrides):
     cmd = [

@@ -53,7 +53,7 @@ def worker(strategy: str, layers: int, out: Path) -> None:
     s.backward(trainer.loss(tokens), last=True)
     params = local_bytes(p for p in s.model.parameters())
     grads = local_bytes(p.grad for p in s.model.parameters() if p.grad is not None)
-    s.optimizer_step()
+    s.step(trainer.cfg.optim.grad_clip)
     optim = local_bytes(
         v for state in s.optimizer.state.values() for v in state.values() if hasattr(v, "numel")
     )

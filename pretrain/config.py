@@ -131,9 +131,12 @@ class LoggingConfig:
 @dataclass
 class ParallelConfig:
     # single: one process. ddp: data parallel, one process per device under torchrun.
-    # fsdp: FSDP2, parameters/gradients/optimizer state sharded across ranks. (DeepSpeed
-    # ZeRO is not built yet.)
+    # fsdp: FSDP2, parameters/gradients/optimizer state sharded across ranks.
+    # zero: DeepSpeed ZeRO at zero_stage (1: optimizer state, 2: + gradients, 3: + params).
     strategy: str = "single"
+    zero_stage: int = 2
+    # Further DeepSpeed config keys for zero, merged over the ones derived from this config.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
     # Autocast dtype for forward/backward; weights and optimizer state stay fp32.
     mixed_precision: str = "fp32"
     # Intra-op threads per process; 0 leaves torch's default (one per core).
@@ -168,9 +171,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.impl": ("auto", "fused", "foreach"),
     "schedule.name": ("cosine", "linear", "constant"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
-    "parallel.strategy": ("single", "ddp", "fsdp"),
+    "parallel.strategy": ("single", "ddp", "fsdp", "zero"),
     "parallel.mixed_precision": ("fp32", "bf16"),
     "parallel.activation_checkpointing": ("none", "full", "every"),
+    "parallel.zero_stage": (1, 2, 3),
 }
 
 
@@ -251,7 +255,8 @@ def _dataclass_of(schema: type, key: str) -> type | None:
     default = OmegaConf.structured(schema)
     value = default._get_node(key)
     if isinstance(value, DictConfig):
-        return OmegaConf.get_type(value)
+        kind = OmegaConf.get_type(value)
+        return kind if dataclasses.is_dataclass(kind) else None  # a free-form dict
     if isinstance(value, ListConfig):
         element = value._metadata.element_type
         return element if dataclasses.is_dataclass(element) else None
@@ -280,9 +285,10 @@ def validate(cfg: Config) -> None:
     for key, choices in CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
+            names = [str(c) for c in choices]
+            close = difflib.get_close_matches(str(value), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{key} must be one of {', '.join(choices)} (got '{value}'){hint}")
+            raise ConfigError(f"{key} must be one of {', '.join(names)} (got '{value}'){hint}")
     for keys, ok, what in _RANGES:
         for key in keys:
             value = _get(cfg, key)

@@ -105,8 +105,7 @@ class Trainer:
             loss = self.loss(tokens)
             s.backward(loss / accum, last=i == accum - 1)
             loss_sum += loss.detach()
-        grad_norm = s.clip_grad_norm(cfg.optim.grad_clip)
-        s.optimizer_step()
+        grad_norm = s.step(cfg.optim.grad_clip)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         loss = s.reduce_mean(loss_sum / accum).item()

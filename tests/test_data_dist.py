@@ -36,7 +36,7 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 3
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def seen(out: Path) -> list[dict]:

@@ -4,12 +4,25 @@ from pretrain.parallel.base import Strategy
 from pretrain.parallel.ddp import DDPStrategy
 from pretrain.parallel.fsdp import FSDPStrategy
 from pretrain.parallel.single import SingleStrategy
+from pretrain.parallel.zero import ZeroStrategy
 
 
 def build_strategy(cfg) -> Strategy:
     """The strategy named by `parallel.strategy` (validated by the config schema)."""
-    strategies = {"single": SingleStrategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy}
+    strategies = {
+        "single": SingleStrategy,
+        "ddp": DDPStrategy,
+        "fsdp": FSDPStrategy,
+        "zero": ZeroStrategy,
+    }
     return strategies[cfg.parallel.strategy](cfg)
 
 
-__all__ = ["DDPStrategy", "FSDPStrategy", "SingleStrategy", "Strategy", "build_strategy"]
+__all__ = [
+    "DDPStrategy",
+    "FSDPStrategy",
+    "SingleStrategy",
+    "Strategy",
+    "ZeroStrategy",
+    "build_strategy",
+]

@@ -75,14 +75,14 @@ class Strategy(ABC):
         after it (a strategy may skip gradient communication before then)."""
         loss.backward()
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip to `max_norm` (0: no clipping); returns the global norm before clipping."""
+    def step(self, max_norm: float) -> torch.Tensor:
+        """Clip gradients to `max_norm` (0: no clipping), take the optimizer step, clear the
+        gradients; returns the global gradient norm before clipping."""
         limit = max_norm if max_norm > 0 else float("inf")
-        return nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
-
-    def optimizer_step(self) -> None:
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value

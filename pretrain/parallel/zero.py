@@ -1,0 +1,99 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3, configured from our config.
+
+Stage 1 shards optimizer state, 2 also gradients, 3 also parameters. The engine wraps our
+own model and our torch AdamW (with its weight-decay groups), so no fused op has to be
+JIT-compiled; DeepSpeed's CPU communication op (`shm_comm`) is built once into
+TORCH_EXTENSIONS_DIR (about a minute, the first time on a machine). `parallel.deepspeed`
+passes any further DeepSpeed keys through. DeepSpeed writes its own checkpoint files
+inside our atomic checkpoint folder; they resume on the same number of ranks only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from torch import nn
+
+from pretrain.config import ConfigError
+from pretrain.optim import build_optimizer
+from pretrain.parallel.base import new_transformer
+from pretrain.parallel.ddp import DDPStrategy
+
+TAG = "zero"
+
+
+class ZeroStrategy(DDPStrategy):
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.bf16 = self.autocast_dtype is not None
+        self.autocast_dtype = None  # DeepSpeed keeps bf16 weights itself: no autocast
+
+    def ds_config(self) -> dict:
+        cfg = self.cfg
+        config = {
+            "train_batch_size": cfg.train.global_batch_size,
+            "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+            "gradient_accumulation_steps": self.accum_steps,
+            "zero_optimization": {"stage": cfg.parallel.zero_stage},
+            "gradient_clipping": cfg.optim.grad_clip,
+            "bf16": {"enabled": self.bf16},
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+        return _deep_update(config, dict(cfg.parallel.deepspeed))
+
+    def setup(self) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        torch.manual_seed(self.cfg.run.seed)
+        model = new_transformer(self.cfg, self.device)
+        optimizer = build_optimizer(model, self.cfg.optim)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config()
+        )
+
+    def build_model(self) -> nn.Module:  # setup() builds model and engine together
+        raise NotImplementedError
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.model.module
+
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        self.model.backward(loss, scale_wrt_gas=False)  # the loop already divided by accumulation
+        if not last:
+            self.model.step()  # counts the micro-batch; the optimizer steps at the boundary
+
+    def step(self, max_norm: float) -> torch.Tensor:
+        self.model.step()  # clips to gradient_clipping (= optim.grad_clip) and steps
+        return torch.as_tensor(float(self.model.get_global_grad_norm()))
+
+    def save(self, folder) -> None:
+        self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        if self.rank == 0:
+            (folder / "zero.json").write_text(
+                json.dumps({"world_size": self.world_size, "stage": self.cfg.parallel.zero_stage})
+            )
+
+    def load(self, folder) -> None:
+        saved = json.loads((folder / "zero.json").read_text())
+        if saved["world_size"] != self.world_size:
+            raise ConfigError(
+                f"{folder} is a ZeRO checkpoint of {saved['world_size']} ranks; it resumes only on "
+                f"{saved['world_size']} (this run has {self.world_size}). Use fsdp to change the number of ranks"
+            )
+        path, _ = self.model.load_checkpoint(str(folder), tag=TAG, load_lr_scheduler_states=False)
+        if path is None:
+            raise ConfigError(f"{folder}: DeepSpeed found no checkpoint under tag '{TAG}'")
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base

@@ -40,6 +40,26 @@ def run_cli(
     )
 
 
+def run_torchrun(
+    nproc: int, *args, env: dict | None = None, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N ARGS` as users run it; with `check`, a
+    failure shows every rank's whole output."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *map(str, args),
+    ]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     """The last logged training loss of each step (a resumed run redoes some steps)."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

@@ -5,38 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_torchrun
 
 pytestmark = pytest.mark.slow
 
 
-def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 300) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(REPO / "tests/data_ranks.py"),
-        *map(str, args),
-    ]
-    r = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+def torchrun(nproc: int, *args, env: dict | None = None, timeout: float = 300) -> None:
+    """tests/data_ranks.py on `nproc` ranks."""
+    run_torchrun(nproc, REPO / "tests/data_ranks.py", *args, env=env, timeout=timeout)
 
 
 def seen(out: Path) -> list[dict]:

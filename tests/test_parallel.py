@@ -3,40 +3,19 @@ single-process run on the same global batch, and resumes exactly."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, losses_by_step, read_metrics, run_cli, with_overrides
+from tests.conftest import REPO, losses_by_step, read_metrics, run_cli, run_torchrun, with_overrides
 
 pytestmark = pytest.mark.slow
 
 
-def torchrun_train(nproc: int, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "pretrain",
-        "train",
-        "configs/tiny.yaml",
-        *overrides,
-    ]
-    r = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+def torchrun_train(nproc: int, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_torchrun(
+        nproc, "-m", "pretrain", "train", "configs/tiny.yaml", *overrides, check=check
     )
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
 
 
 def assert_close_losses(run_a, run_b) -> None:
@@ -117,38 +96,22 @@ def test_fsdp_checkpoint_of_2_ranks_resumes_on_1(tiny_overrides, tmp_path):
 def test_zero_checkpoint_refuses_another_number_of_ranks(tiny_overrides, tmp_path):
     zero = ["parallel.strategy=zero", "schedule.decay_steps=10"]
     torchrun_train(2, *with_overrides(tiny_overrides, "train.max_steps=5", *zero))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=1",
-        "-m",
-        "pretrain",
-        "train",
-        "configs/tiny.yaml",
+    r = torchrun_train(
+        1,
         *with_overrides(tiny_overrides, "train.max_steps=10", "train.global_batch_size=8", *zero),
-    ]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        check=False,
+    )
     assert r.returncode != 0  # torchrun reports a worker's exit status 2 as its own 1
     assert "config error: " in r.stderr
     assert "is a ZeRO checkpoint of 2 ranks; it resumes only on 2 (this run has 1)" in r.stderr
 
 
 def test_batch_sizes_must_divide_over_the_ranks(tiny_overrides):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "pretrain",
-        "train",
-        "configs/tiny.yaml",
+    r = torchrun_train(
+        2,
         *with_overrides(tiny_overrides, "parallel.strategy=ddp", "train.global_batch_size=24"),
-    ]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        check=False,
+    )
     assert r.returncode != 0
     assert (
         "train.global_batch_size (24) must be a multiple of train.micro_batch_size x ranks (8 x 2)"

@@ -5,6 +5,7 @@ Layout under `RUN_DIR/checkpoints/`:
     step_00000200/        a complete checkpoint (it has manifest.json)
       model + optimizer   written by the parallel strategy (DCP files, or DeepSpeed's)
       train_state.json    step, tokens, data-loader position, ... (rank 0)
+      config.yaml         the run's resolved config, so the folder stands alone
       rng_rank{r}.pt      every RNG of rank r
       manifest.json       every file above with its size; written last
     latest                the name of the newest complete checkpoint; moved last
@@ -12,7 +13,8 @@ Layout under `RUN_DIR/checkpoints/`:
 
 A save writes everything into a `.tmp-` folder, fsyncs it, writes the manifest, then
 renames the folder into place, so a checkpoint either is complete or does not exist under
-its final name. Loading re-checks the manifest, and falls back to the previous checkpoint
+its final name. With a background (async) model write, the same commit runs once the
+write is durable, at the next save or at the end of training. Loading re-checks the manifest, and falls back to the previous checkpoint
 when files are missing or truncated. Pruning renames a folder to `.trash-` before
 deleting it, so a half-deleted checkpoint can never look complete.
 """
@@ -26,11 +28,14 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from pretrain.mirror import CheckpointMirror
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -69,8 +74,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Checkpointer:
     """Saves and finds checkpoints; the strategy writes and reads model + optimizer state.
 
-    `barrier` synchronises ranks (a no-op in one process). Every rank calls `save`; only
-    rank 0 renames, moves `latest` and prunes, after every rank's part is durable.
+    `barrier` synchronises ranks (a no-op in one process). Every rank calls `save` (and
+    `wait`); only rank 0 renames, moves `latest` and prunes, after every rank's part is
+    durable. `mirror`, on rank 0, uploads each committed checkpoint to an object store.
     """
 
     def __init__(
@@ -79,11 +85,14 @@ class Checkpointer:
         keep_last: int,
         rank: int = 0,
         barrier: Callable[[], None] = lambda: None,
+        mirror: CheckpointMirror | None = None,
     ) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = rank
         self.barrier = barrier
+        self.mirror = mirror if rank == 0 else None
+        self._pending: tuple[Future, int] | None = None
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-*"):  # a save that was killed mid-write
@@ -93,17 +102,47 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         barrier()
 
-    def save(self, step: int, train_state: dict, write_model: Callable[[Path], None]) -> Path:
+    def save(
+        self,
+        step: int,
+        train_state: dict,
+        write_model: Callable[[Path], Future | None],
+        extra_files: dict[str, str] | None = None,
+    ) -> Path:
+        """Write checkpoint `step`. `write_model(folder)` writes model and optimizer state;
+        when it returns a Future (a background write), the checkpoint is committed by
+        `wait()`, which the next save calls first. `extra_files` (rank 0): name -> text."""
+        self.wait()
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
-        write_model(tmp)
+        pending = write_model(tmp)
         torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             _write_json(tmp / TRAIN_STATE, train_state)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+        if pending is None:
+            self._commit(step)
+        else:
+            self._pending = (pending, step)
+        return final
+
+    def wait(self) -> Path | None:
+        """Finish and commit a background save, if one is in flight; returns its folder."""
+        if self._pending is None:
+            return None
+        future, step = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed write: the checkpoint is then never committed
+        return self._commit(step)
+
+    def _commit(self, step: int) -> Path:
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{final.name}"
         for path in tmp.rglob("*"):
             if path.is_file():
                 _fsync(path)
@@ -116,14 +155,25 @@ class Checkpointer:
             }
             _write_json(tmp / MANIFEST, {"step": step, "files": files})
             _fsync(tmp)
+            if self.mirror is not None:  # no prune under an upload still reading
+                self.mirror.wait()
             if final.exists():  # re-saving a step (e.g. after a resume): replace atomically
                 _trash(final)
             os.rename(tmp, final)
             _fsync(self.root)
             _write_json(self.root / "latest", {"checkpoint": final.name, "step": step})
             self._prune()
+            if self.mirror is not None:
+                self.mirror.upload(final)
         self.barrier()
         return final
+
+    def fetch(self) -> None:
+        """Rank 0 downloads the mirror's newest checkpoint when it is newer than any here;
+        every rank returns once it is in place."""
+        if self.mirror is not None:
+            self.mirror.fetch_if_newer(self.root, self.latest())
+        self.barrier()
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, newest first."""

@@ -117,6 +117,14 @@ class CheckpointConfig:
     keep_last: int = 3
     # Resume automatically from the latest complete checkpoint in the run directory.
     resume: bool = True
+    # single/ddp/fsdp: write model and optimizer shards in the background (DCP async_save).
+    # Training goes on once the state is copied to memory; the checkpoint becomes visible
+    # only when every rank's write is durable (at the next save or at the end of training).
+    async_save: bool = False
+    # s3://bucket/prefix: rank 0 uploads each complete checkpoint there in the background,
+    # and a resume downloads the newest one when the run directory has none as new (a new
+    # node, a lost disk). Endpoint and credentials come from the environment.
+    remote: str | None = None
 
 
 @dataclass
@@ -148,6 +156,9 @@ class ParallelConfig:
     # recompute those blocks' activations in backward instead of keeping them.
     activation_checkpointing: str = "none"
     activation_checkpointing_every: int = 2
+    # torch.compile each transformer block (in place, so checkpoints keep their names). Pays
+    # a compile at start-up (tens of seconds) for faster steps; needs a C++ compiler on CPU.
+    compile: bool = False
 
 
 @dataclass
@@ -335,6 +346,14 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size})"
         )
+    c = cfg.checkpoint
+    if c.async_save and cfg.parallel.strategy == "zero":
+        raise ConfigError(
+            "checkpoint.async_save works with parallel.strategy single, ddp or fsdp; "
+            "DeepSpeed (zero) writes its own checkpoints: set checkpoint.async_save=false"
+        )
+    if c.remote is not None and not c.remote.startswith("s3://"):
+        raise ConfigError(f"checkpoint.remote must be an s3://bucket/prefix URL (got {c.remote!r})")
 
 
 def objstore_like(path: str) -> bool:

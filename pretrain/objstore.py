@@ -181,6 +181,11 @@ def exists(url: str) -> bool:
     return True
 
 
+def delete(url: str) -> None:
+    bucket, key = split_url(url)
+    _call(url, client().delete_object, Bucket=bucket, Key=key)
+
+
 def delete_prefix(url: str) -> int:
     """Delete every object under `url`; returns how many."""
     bucket, _ = split_url(url)

@@ -148,7 +148,7 @@ def prepare_run_dir(cfg: Config, write: bool = True) -> Path:
     run_dir = Path(cfg.run.dir)
     saved = run_dir / "config.yaml"
     if saved.exists() and has_checkpoint(run_dir):  # before any checkpoint, nothing to protect
-        _check_same_experiment(cfg, saved)
+        check_same_experiment(cfg, saved)
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = saved.with_name("config.yaml.tmp")
@@ -157,8 +157,12 @@ def prepare_run_dir(cfg: Config, write: bool = True) -> Path:
     return run_dir
 
 
-def _check_same_experiment(cfg: Config, saved: Path) -> None:
+def check_same_experiment(cfg: Config, saved: Path) -> None:
+    """Refuse `cfg` when a frozen section differs from the config saved at `saved`."""
     import yaml
+
+    if not saved.exists():  # a checkpoint from before checkpoints carried their config
+        return
 
     try:
         before = to_dict(from_dict(yaml.safe_load(saved.read_text())))

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from pretrain import runtime
 from pretrain.checkpoint import Checkpointer
-from pretrain.config import Config, to_dict
+from pretrain.config import Config, to_dict, to_yaml
 from pretrain.data import TrainBatches, ValBatches
 from pretrain.data_check import check_tokenizer
 from pretrain.metrics import MetricsSink, memory_gb, peak_flops, read_metrics, train_line
+from pretrain.mirror import CheckpointMirror
 from pretrain.model import count_params, flops_per_token
 from pretrain.optim import lr_at, set_lr
 from pretrain.parallel import build_strategy
@@ -39,11 +40,13 @@ class Trainer:
         self.val_data = ValBatches(cfg, self.run_dir)
         self.strategy.setup()
         self.device = self.strategy.device
+        c = cfg.checkpoint
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints",
-            cfg.checkpoint.keep_last,
+            c.keep_last,
             self.strategy.rank,
             self.strategy.barrier,
+            CheckpointMirror(c.remote, c.keep_last) if c.remote else None,
         )
         self.sink = MetricsSink(
             self.run_dir, cfg, enabled=self.strategy.rank == 0, config_dict=to_dict(cfg)
@@ -64,9 +67,14 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the latest complete checkpoint in the run directory, if there is one."""
-        path = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
+        if not self.cfg.checkpoint.resume:
+            return False
+        self.checkpointer.fetch()  # a newer checkpoint in checkpoint.remote, if any
+        path = self.checkpointer.latest()
         if path is None:
             return False
+        if self.strategy.rank == 0:  # e.g. one fetched onto a fresh node: same experiment?
+            runtime.check_same_experiment(self.cfg, path / "config.yaml")
         state = self.checkpointer.load(path, self.strategy.load)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.train_data.load_state_dict(state["data"])
@@ -82,8 +90,13 @@ class Trainer:
 
     def save(self) -> Path:
         start = time.perf_counter()
-        path = self.checkpointer.save(self.step, self.train_state(), self.strategy.save)
-        seconds = time.perf_counter() - start
+        path = self.checkpointer.save(
+            self.step,
+            self.train_state(),
+            self.strategy.save,
+            {"config.yaml": to_yaml(self.cfg)},
+        )
+        seconds = time.perf_counter() - start  # with async_save, only the blocking part
         self.sink.write(
             {"event": "checkpoint", "step": self.step, "checkpoint": path.name, "save_s": seconds}
         )
@@ -174,9 +187,12 @@ class Trainer:
             every = cfg.checkpoint.every
             if (every and self.step % every == 0) or self.step == t.max_steps:
                 self.save()
+        self.checkpointer.wait()  # commit a background save still in flight
         return record
 
     def close(self) -> None:
+        if self.checkpointer.mirror is not None:
+            self.checkpointer.mirror.wait()  # finish the last upload
         self.sink.close()
         # streaming datasets hold shared memory until they are collected: free it now, not
         # at interpreter shutdown, when the multiprocessing resource tracker complains.

@@ -79,3 +79,38 @@ def test_checkpoint_without_manifest_is_not_complete(tmp_path):
     path = ck.save(5, {"step": 5}, _writer(5))
     (path / "manifest.json").unlink()
     assert ck.latest() is None
+
+
+def test_a_background_write_is_visible_only_once_committed(tmp_path):
+    from concurrent.futures import Future
+
+    ck = Checkpointer(tmp_path, keep_last=3)
+    ck.save(5, {"step": 5}, _writer(5))
+    future: Future = Future()
+
+    def write_later(folder):
+        _writer(10)(folder)
+        return future
+
+    ck.save(10, {"step": 10}, write_later)
+    assert ck.latest().name == "step_00000005"  # still being written: not a checkpoint yet
+    future.set_result(None)
+    assert ck.wait().name == "step_00000010"
+    assert ck.latest().name == "step_00000010" and ck.wait() is None
+
+
+def test_a_failed_background_write_is_never_committed(tmp_path):
+    from concurrent.futures import Future
+
+    import pytest
+
+    ck = Checkpointer(tmp_path, keep_last=3)
+    ck.save(5, {"step": 5}, _writer(5))
+    future: Future = Future()
+    ck.save(10, {"step": 10}, lambda folder: future)
+    future.set_exception(OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        ck.wait()
+    assert [p.name for p in ck.complete()] == ["step_00000005"]
+    Checkpointer(tmp_path, keep_last=3)  # the next start clears the half-written folder
+    assert not list(tmp_path.glob(".tmp-*"))

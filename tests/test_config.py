@@ -82,12 +82,19 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, expected):
         ("model.sliding_window=0", "model.sliding_window must be > 0"),
         ("parallel.strategy=fsdpp", "parallel.strategy must be one of"),
         ("train.max_steps=0", "train.max_steps must be > 0"),
+        ("checkpoint.remote=/mnt/ckpts", "checkpoint.remote must be an s3://bucket/prefix URL"),
     ],
 )
 def test_impossible_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs/tiny.yaml", [override])
     assert expected in str(err.value)
+
+
+def test_async_save_is_refused_for_deepspeed():
+    overrides = ["parallel.strategy=zero", "checkpoint.async_save=true"]
+    with pytest.raises(ConfigError, match=r"checkpoint\.async_save works with parallel\.strategy"):
+        load_config(REPO / "configs/tiny.yaml", overrides)
 
 
 def test_missing_mandatory_key_is_named(tmp_path):

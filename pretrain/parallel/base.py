@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import warnings
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -94,11 +96,27 @@ class Strategy(ABC):
         return None
 
     # ------------------------------------------------------------ checkpoints
-    def save(self, folder: Path) -> None:
-        """Write model and optimizer state into `folder` (sharded: each rank its part)."""
+    # The process group background checkpoint writes use (None: the default one).
+    checkpoint_group = None
+
+    def save(self, folder: Path) -> Future | None:
+        """Write model and optimizer state into `folder` (sharded: each rank its part).
+
+        With `checkpoint.async_save` the state is copied to CPU memory here and written by
+        a background thread; the returned Future completes when the files are written.
+        """
         msd, osd = get_state_dict(self.model, self.optimizer)
+        state = {"model": msd, "optim": osd}
         with _quiet_dcp():
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=folder)
+            if self.cfg.checkpoint.async_save:
+                return dcp.async_save(
+                    state,
+                    checkpoint_id=folder,
+                    process_group=self.checkpoint_group,
+                    no_dist=not dist.is_initialized(),
+                )
+            dcp.save(state, checkpoint_id=folder)
+        return None
 
     def load(self, folder: Path) -> None:
         msd, osd = get_state_dict(self.model, self.optimizer)
@@ -119,6 +137,17 @@ def _quiet_dcp():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         yield
+
+
+def prepare_blocks(model: Transformer, p) -> None:
+    """Activation checkpointing, then torch.compile, applied to each block in place (before
+    any sharding; parameter names stay the same, so checkpoints interchange)."""
+    apply_activation_checkpointing(
+        model, p.activation_checkpointing, p.activation_checkpointing_every
+    )
+    if p.compile:
+        for block in model.layers:
+            block.compile()
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str, every: int) -> None:
@@ -148,8 +177,5 @@ def new_transformer(cfg, device: torch.device) -> Transformer:
         model = Transformer(cfg.model)
     model.to_empty(device=device)
     model.init_weights()
-    p = cfg.parallel
-    apply_activation_checkpointing(
-        model, p.activation_checkpointing, p.activation_checkpointing_every
-    )
+    prepare_blocks(model, cfg.parallel)
     return model

@@ -29,6 +29,11 @@ class DDPStrategy(Strategy):
             torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
         )
 
+    def setup(self) -> None:
+        super().setup()
+        if self.cfg.checkpoint.async_save:  # background writes talk on their own group
+            self.checkpoint_group = dist.new_group(backend="gloo")
+
     def build_model(self) -> nn.Module:
         model = new_transformer(self.cfg, self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from pretrain.model import Transformer
-from pretrain.parallel.base import apply_activation_checkpointing
+from pretrain.parallel.base import prepare_blocks
 from pretrain.parallel.ddp import DDPStrategy
 
 
@@ -35,9 +35,7 @@ class FSDPStrategy(DDPStrategy):
         with torch.device("meta"):
             model = Transformer(self.cfg.model)
         p = self.cfg.parallel
-        apply_activation_checkpointing(
-            model, p.activation_checkpointing, p.activation_checkpointing_every
-        )
+        prepare_blocks(model, p)
         reshard = p.reshard_after_forward
         for block in model.layers:  # one all-gather per block, freed after use
             fully_shard(block, mp_policy=self.mp_policy, reshard_after_forward=reshard)

@@ -1,0 +1,103 @@
+"""Checkpoints mirrored to a real S3-compatible store (seaweedfs on 127.0.0.1): each one
+uploaded once complete, and a fresh node resumes from the store exactly."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pretrain.checkpoint import Checkpointer
+from pretrain.mirror import CheckpointMirror
+from tests.conftest import losses_by_step, run_cli, with_overrides
+from tests.s3server import SECRET_KEY
+
+
+def _writer(value: float):
+    def write(folder):
+        torch.save({"w": torch.full((64,), value)}, folder / "model.pt")
+
+    return write
+
+
+def _names(s3, bucket: str, prefix: str) -> set[str]:
+    listed = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {obj["Key"][len(prefix) :] for obj in listed}
+
+
+def test_mirror_uploads_complete_checkpoints_and_prunes_the_store(s3, tmp_path):
+    bucket = s3.make_bucket("mirror-prune")
+    mirror = CheckpointMirror(f"s3://{bucket}/run", keep_last=2)
+    ck = Checkpointer(tmp_path / "a", keep_last=2, mirror=mirror)
+    for step in (2, 4, 6):
+        ck.save(step, {"step": step}, _writer(step))
+    mirror.wait()
+    assert mirror.complete() == ["step_00000006", "step_00000004"]
+    assert _names(s3, bucket, "run/step_00000006/") == {
+        "model.pt",
+        "rng_rank0.pt",
+        "train_state.json",
+        "manifest.json",
+    }
+    assert not _names(s3, bucket, "run/step_00000002/")  # pruned, not just its manifest
+
+    # A store checkpoint without its manifest (an upload cut short) is never fetched.
+    s3.client().delete_object(Bucket=bucket, Key="run/step_00000006/manifest.json")
+    fresh = Checkpointer(tmp_path / "b", keep_last=2, mirror=mirror)
+    fresh.fetch()
+    assert [p.name for p in fresh.complete()] == ["step_00000004"]
+    box: dict = {}
+    assert fresh.load(fresh.latest(), lambda f: box.update(torch.load(f / "model.pt"))) == {
+        "step": 4
+    }
+    assert torch.equal(box["w"], torch.full((64,), 4.0))
+    fresh.fetch()  # nothing newer in the store: nothing downloaded again
+    assert [p.name for p in fresh.complete()] == ["step_00000004"]
+
+
+def test_a_failed_upload_is_logged_and_training_goes_on(s3, tmp_path, caplog, monkeypatch):
+    from pretrain import objstore
+
+    bucket = s3.make_bucket("mirror-denied")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-wrong-secret-4242")
+    objstore._client.cache_clear()
+    mirror = CheckpointMirror(f"s3://{bucket}/run", keep_last=2)
+    ck = Checkpointer(tmp_path, keep_last=2, mirror=mirror)
+    with caplog.at_level(logging.ERROR, logger="pretrain"):
+        ck.save(2, {"step": 2}, _writer(2))
+        mirror.wait()
+    assert mirror.failures == 1
+    assert f"upload of checkpoint step_00000002 to s3://{bucket}/run failed" in caplog.text
+    assert "a-wrong-secret-4242" not in caplog.text
+    assert ck.latest().name == "step_00000002"  # the local checkpoint is intact
+
+
+@pytest.mark.slow
+def test_a_fresh_node_resumes_from_the_store_exactly(s3_server, tiny_overrides, tmp_path):
+    url = f"s3://{s3_server.make_bucket('ckpts')}/tiny"
+    fixed = ["schedule.decay_steps=10", "checkpoint.every=2", "train.eval_every=5"]
+    ref = with_overrides(tiny_overrides, f"run.dir={tmp_path / 'ref'}", "train.max_steps=10")
+    assert run_cli("train", "configs/tiny.yaml", *ref, *fixed).returncode == 0
+
+    def node(name: str, steps: int):
+        overrides = with_overrides(
+            tiny_overrides,
+            f"run.dir={tmp_path / name}",
+            f"train.max_steps={steps}",
+            f"checkpoint.remote={url}",
+        )
+        r = run_cli("train", "configs/tiny.yaml", *overrides, *fixed, env=s3_server.env)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    node("first", 6)
+    r = node("second", 10)  # a new machine: an empty run directory, same remote
+    assert "downloaded checkpoint step_00000006" in r.stderr
+    assert "resumed from" in r.stderr
+    ref_losses, resumed = losses_by_step(tmp_path / "ref"), losses_by_step(tmp_path / "second")
+    assert sorted(resumed) == [7, 8, 9, 10]
+    assert all(resumed[s] == ref_losses[s] for s in resumed)  # bit for bit
+    for path in (tmp_path / "first").rglob("*"):  # the store's secret stays out of the run
+        if path.is_file():
+            assert SECRET_KEY.encode() not in path.read_bytes(), path

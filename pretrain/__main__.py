@@ -8,6 +8,7 @@ import sys
 from pretrain.config import ConfigError
 from pretrain.data_check import DataError
 from pretrain.objstore import StoreError
+from pretrain.resilience import TrainingStopped
 
 USAGE = """pretrain <command> ...
 
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, StoreError) as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 
@@ -72,7 +76,7 @@ def _train(argv: list[str]) -> int:
         trainer.fit()
     finally:
         trainer.close()
-    return 0
+    return cfg.fault.requeue_exit_code if trainer.preempted else 0
 
 
 def _consolidate(argv: list[str]) -> int:

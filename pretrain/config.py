@@ -162,6 +162,25 @@ class ParallelConfig:
 
 
 @dataclass
+class FaultConfig:
+    # Signals that mean "preempted": at the next step boundary every rank saves the same
+    # checkpoint and exits with requeue_exit_code (launchers read it as "requeue me").
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    requeue_exit_code: int = 75
+    # Seconds from the signal to a finished save; past it the process exits anyway with
+    # requeue_exit_code (the previous checkpoint stands). 0: no limit.
+    preempt_grace_s: float = 120.0
+    # No step, evaluation or save finishing for this long: write every thread's Python stack
+    # to RUN_DIR/stacks/ and exit with status 124, so a restart can take over. 0: off.
+    watchdog_s: float = 900.0
+    # Timeout of every collective (and of joining the process group).
+    collective_timeout_s: float = 600.0
+    # Steps with a non-finite loss or gradient norm are skipped (counted and logged); more
+    # than this many in a row stop the run, keeping the last good checkpoint.
+    max_bad_steps: int = 3
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -172,6 +191,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -346,6 +366,11 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size})"
         )
+    for i, name in enumerate(cfg.fault.preempt_signals):
+        if name not in PREEMPT_SIGNALS:
+            raise ConfigError(
+                f"fault.preempt_signals[{i}] must be one of {', '.join(PREEMPT_SIGNALS)} (got {name!r})"
+            )
     c = cfg.checkpoint
     if c.async_save and cfg.parallel.strategy == "zero":
         raise ConfigError(
@@ -400,6 +425,7 @@ _RANGES = (
             "optim.eps",
             "data.download_timeout",
             "parallel.activation_checkpointing_every",
+            "fault.collective_timeout_s",
         ),
         _positive,
         "must be > 0",
@@ -414,6 +440,9 @@ _RANGES = (
             "optim.weight_decay",
             "optim.grad_clip",
             "parallel.threads",
+            "fault.preempt_grace_s",
+            "fault.watchdog_s",
+            "fault.max_bad_steps",
         ),
         _non_negative,
         "must be >= 0",
@@ -421,7 +450,13 @@ _RANGES = (
     (("model.dropout", "optim.beta1", "optim.beta2"), _unit, "must be in [0, 1)"),
     (("schedule.min_lr_ratio",), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     (("model.rope_scale",), lambda v: v >= 1, "must be >= 1 (a position interpolation factor)"),
+    (
+        ("fault.requeue_exit_code",),
+        lambda v: 3 <= v <= 255 and v != 124,
+        "must be in 3..255 and not 124 (1 is an error, 2 bad input, 124 a hang)",
+    ),
 )
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT", "SIGURG")
 
 
 def _get(cfg: Config, dotted: str) -> Any:

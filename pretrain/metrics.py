@@ -102,8 +102,8 @@ class MetricsSink:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        if self.jsonl is not None:
-            self.jsonl.write(json.dumps(record) + "\n")
+        if self.jsonl is not None:  # wall-clock time on every line: goodput, recovery times
+            self.jsonl.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
             self.jsonl.flush()
         if self.wandb is not None and "step" in record:
             fields = {

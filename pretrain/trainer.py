@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -24,6 +25,13 @@ from pretrain.mirror import CheckpointMirror
 from pretrain.model import count_params, flops_per_token
 from pretrain.optim import lr_at, set_lr
 from pretrain.parallel import build_strategy
+from pretrain.resilience import (
+    Faults,
+    Preemption,
+    TrainingStopped,
+    Watchdog,
+    restart_count,
+)
 
 log = logging.getLogger("pretrain")
 
@@ -56,6 +64,12 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops, self.peak_source = peak_flops(self.device, cfg.parallel.mixed_precision)
+        f = cfg.fault
+        self.bad_steps = 0  # non-finite steps in a row
+        self.preempted = False
+        self.faults = Faults.from_env(self.strategy.rank)
+        self.preemption = Preemption(f.preempt_signals)
+        self.watchdog: Watchdog | None = None  # started once resumed (a fetch may be long)
 
     # ------------------------------------------------------------ state
     def train_state(self) -> dict:
@@ -81,7 +95,13 @@ class Trainer:
         last = _last_logged_step(self.run_dir)
         lost = max(last - self.step, 0)
         self.sink.write(
-            {"event": "resume", "step": self.step, "checkpoint": path.name, "steps_lost": lost}
+            {
+                "event": "resume",
+                "step": self.step,
+                "checkpoint": path.name,
+                "steps_lost": lost,
+                "restart": restart_count(),
+            }
         )
         log.info(
             "resumed from %s (step %d; %d logged steps after it are redone)", path, self.step, lost
@@ -93,7 +113,7 @@ class Trainer:
         path = self.checkpointer.save(
             self.step,
             self.train_state(),
-            self.strategy.save,
+            self._write_model,
             {"config.yaml": to_yaml(self.cfg)},
         )
         seconds = time.perf_counter() - start  # with async_save, only the blocking part
@@ -102,10 +122,16 @@ class Trainer:
         )
         return path
 
+    def _write_model(self, folder: Path):
+        pending = self.strategy.save(folder)
+        self.faults.maybe_slow_save(self.step)
+        return pending
+
     # ------------------------------------------------------------ steps
     def train_step(self) -> dict:
         s, cfg = self.strategy, self.cfg
         start = time.perf_counter()
+        self.faults.maybe_hang(self.step + 1)
         lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
         set_lr(s.optimizer, lr)
         accum = s.accum_steps
@@ -115,7 +141,7 @@ class Trainer:
             t0 = time.perf_counter()
             tokens = self.train_data.next().to(self.device, non_blocking=True)  # (B, T + 1)
             data_s += time.perf_counter() - t0
-            loss = self.loss(tokens)
+            loss = self.faults.loss(self.step + 1, self.loss(tokens))
             s.backward(loss / accum, last=i == accum - 1)
             loss_sum += loss.detach()
         grad_norm = s.step(cfg.optim.grad_clip)
@@ -124,7 +150,7 @@ class Trainer:
         loss = s.reduce_mean(loss_sum / accum).item()
         elapsed = time.perf_counter() - start
         tokens_per_s = self.tokens_per_step / elapsed
-        return {
+        record = {
             "step": self.step,
             "loss": loss,
             "lr": lr,
@@ -136,6 +162,33 @@ class Trainer:
             "step_s": elapsed,
             "data_s": data_s,
         }
+        self._check_finite(record)
+        return record
+
+    def _check_finite(self, record: dict) -> None:
+        """A non-finite loss or gradient norm means the update was skipped (every strategy
+        skips it; every rank sees the same reduced values). Too many in a row stop the run."""
+        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        record["skipped"] = True
+        log.warning(
+            "step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
+            self.step,
+            record["loss"],
+            record["grad_norm"],
+            self.bad_steps,
+        )
+        limit = self.cfg.fault.max_bad_steps
+        if self.bad_steps > limit:
+            self.sink.write(record)
+            last = self.checkpointer.latest()
+            raise TrainingStopped(
+                f"{self.bad_steps} non-finite steps in a row at step {self.step} "
+                f"(fault.max_bad_steps={limit}); the last good checkpoint is "
+                f"{last.name if last else 'none'}; lower optim.lr or check the data, then rerun"
+            )
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
@@ -152,6 +205,8 @@ class Trainer:
         for tokens in self.val_data.batches(per_rank):
             total += self.loss(tokens.to(self.device))
             n += 1
+            if self.watchdog is not None:
+                self.watchdog.beat()
         model.train()
         return self.strategy.reduce_mean(total / max(n, 1)).item()
 
@@ -159,7 +214,17 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.resume()
+        self.sink.write({"event": "start", "step": self.step, "restart": restart_count()})
         self._announce()
+        f = cfg.fault
+        self.watchdog = Watchdog(
+            f.watchdog_s,
+            self.run_dir / "stacks",
+            self.strategy.rank,
+            self.preemption,
+            f.preempt_grace_s,
+            f.requeue_exit_code,
+        )
         if self.step >= t.max_steps:
             log.info("run already complete at step %d (train.max_steps=%d)", self.step, t.max_steps)
             return {}
@@ -167,6 +232,7 @@ class Trainer:
         mean_step_s = None
         while self.step < t.max_steps:
             record = self.train_step()
+            self.watchdog.beat()
             mean_step_s = (
                 record["step_s"]
                 if mean_step_s is None
@@ -185,12 +251,28 @@ class Trainer:
                 )
                 self.sink.console(f"step {self.step:>6}/{t.max_steps} | val_loss {val:.4f}")
             every = cfg.checkpoint.every
+            if self.strategy.any_rank(self.preemption.requested):
+                self._save_for_preemption()
+                return record
             if (every and self.step % every == 0) or self.step == t.max_steps:
                 self.save()
+                self.watchdog.beat()
         self.checkpointer.wait()  # commit a background save still in flight
         return record
 
+    def _save_for_preemption(self) -> None:
+        p = self.preemption
+        why = f"{p.signal_name} on this rank" if p.requested else "a signal on another rank"
+        log.warning("preempted (%s): saving step %d, then exiting to be requeued", why, self.step)
+        self.save()
+        self.checkpointer.wait()
+        self.sink.write({"event": "preempted", "step": self.step, "restart": restart_count()})
+        self.preempted = True
+
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self.preemption.restore()
         if self.checkpointer.mirror is not None:
             self.checkpointer.mirror.wait()  # finish the last upload
         self.sink.close()

@@ -40,21 +40,32 @@ def run_cli(
     )
 
 
-def run_torchrun(
-    nproc: int, *args, env: dict | None = None, timeout: float = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node N ARGS` as users run it; with `check`, a
-    failure shows every rank's whole output."""
-    cmd = [
+def torchrun_command(nproc: int, *args, max_restarts: int = 0) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
         *map(str, args),
     ]
+
+
+def run_torchrun(
+    nproc: int, *args, env: dict | None = None, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N ARGS` as users run it; with `check`, a
+    failure shows every rank's whole output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    r = subprocess.run(
+        torchrun_command(nproc, *args),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
     return r

@@ -8,6 +8,7 @@ trainer calls only these methods, so adding DDP, FSDP or ZeRO adds a class, not 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
@@ -79,15 +80,21 @@ class Strategy(ABC):
 
     def step(self, max_norm: float) -> torch.Tensor:
         """Clip gradients to `max_norm` (0: no clipping), take the optimizer step, clear the
-        gradients; returns the global gradient norm before clipping."""
+        gradients; returns the global gradient norm before clipping. When that norm is not
+        finite the update is skipped (the same on every rank: the norm is global)."""
         limit = max_norm if max_norm > 0 else float("inf")
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
-        self.optimizer.step()
+        if math.isfinite(float(norm)):  # a NaN/inf gradient anywhere: skip the update
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (every rank gets the same answer)."""
+        return flag
 
     def barrier(self) -> None:  # one process has nothing to wait for
         return None

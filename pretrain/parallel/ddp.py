@@ -23,7 +23,7 @@ from pretrain.runtime import init_distributed
 class DDPStrategy(Strategy):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.rank, self.world_size = init_distributed()
+        self.rank, self.world_size = init_distributed(cfg.fault.collective_timeout_s)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = (
             torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
@@ -53,6 +53,13 @@ class DDPStrategy(Strategy):
         value = value.detach().clone()
         dist.all_reduce(value)
         return value / self.world_size
+
+    def any_rank(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def barrier(self) -> None:
         if dist.is_initialized():

@@ -20,6 +20,7 @@ from pretrain.config import ConfigError
 from pretrain.optim import build_optimizer
 from pretrain.parallel.base import new_transformer
 from pretrain.parallel.ddp import DDPStrategy
+from pretrain.resilience import TrainingStopped
 
 TAG = "zero"
 
@@ -63,6 +64,13 @@ class ZeroStrategy(DDPStrategy):
         return self.model.module
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        if self.cfg.parallel.zero_stage == 3 and self.any_rank(not torch.isfinite(loss).item()):
+            # Stages 1 and 2 skip a step with a non-finite gradient norm; in fp32 stage 3
+            # applies it, so stop before the weights are spoiled.
+            raise TrainingStopped(
+                "non-finite loss under ZeRO-3, which cannot skip a step; the last good "
+                "checkpoint stands: lower optim.lr or use zero_stage 1/2 or fsdp, then rerun"
+            )
         self.model.backward(loss, scale_wrt_gas=False)  # the loop already divided by accumulation
         if not last:
             self.model.step()  # counts the micro-batch; the optimizer steps at the boundary

@@ -1,0 +1,181 @@
+"""Surviving what big clusters do to jobs: preemption, hangs and non-finite steps.
+
+- `Preemption` turns the configured signals (SIGTERM, SIGUSR1, SIGUSR2 by default) into a
+  request. The trainer asks all ranks at every step boundary (`Strategy.any_rank`), so a
+  signal on any one rank makes every rank save the same checkpoint and exit with
+  `fault.requeue_exit_code`, which launchers read as "requeue me".
+- `Watchdog` is a thread that expects a `beat()` from the training loop. When none comes
+  for `fault.watchdog_s` (a rank stuck in a collective or a kernel), or a preemption save
+  overruns `fault.preempt_grace_s`, it writes the Python stack of every thread to
+  `RUN_DIR/stacks/` and ends the process, so torchrun's restarts (or the scheduler) can
+  act. Every rank runs one, so every rank's stack is on disk.
+- Elastic restarts need nothing here: a restarted process finds the latest complete
+  checkpoint like any other start; `restart_count()` is what gets logged.
+
+`Faults` is the test hook: `PRETRAIN_FAULTS` (unset in real runs) injects a NaN loss, a
+hang, or a slow checkpoint write at given steps, so tests can prove the behaviour above
+with real processes.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("pretrain")
+# The watchdog's exit status: distinct from errors (1), bad input (2) and requeue (75).
+HANG_EXIT_CODE = 124
+LINGER_S = 3.0
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot usefully go on (e.g. repeated non-finite steps); one-line message."""
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job's workers (0: the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+class Preemption:
+    def __init__(self, signals: list[str]) -> None:
+        self.requested_at: float | None = None
+        self.signal_name: str | None = None
+        self._previous = {}
+        for name in signals:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # only records: the loop acts at a boundary
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+            self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Watchdog:
+    """Dumps every thread's stack and ends the process when training stops progressing."""
+
+    def __init__(
+        self,
+        timeout_s: float,
+        stack_dir: Path,
+        rank: int,
+        preemption: Preemption | None = None,
+        grace_s: float = 0.0,
+        requeue_exit_code: int = 75,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.stack_dir = Path(stack_dir)
+        self.rank = rank
+        self.preemption = preemption
+        self.grace_s = grace_s
+        self.requeue_exit_code = requeue_exit_code
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        poll = max(0.05, min(1.0, self.timeout_s / 20 if self.timeout_s else 1.0))
+        while not self._stop.wait(poll):
+            now = time.monotonic()
+            p = self.preemption
+            if (
+                p is not None
+                and p.requested
+                and self.grace_s
+                and now - p.requested_at > self.grace_s
+            ):
+                self._abort(
+                    f"preemption ({p.signal_name}) save did not finish within "
+                    f"fault.preempt_grace_s={self.grace_s:g} s; the previous checkpoint stands",
+                    self.requeue_exit_code,
+                )
+            if self.timeout_s and now - self._last > self.timeout_s:
+                self._abort(
+                    f"no training progress for {now - self._last:.0f} s "
+                    f"(fault.watchdog_s={self.timeout_s:g})",
+                    HANG_EXIT_CODE,
+                )
+
+    def _abort(self, why: str, code: int) -> None:
+        self.stack_dir.mkdir(parents=True, exist_ok=True)
+        path = self.stack_dir / f"rank{self.rank}-restart{restart_count()}-pid{os.getpid()}.txt"
+        with open(path, "w") as f:
+            f.write(f"{why}\n\n")
+            f.flush()
+            faulthandler.dump_traceback(file=f, all_threads=True)
+        print(f"watchdog (rank {self.rank}): {why}; stacks in {path}", file=sys.stderr, flush=True)
+        # Ranks stall together (at the same collective), so their watchdogs fire within a
+        # moment of each other; linger so this exit does not end the others before they
+        # have written their own stacks.
+        time.sleep(LINGER_S)
+        os._exit(code)
+
+
+class Faults:
+    """Injected faults for tests, from `PRETRAIN_FAULTS`, e.g. `nan@5,6 hang@7:1 slowsave@10`.
+
+    - `nan@S[,S...]`: the loss of step S is NaN on rank 0.
+    - `hang@S:R`: rank R sleeps forever inside step S (first attempt only).
+    - `slowsave@S`: the checkpoint of step S pauses 30 s once its model files are written,
+      before the rest and the commit (first attempt only): a window to kill it mid-save.
+    """
+
+    def __init__(self, spec: str | None, rank: int) -> None:
+        self.nan_steps: set[int] = set()
+        self.hang: tuple[int, int] | None = None
+        self.slow_save_step: int | None = None
+        self.rank = rank
+        for item in (spec or "").split():
+            kind, _, where = item.partition("@")
+            if kind == "nan":
+                self.nan_steps |= {int(s) for s in where.split(",")}
+            elif kind == "hang":
+                step, _, r = where.partition(":")
+                self.hang = (int(step), int(r or 0))
+            elif kind == "slowsave":
+                self.slow_save_step = int(where)
+            else:
+                raise ValueError(f"PRETRAIN_FAULTS: unknown fault {item!r}")
+
+    @classmethod
+    def from_env(cls, rank: int) -> Faults:
+        return cls(os.environ.get("PRETRAIN_FAULTS"), rank)
+
+    def loss(self, step: int, loss):
+        """`loss`, or NaN when step `step` (1-based, the one being computed) is poisoned."""
+        if step in self.nan_steps and self.rank == 0:
+            return loss * float("nan")
+        return loss
+
+    def maybe_hang(self, step: int) -> None:
+        if self.hang == (step, self.rank) and restart_count() == 0:
+            log.warning("PRETRAIN_FAULTS: rank %d hangs in step %d", self.rank, step)
+            while True:
+                time.sleep(3600)
+
+    def maybe_slow_save(self, step: int) -> None:
+        if self.slow_save_step == step and restart_count() == 0:
+            log.warning("PRETRAIN_FAULTS: checkpoint %d pauses before its commit", step)
+            time.sleep(30)

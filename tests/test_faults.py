@@ -1,0 +1,250 @@
+"""Fault tolerance with real processes (torchrun, 2 ranks, gloo): kill -9 under
+`--max-restarts`, kill during a checkpoint write, SIGTERM preemption, a hung rank, and
+non-finite steps. Every recovery must reproduce the uninterrupted run bit for bit."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from pretrain.metrics import read_metrics
+from tests.conftest import REPO, losses_by_step, run_torchrun, torchrun_command, with_overrides
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 16
+FAULT = [
+    f"train.max_steps={MAX_STEPS}",
+    "checkpoint.every=3",
+    "checkpoint.keep_last=3",
+    f"schedule.decay_steps={MAX_STEPS}",
+    "train.eval_every=8",
+]
+STRATEGIES = {
+    "ddp": ["parallel.strategy=ddp"],
+    "fsdp": ["parallel.strategy=fsdp"],
+    "zero": ["parallel.strategy=zero", "parallel.zero_stage=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 2-rank run of each strategy, made once: {step: loss}, run dir."""
+    made: dict[str, Path] = {}
+
+    def get(name: str, tiny_overrides: list[str]) -> tuple[dict[int, float], Path]:
+        if name not in made:
+            run = tmp_path_factory.mktemp(f"ref-{name}") / "run"
+            overrides = with_overrides(tiny_overrides, f"run.dir={run}", *STRATEGIES[name], *FAULT)
+            run_torchrun(2, "-m", "pretrain", "train", "configs/tiny.yaml", *overrides)
+            made[name] = run
+        return losses_by_step(made[name]), made[name]
+
+    return get
+
+
+def start(tiny_overrides, name: str, *extra: str, max_restarts=0, env=None) -> subprocess.Popen:
+    overrides = with_overrides(tiny_overrides, *STRATEGIES[name], *FAULT, *extra)
+    cmd = torchrun_command(
+        2, "-m", "pretrain", "train", "configs/tiny.yaml", *overrides, max_restarts=max_restarts
+    )
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def worker(proc: subprocess.Popen, rank: int, attempt: int) -> psutil.Process | None:
+    for child in psutil.Process(proc.pid).children():
+        try:
+            env = child.environ()
+        except psutil.Error:  # exiting
+            continue
+        if env.get("RANK") == str(rank) and env.get("TORCHELASTIC_RESTART_COUNT") == str(attempt):
+            return child
+    return None
+
+
+def wait_for_step(proc, run: Path, step: int, attempt: int, timeout: float = 180) -> None:
+    """Until attempt `attempt` of the job has logged training step `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the job ended early:\n" + proc.stdout.read()
+        records = read_metrics(run) if (run / "metrics.jsonl").exists() else []
+        starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+        if (
+            starts
+            and records[starts[-1]].get("restart") == attempt
+            and any("loss" in r and r["step"] >= step for r in records[starts[-1] :])
+        ):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"attempt {attempt} never reached step {step}")
+
+
+def assert_every_logged_loss_matches(run: Path, expected: dict[int, float]) -> None:
+    """Every loss logged (killed attempts' steps included) equals the reference exactly."""
+    logged = [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+    assert {s for s, _ in logged} == set(expected)
+    assert all(loss == expected[step] for step, loss in logged)
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = run / "checkpoints" / f"step_{MAX_STEPS:08d}"
+    deepspeed = ckpt / "zero" / "mp_rank_00_model_states.pt"
+    if deepspeed.exists():  # ZeRO-2 keeps the whole fp32 module in the model states file
+        return torch.load(deepspeed, weights_only=False)["module"]
+    import torch.distributed.checkpoint as dcp
+
+    from pretrain.config import load_config
+    from pretrain.model import Transformer
+
+    model = Transformer(load_config(ckpt / "config.yaml").model)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    return state["model"]
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_kill_9_ranks_under_max_restarts_resumes_bit_for_bit(
+    tiny_overrides, tmp_path, reference, name
+):
+    expected, ref_run = reference(name, tiny_overrides)
+    rng = random.Random(f"kill-{name}")
+    kills = [(rng.randint(4, 7), rng.randint(0, 1)), (rng.randint(10, 13), rng.randint(0, 1))]
+    run = tmp_path / "run"
+    proc = start(tiny_overrides, name, max_restarts=3)
+    for attempt, (step, rank) in enumerate(kills):
+        wait_for_step(proc, run, step, attempt)
+        victim = worker(proc, rank, attempt)
+        assert victim is not None
+        victim.send_signal(signal.SIGKILL)
+    code, out = finish(proc)
+    assert code == 0, out
+    resumes = [r for r in read_metrics(run) if r.get("event") == "resume"]
+    assert [r["restart"] for r in resumes] == [1, 2], out
+    assert all(r["steps_lost"] >= 0 for r in resumes)
+    assert_every_logged_loss_matches(run, expected)
+    mine, ref = final_weights(run), final_weights(ref_run)
+    assert mine.keys() == ref.keys()
+    assert all(torch.equal(mine[k], ref[k]) for k in ref)
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(
+    tiny_overrides, tmp_path, reference
+):
+    expected, _ = reference("ddp", tiny_overrides)
+    run = tmp_path / "run"
+    proc = start(tiny_overrides, "ddp", env={"PRETRAIN_FAULTS": "slowsave@6"})
+    partial = run / "checkpoints" / ".tmp-step_00000006"
+    deadline = time.time() + 120
+    while not (partial / ".metadata").exists():  # the model files are written, not the rest
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    for rank in (0, 1):
+        worker(proc, rank, 0).send_signal(signal.SIGKILL)
+    finish(proc)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003"]
+
+    r = run_torchrun(
+        2, "-m", "pretrain", "train", "configs/tiny.yaml",
+        *with_overrides(tiny_overrides, *STRATEGIES["ddp"], *FAULT),
+    )  # fmt: skip
+    assert "resumed from" in r.stderr and "step_00000003" in r.stderr
+    assert not partial.exists()
+    assert_every_logged_loss_matches(run, expected)
+
+
+def test_sigterm_to_one_rank_saves_everywhere_and_exits_to_be_requeued(
+    tiny_overrides, tmp_path, reference
+):
+    expected, _ = reference("ddp", tiny_overrides)
+    run = tmp_path / "run"
+    proc = start(tiny_overrides, "ddp")
+    wait_for_step(proc, run, 5, 0)
+    worker(proc, 1, 0).send_signal(signal.SIGTERM)
+    code, out = finish(proc)
+    # torchrun ends the other rank as soon as the first exits: one 75 is in its report
+    assert code != 0 and "exitcode  : 75" in out, out
+    preempted = [r for r in read_metrics(run) if r.get("event") == "preempted"]
+    assert len(preempted) == 1 and preempted[0]["step"] < MAX_STEPS
+    saved = f"step_{preempted[0]['step']:08d}"
+    assert (run / "checkpoints" / saved / "manifest.json").exists()
+
+    r = run_torchrun(
+        2, "-m", "pretrain", "train", "configs/tiny.yaml",
+        *with_overrides(tiny_overrides, *STRATEGIES["ddp"], *FAULT),
+    )  # fmt: skip
+    assert f"resumed from {run / 'checkpoints' / saved}" in r.stderr
+    assert losses_by_step(run) == expected
+    resume = [r for r in read_metrics(run) if r.get("event") == "resume"][-1]
+    assert resume["steps_lost"] == 0  # the preemption save was at the last logged step
+
+
+def test_a_hung_rank_is_dumped_and_aborted_then_the_restart_resumes(
+    tiny_overrides, tmp_path, reference
+):
+    expected, _ = reference("ddp", tiny_overrides)
+    run = tmp_path / "run"
+    proc = start(
+        tiny_overrides,
+        "ddp",
+        "fault.watchdog_s=8",
+        max_restarts=1,
+        env={"PRETRAIN_FAULTS": "hang@7:1"},
+    )
+    code, out = finish(proc)
+    assert code == 0, out
+    stacks = {p.name.split("-")[0]: p.read_text() for p in (run / "stacks").glob("*.txt")}
+    assert stacks.keys() == {"rank0", "rank1"}, out  # every rank's stack is on disk
+    assert all("no training progress for" in s for s in stacks.values())
+    assert "maybe_hang" in stacks["rank1"]  # the hung rank's stack shows where it hangs
+    assert "failed (exitcode: 124)" in out  # torchrun saw the watchdog's exit, and restarted
+    resumes = [r for r in read_metrics(run) if r.get("event") == "resume"]
+    assert [(r["restart"], r["step"]) for r in resumes] == [(1, 6)]
+    assert losses_by_step(run) == expected
+
+
+def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(
+    tiny_overrides, tmp_path, reference
+):
+    expected, _ = reference("ddp", tiny_overrides)
+    r = run_torchrun(
+        2, "-m", "pretrain", "train", "configs/tiny.yaml",
+        *with_overrides(tiny_overrides, *STRATEGIES["ddp"], *FAULT),
+        env={"PRETRAIN_FAULTS": "nan@4"},
+    )  # fmt: skip
+    records = [x for x in read_metrics(tmp_path / "run") if "loss" in x]
+    assert [x["step"] for x in records if x.get("skipped")] == [4]
+    assert all(x["loss"] == expected[x["step"]] for x in records[:3])  # before the NaN: same
+    later = [x["loss"] for x in records[4:]]
+    assert later and all(loss == loss and abs(loss) < 100 for loss in later)  # finite: no NaN
+    assert "update skipped (1 in a row)" in r.stderr
+
+    stop = tmp_path / "stop"
+    r = run_torchrun(
+        2, "-m", "pretrain", "train", "configs/tiny.yaml",
+        *with_overrides(tiny_overrides, f"run.dir={stop}", *STRATEGIES["ddp"], *FAULT),
+        "fault.max_bad_steps=2",
+        env={"PRETRAIN_FAULTS": "nan@4,5,6"},
+        check=False,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert (
+        "training stopped: 3 non-finite steps in a row at step 6 (fault.max_bad_steps=2); "
+        "the last good checkpoint is step_00000003"
+    ) in r.stderr
+    assert sorted(p.name for p in (stop / "checkpoints").glob("step_*")) == ["step_00000003"]

@@ -1,40 +1,184 @@
 """Per-rank memory of parameters + gradients + optimizer state, per parallel strategy.
 
-For each strategy, 2 ranks under torchrun build a ~100M-parameter model through the
-trainer's own strategy code, take one real training step on the demo data, and count the
-bytes each rank holds: its (local shards of) parameters and gradients right after
-backward, and its AdamW state after the step. These are exact byte counts, not process
-RSS (which is also printed, for reference). The ratio sharded/ddp is the point.
+For each strategy (ddp, fsdp, DeepSpeed ZeRO stages 1-3), 2 ranks under torchrun build a
+~100M-parameter fp32 model through the trainer's own strategy code, take two real
+training steps on the demo data, and count the bytes each rank holds. The ratio
+sharded/ddp of the largest rank is the point.
 
-    python bench/memory.py [--strategies ddp fsdp] [--layers 14]
+How the bytes are counted. Each rank takes a census of tensor storages twice, right after
+backward and right after the optimizer step. Every storage is counted once, at its full
+allocated size (a view into a flat buffer counts the buffer, once), under the first of
+these categories that reaches it:
+  params  the model's parameters as the rank holds them: the full tensors (ddp, and
+          zero-1/2, whose parameters are views into DeepSpeed's flat buffers), the local
+          shard (fsdp: each DTensor's local tensor), or DeepSpeed's partition `ds_tensor`
+          plus any parameter it keeps gathered (zero-3: small "persistent" ones);
+  grads   each parameter's `.grad` (the local shard for fsdp) and `.grad_accum`, and
+          where DeepSpeed's ZeRO optimizer keeps gradients: `averaged_gradients` and
+          `grads_in_partition` (stages 1/2), `grad_partitions_flat_buffer` and its
+          per-parameter views (stage 3), and the `.grad` of its fp32 partitions;
+  master  tensors the torch optimizer updates (its param_groups and state keys) that
+          are not the model's own: DeepSpeed's flat fp32 partitions
+          (`single_partition_of_fp32_groups`, stages 1/2; `fp32_partitioned_groups_flat`,
+          stage 3). They are a copy even for an fp32 model: DeepSpeed 0.19.8's stage 3
+          means to reuse the fp32 partition as master (stage3.py, `_create_fp32_partitions`)
+          but tests `tensor.device == self.device`, a torch.device against the string
+          "cpu" (or "cuda:0"), which is never equal;
+  optim   the torch optimizer's state (AdamW exp_avg and exp_avg_sq, and step);
+  buffers everything else found by walking the attributes of the engine, the optimizer
+          wrapper and the FSDP states: communication buckets (DeepSpeed's `ipg_buckets`,
+          sized by `reduce_bucket_size`), RoPE tables; for ddp, its C++ reducer's
+          gradient buckets, which Python cannot reach, are taken from
+          `_get_ddp_logging_data()["bucket_sizes"]`.
+Each category's figure is the larger of its two censuses; "state" = params + grads +
+master + optim is what the ratio compares; buffers are shown apart, since their size is a
+setting, not model state. Tensors allocated and freed inside backward or step (fsdp's
+all-gathered parameters, gradients before DeepSpeed reduces them into its partitions,
+activations) are in neither census, for any strategy; "step peak" covers them: a second
+training step runs under the torch profiler (profile_memory), and the highest running sum
+of its allocations minus frees is added to what the rank held after the first step (all
+five categories). It is what torch's allocator had out at the top of a steady step,
+activations of this 1 x 256-token micro-batch included; gloo's own buffers are not torch
+tensors and are in no figure. `torch.empty` on CPU commits pages only when written, so a
+large, partly used buffer adds less to the peak RSS (printed for reference) than to the
+counts.
+
+    python bench/memory.py [--strategies ddp fsdp zero-1 zero-2 zero-3] [--layers 14]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import torch
+from multirank import REPO, STRATEGIES, ensure_demo_data, torchrun
+
 MODEL = [
     "model.d_model=768", "model.n_layers={layers}", "model.n_heads=12", "model.n_kv_heads=null",
     "model.vocab_size=4096", "model.max_seq_len=256", "data.seq_len=256",
     "train.global_batch_size=2", "train.micro_batch_size=1", "train.eval_batches=1",
 ]  # fmt: skip
+CATEGORIES = ("params", "grads", "master", "optim", "buffers")
+# Where DeepSpeed's ZeRO optimizers (0.19: DeepSpeedZeroOptimizer for stages 1/2,
+# DeepSpeedZeroOptimizer_Stage3) keep gradients.
+DEEPSPEED_GRADS = (
+    "averaged_gradients",
+    "grads_in_partition",
+    "grad_partitions_flat_buffer",
+    "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
+)
+# DeepSpeed's flat fp32 partitions, the tensors its torch optimizer updates.
+DEEPSPEED_MASTERS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+# Objects whose attributes the buffers walk follows (not process groups, loggers, ...).
+WALKED_MODULES = ("deepspeed", "torch.nn", "torch.optim", "torch.distributed.fsdp", "pretrain")
 
 
-def local_bytes(tensors) -> int:
-    """Bytes of the tensors this rank holds (a DTensor counts its local shard only)."""
-    total = 0
-    for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        total += t.numel() * t.element_size()
-    return total
+class StorageCensus:
+    """Unique tensor storages, each counted once under the first category that reaches it."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, tuple[str, int, str]] = {}  # data_ptr -> (category, bytes, path)
+
+    def add(self, category: str, obj, path: str, deep: bool = False) -> None:
+        """Count the tensors in `obj` (a tensor, or containers of them); `deep` also follows
+        tensors' `.grad` and attributes and the attributes of library objects."""
+        stack, visited = [(obj, path, 0)], set()
+        while stack:
+            obj, path, depth = stack.pop()
+            if obj is None or id(obj) in visited or depth > 16:
+                continue
+            visited.add(id(obj))
+            if isinstance(obj, torch.Tensor):
+                self._count(category, obj, path)
+                if deep:
+                    if obj.is_leaf and obj.grad is not None:
+                        stack.append((obj.grad, f"{path}.grad", depth + 1))
+                    stack += [(v, f"{path}.{k}", depth + 1) for k, v in vars(obj).items()]
+            elif isinstance(obj, dict):
+                stack += [(v, f"{path}[{_key(k)}]", depth + 1) for k, v in obj.items()]
+            elif isinstance(obj, (list, tuple, set)):
+                stack += [(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(obj)]
+            elif deep and type(obj).__module__.startswith(WALKED_MODULES):
+                attrs = getattr(obj, "__dict__", {})
+                stack += [(v, f"{path}.{k}", depth + 1) for k, v in attrs.items()]
+
+    def add_bytes(self, category: str, nbytes: int, path: str) -> None:
+        """Bytes Python cannot reach as tensors (a C++ buffer)."""
+        self.storages[-len(self.storages) - 1] = (category, nbytes, path)
+
+    def _count(self, category: str, t: torch.Tensor, path: str) -> None:
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
+        if t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in self.storages:
+            self.storages[storage.data_ptr()] = (category, storage.nbytes(), path)
+
+    def bytes(self, category: str) -> int:
+        return sum(n for c, n, _ in self.storages.values() if c == category)
+
+    def largest(self, category: str, n: int = 2) -> list[tuple[int, str]]:
+        found = sorted((-b, p) for c, b, p in self.storages.values() if c == category)
+        return [(-b, p) for b, p in found[:n]]
+
+
+def _key(k) -> str:
+    return str(k) if isinstance(k, (str, int)) else type(k).__name__
+
+
+def census(strategy) -> StorageCensus:
+    """What this rank holds now, by category (see the module docstring)."""
+    model, wrapper = strategy.model, strategy.optimizer
+    optimizer = wrapper
+    while not isinstance(optimizer, torch.optim.Optimizer):  # DeepSpeed's wraps ours
+        optimizer = optimizer.optimizer
+    params = dict(strategy.unwrapped.named_parameters())
+    c = StorageCensus()
+    for name, p in params.items():
+        c.add("params", p, name)
+        c.add("params", getattr(p, "ds_tensor", None), f"{name}.ds_tensor")
+    for name, p in params.items():
+        c.add("grads", p.grad, f"{name}.grad")
+        c.add("grads", getattr(p, "grad_accum", None), f"{name}.grad_accum")
+    for attr in DEEPSPEED_GRADS:
+        c.add("grads", getattr(wrapper, attr, None), f"optimizer.{attr}")
+    # The tensors the torch optimizer updates. DeepSpeed stage 3 puts its fp32 partitions
+    # in param_groups only during the step; its optimizer state stays keyed by them.
+    masters = [p for group in optimizer.param_groups for p in group["params"]]
+    masters += list(optimizer.state)
+    for attr in DEEPSPEED_MASTERS:
+        masters += list(getattr(wrapper, attr, []))
+    c.add("grads", [p.grad for p in masters], "master.grad")
+    c.add("master", masters, "optimizer")
+    c.add("optim", list(optimizer.state.values()), "optimizer.state")
+    fsdp_states = [m._get_fsdp_state() for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+    c.add("buffers", wrapper, "optimizer", deep=True)
+    c.add("buffers", model, "model", deep=True)
+    c.add("buffers", fsdp_states, "fsdp_states", deep=True)
+    if hasattr(model, "_get_ddp_logging_data"):
+        sizes = model._get_ddp_logging_data().get("bucket_sizes", "")
+        buckets = sum(int(s) for s in sizes.split(",") if s.strip())
+        c.add_bytes("buffers", buckets, "DDP reducer gradient buckets")
+    return c
+
+
+def allocation_peak(fn) -> int:
+    """The most bytes torch had allocated while `fn()` ran, above what it held before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    level = peak = 0
+    for _, nbytes in changes:  # + allocated, - freed
+        level += nbytes
+        peak = max(peak, level)
+    return peak
 
 
 def worker(strategy: str, layers: int, out: Path) -> None:
@@ -45,25 +189,34 @@ def worker(strategy: str, layers: int, out: Path) -> None:
     overrides = [o.format(layers=layers) for o in MODEL]
     cfg = load_config(
         REPO / "configs/tiny.yaml",
-        [*overrides, f"parallel.strategy={strategy}", f"run.dir={out / strategy}"],
+        [*overrides, *STRATEGIES[strategy], f"run.dir={out / strategy}"],
     )
     trainer = Trainer(cfg)
     s = trainer.strategy
-    tokens = trainer.train_data.next().to(s.device)
-    s.backward(trainer.loss(tokens), last=True)
-    params = local_bytes(p for p in s.model.parameters())
-    grads = local_bytes(p.grad for p in s.model.parameters() if p.grad is not None)
-    s.step(trainer.cfg.optim.grad_clip)
-    optim = local_bytes(
-        v for state in s.optimizer.state.values() for v in state.values() if hasattr(v, "numel")
-    )
+
+    def forward_backward() -> None:
+        tokens = trainer.train_data.next().to(s.device)
+        s.backward(trainer.loss(tokens), last=True)
+
+    def train_step() -> None:
+        forward_backward()
+        s.step(cfg.optim.grad_clip)
+
+    forward_backward()
+    after_backward = census(s)
+    s.step(cfg.optim.grad_clip)
+    after_step = census(s)
+    held = sum(after_step.bytes(c) for c in CATEGORIES)
+    peak = held + allocation_peak(train_step)
     row = {
         "strategy": strategy,
         "rank": s.rank,
         "params_m": count_params(cfg.model) / 1e6,
-        "params": params,
-        "grads": grads,
-        "optim": optim,
+        **{c: max(after_backward.bytes(c), after_step.bytes(c)) for c in CATEGORIES},
+        "largest_buffers": max(
+            after_backward, after_step, key=lambda x: x.bytes("buffers")
+        ).largest("buffers"),
+        "peak": peak,
         "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     with open(out / f"{strategy}-rank{s.rank}.json", "w") as f:
@@ -71,11 +224,15 @@ def worker(strategy: str, layers: int, out: Path) -> None:
     trainer.close()
 
 
+def state_bytes(row: dict) -> int:
+    return row["params"] + row["grads"] + row["master"] + row["optim"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--layers", type=int, default=14)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -83,43 +240,52 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.layers, args.out)
         return
-    if not (REPO / "data/shakespeare/mds/meta.json").exists():
-        subprocess.run(["make", "-C", str(REPO), "data/shakespeare/mds/meta.json"], check=True)
+    ensure_demo_data()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for strategy in args.strategies:
-            cmd = [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                __file__, "--worker", strategy, "--layers", str(args.layers), "--out", tmp,
-            ]  # fmt: skip
-            subprocess.run(
-                cmd,
-                cwd=REPO,
-                check=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-                capture_output=True,
-            )
+            worker_args = ["--worker", strategy, "--layers", str(args.layers), "--out", tmp]
+            torchrun(__file__, worker_args, nproc=2, threads=1)
             rows[strategy] = [
                 json.loads((Path(tmp) / f"{strategy}-rank{r}.json").read_text()) for r in (0, 1)
             ]
-    print(f"model: {rows[args.strategies[0]][0]['params_m']:.1f}M parameters, fp32, AdamW, 2 ranks")
+    report(rows)
+
+
+def report(rows: dict[str, list[dict]]) -> None:
+    """The per-rank table, the largest buffers, and each strategy's ratios to ddp."""
+    first = next(iter(rows.values()))[0]
+    print(f"model: {first['params_m']:.1f}M parameters, fp32, AdamW, 2 ranks")
     print(
-        f"{'strategy':>8} {'rank':>4} {'params MB':>10} {'grads MB':>9} {'optim MB':>9} {'total MB':>9} {'peak RSS MB':>12}"
+        f"{'strategy':>8} {'rank':>4} {'params MB':>10} {'grads MB':>9} {'master MB':>10} "
+        f"{'optim MB':>9} {'state MB':>9} {'buffers MB':>11} {'step peak MB':>13} "
+        f"{'peak RSS MB':>12}"
     )
-    totals = {}
+    state, everything, peak = {}, {}, {}
     for strategy, ranks in rows.items():
         for r in ranks:
-            total = r["params"] + r["grads"] + r["optim"]
-            totals[strategy] = max(totals.get(strategy, 0), total)
+            total = state_bytes(r)
+            state[strategy] = max(state.get(strategy, 0), total)
+            everything[strategy] = max(everything.get(strategy, 0), total + r["buffers"])
+            peak[strategy] = max(peak.get(strategy, 0), r["peak"])
             print(
                 f"{strategy:>8} {r['rank']:>4} {r['params'] / 1e6:10.1f} {r['grads'] / 1e6:9.1f} "
-                f"{r['optim'] / 1e6:9.1f} {total / 1e6:9.1f} {r['rss'] / 1e6:12.0f}"
+                f"{r['master'] / 1e6:10.1f} {r['optim'] / 1e6:9.1f} {total / 1e6:9.1f} "
+                f"{r['buffers'] / 1e6:11.1f} {r['peak'] / 1e6:13.1f} {r['rss'] / 1e6:12.0f}"
             )
-    if "ddp" in totals:
-        for strategy, total in totals.items():
+    print("largest buffers (rank 0):")
+    for strategy, ranks in rows.items():
+        found = ", ".join(f"{p} {b / 1e6:.1f} MB" for b, p in ranks[0]["largest_buffers"])
+        print(f"{strategy:>8}: {found}")
+    if "ddp" in state:
+        print("ratio to ddp, largest rank: state = params+grads+master+optimizer state")
+        for strategy in state:
             if strategy != "ddp":
+                target = " (target <= 0.55)" if strategy in ("fsdp", "zero-3") else ""
                 print(
-                    f"{strategy}/ddp, largest rank's params+grads+optimizer state: {total / totals['ddp']:.3f} (target <= 0.55)"
+                    f"{strategy:>8}/ddp: state {state[strategy] / state['ddp']:.3f}{target}, "
+                    f"state+buffers {everything[strategy] / everything['ddp']:.3f}, "
+                    f"step peak {peak[strategy] / peak['ddp']:.3f}"
                 )
 
 

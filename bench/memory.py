@@ -20,10 +20,10 @@ these categories that reaches it:
   master  tensors the torch optimizer updates (its param_groups and state keys) that
           are not the model's own: DeepSpeed's flat fp32 partitions
           (`single_partition_of_fp32_groups`, stages 1/2; `fp32_partitioned_groups_flat`,
-          stage 3). They are a copy even for an fp32 model: DeepSpeed 0.19.8's stage 3
-          means to reuse the fp32 partition as master (stage3.py, `_create_fp32_partitions`)
-          but tests `tensor.device == self.device`, a torch.device against the string
-          "cpu" (or "cuda:0"), which is never equal;
+          stage 3). Stages 1/2 keep a copy; for an fp32 model stage 3 reuses the
+          parameter partition as master, which DeepSpeed 0.19.8 means to do but never does
+          (it tests a torch.device against a str); pretrain/parallel/zero.py makes the
+          test work, so zero-3 shows no master bytes;
   optim   the torch optimizer's state (AdamW exp_avg and exp_avg_sq, and step);
   buffers everything else found by walking the attributes of the engine, the optimizer
           wrapper and the FSDP states: communication buckets (DeepSpeed's `ipg_buckets`,

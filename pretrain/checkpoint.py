@@ -13,8 +13,9 @@ Layout under `RUN_DIR/checkpoints/`:
 
 A save writes everything into a `.tmp-` folder, fsyncs it, writes the manifest, then
 renames the folder into place, so a checkpoint either is complete or does not exist under
-its final name. With a background (async) model write, the same commit runs once the
-write is durable, at the next save or at the end of training. Loading re-checks the manifest, and falls back to the previous checkpoint
+its final name. With a background (async) model write, the same commit runs at the first
+step boundary after every rank's write is done (or at the next save, or at the end).
+Loading re-checks the manifest, and falls back to the previous checkpoint
 when files are missing or truncated. Pruning renames a folder to `.trash-` before
 deleting it, so a half-deleted checkpoint can never look complete.
 """
@@ -131,6 +132,13 @@ class Checkpointer:
             self._pending = (pending, step)
         return final
 
+    def commit_if_written(self, any_rank: Callable[[bool], bool]) -> Path | None:
+        """Commit a background save as soon as every rank's write has finished; called by
+        every rank at the same point (each step), `any_rank` agrees on it across ranks."""
+        if self._pending is None or any_rank(not self._pending[0].done()):
+            return None
+        return self.wait()
+
     def wait(self) -> Path | None:
         """Finish and commit a background save, if one is in flight; returns its folder."""
         if self._pending is None:
@@ -145,7 +153,7 @@ class Checkpointer:
         tmp = self.root / f".tmp-{final.name}"
         for path in tmp.rglob("*"):
             if path.is_file():
-                _fsync(path)
+                _fsync(path, missing_ok=True)  # another rank's temp file may be renamed away
         self.barrier()  # every rank's part is on disk
         if self.rank == 0:
             files = {
@@ -232,8 +240,13 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, missing_ok: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise
     try:
         os.fsync(fd)
     finally:

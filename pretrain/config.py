@@ -119,7 +119,7 @@ class CheckpointConfig:
     resume: bool = True
     # single/ddp/fsdp: write model and optimizer shards in the background (DCP async_save).
     # Training goes on once the state is copied to memory; the checkpoint becomes visible
-    # only when every rank's write is durable (at the next save or at the end of training).
+    # at the first step boundary after every rank's write is durable.
     async_save: bool = False
     # s3://bucket/prefix: rank 0 uploads each complete checkpoint there in the background,
     # and a resume downloads the newest one when the run directory has none as new (a new

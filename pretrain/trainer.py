@@ -233,6 +233,7 @@ class Trainer:
         while self.step < t.max_steps:
             record = self.train_step()
             self.watchdog.beat()
+            self.checkpointer.commit_if_written(self.strategy.any_rank)
             mean_step_s = (
                 record["step_s"]
                 if mean_step_s is None

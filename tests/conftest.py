@@ -188,3 +188,44 @@ def with_overrides(overrides: list[str], *extra: str) -> list[str]:
     """`overrides` with the keys set in `extra` replaced."""
     keys = {e.split("=", 1)[0] for e in extra}
     return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(extra)
+
+
+# Parallel strategies under test, and the settings of the uninterrupted reference runs that
+# the parallel and fault tests compare against (each made once per session).
+STRATEGIES = {
+    "ddp": ["parallel.strategy=ddp"],
+    "fsdp": ["parallel.strategy=fsdp"],
+    **{f"zero{n}": ["parallel.strategy=zero", f"parallel.zero_stage={n}"] for n in (1, 2, 3)},
+}
+REF_STEPS = 16
+REF = [
+    f"train.max_steps={REF_STEPS}",
+    "checkpoint.every=3",
+    "checkpoint.keep_last=3",
+    f"schedule.decay_steps={REF_STEPS}",
+    "train.eval_every=8",
+]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """`reference(name, tiny_overrides)`: the run directory of an uninterrupted REF run on
+    2 ranks with strategy `name`, or in one process for "single"; made once per session."""
+    made: dict[str, Path] = {}
+
+    def get(name: str, tiny_overrides: list[str]) -> Path:
+        if name not in made:
+            run = tmp_path_factory.mktemp(f"ref-{name}") / "run"
+            args = ["train", "configs/tiny.yaml"]
+            overrides = with_overrides(
+                tiny_overrides, f"run.dir={run}", *STRATEGIES.get(name, []), *REF
+            )
+            if name == "single":
+                r = run_cli(*args, *overrides)
+                assert r.returncode == 0, r.stderr
+            else:
+                run_torchrun(2, "-m", "pretrain", *args, *overrides)
+            made[name] = run
+        return made[name]
+
+    return get

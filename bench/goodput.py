@@ -52,7 +52,10 @@ def launch(run: Path, checkpoint_every: int) -> subprocess.Popen:
         "train.log_every=50",
     ]  # fmt: skip
     log = open(run.parent / f"{run.name}.log", "w")  # noqa: SIM115 - closed with the job
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    # A session of its own, so that a job torchrun cannot stop is ended with its workers.
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def workers(job: subprocess.Popen) -> list[psutil.Process]:
@@ -92,7 +95,7 @@ def run_job(run: Path, duration: float, fail_every: float, seed: int, ckpt_every
     try:
         job.wait(timeout=120)
     except subprocess.TimeoutExpired:
-        job.kill()
+        os.killpg(job.pid, signal.SIGKILL)  # torchrun and every worker it left
     return analyse(run, start, kills)
 
 

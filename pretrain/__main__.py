@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pretrain.config import ConfigError
@@ -17,7 +18,14 @@ commands:
   config CONFIG [key=value ...]   print the resolved config
   prep tokenizer|shards ...       train a tokenizer / write packed MDS shards (see --help)
   consolidate CHECKPOINT --out F  full weights of a (sharded) checkpoint as safetensors
+  launch CONFIG [k=v ...] --nproc-per-node N   torchrun on this machine (or one node of many)
+  submit CONFIG [k=v ...] --nodes N ...        submit a SLURM job that requeues on preemption
+  sweep CONFIG --grid key=v1,v2 ...            a grid of runs, locally or as a SLURM job array
+  sweep-status SWEEP_DIR                       a table of a sweep's runs
+  resume RUN_DIR                               relaunch a stopped or failed run as it was launched
+  status RUN_DIR                               state, step, checkpoint, losses, restarts
 """
+LAUNCH_COMMANDS = ("launch", "submit", "sweep", "sweep-status", "resume", "status")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     commands = {"train": _train, "config": _config, "prep": _prep, "consolidate": _consolidate}
+    commands.update(dict.fromkeys(LAUNCH_COMMANDS, _launcher(command)))
     if command not in commands:
         print(f"pretrain: unknown command '{command}'\n{USAGE}", end="", file=sys.stderr)
         return 2
@@ -64,11 +73,12 @@ def _config(argv: list[str]) -> int:
 
 def _train(argv: list[str]) -> int:
     from pretrain.config import load_config
-    from pretrain.runtime import setup_logging
+    from pretrain.runtime import die_with_launcher, setup_logging
 
+    die_with_launcher()
     args = _config_args("train", argv)
     cfg = load_config(args.config, args.overrides)
-    setup_logging()
+    setup_logging(int(os.environ.get("RANK", "0")))
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -97,6 +107,16 @@ def _consolidate(argv: list[str]) -> int:
     n = consolidate(args.checkpoint, args.out)
     print(f"{args.out}: {n} tensors from {args.checkpoint}")
     return 0
+
+
+def _launcher(command: str):
+    # launch/ is the process manager beside the library; only the CLI composes the two.
+    def run(argv: list[str]) -> int:
+        from launch.cli import main as launch_main
+
+        return launch_main(command, argv)
+
+    return run
 
 
 def _prep(argv: list[str]) -> int:

@@ -140,12 +140,15 @@ class Faults:
     - `hang@S:R`: rank R sleeps forever inside step S (first attempt only).
     - `slowsave@S`: the checkpoint of step S pauses 30 s once its model files are written,
       before the rest and the commit (first attempt only): a window to kill it mid-save.
+    - `steptime@T`: every step takes at least T more seconds (a sleep; numerics unchanged),
+      so that a test can signal or kill a job mid-run.
     """
 
     def __init__(self, spec: str | None, rank: int) -> None:
         self.nan_steps: set[int] = set()
         self.hang: tuple[int, int] | None = None
         self.slow_save_step: int | None = None
+        self.step_sleep = 0.0
         self.rank = rank
         for item in (spec or "").split():
             kind, _, where = item.partition("@")
@@ -156,6 +159,8 @@ class Faults:
                 self.hang = (int(step), int(r or 0))
             elif kind == "slowsave":
                 self.slow_save_step = int(where)
+            elif kind == "steptime":
+                self.step_sleep = float(where)
             else:
                 raise ValueError(f"PRETRAIN_FAULTS: unknown fault {item!r}")
 
@@ -170,6 +175,7 @@ class Faults:
         return loss
 
     def maybe_hang(self, step: int) -> None:
+        time.sleep(self.step_sleep)
         if self.hang == (step, self.rank) and restart_count() == 0:
             log.warning("PRETRAIN_FAULTS: rank %d hangs in step %d", self.rank, step)
             while True:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pretrain import lockfile
 from pretrain.checkpoint import has_checkpoint
 from pretrain.config import Config, ConfigError, from_dict, to_dict, to_yaml
 
@@ -92,6 +94,25 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     return rank, world
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, end this worker when its agent dies, even by kill -9.
+
+    torchrun starts every worker in a session of its own, so nothing else stops an orphaned
+    worker from training on (holding the run lock, GPUs and cores) after its launcher is
+    gone: a node agent killed by the OOM killer or by a test would otherwise leave it. The
+    kernel sends SIGKILL on the parent's death (Linux `PR_SET_PDEATHSIG`).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() == 1:  # the agent died before the line above
+        os._exit(128 + int(signal.SIGKILL))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -103,9 +124,13 @@ def scope_temp_files(run_dir: Path) -> None:
 
     mosaicml-streaming puts `*_filelock` files in the temp dir; with TMPDIR inside the run,
     every one there belongs to an earlier process of this run (the run lock says none is
-    alive), and a stale one would make streaming skip or wait on its prefix.
+    alive), and a stale one would make streaming skip or wait on its prefix. The folder is
+    per host: those locks coordinate the processes of one node, and a run directory on a
+    shared filesystem is seen by every node.
     """
-    tmp = run_dir / "tmp"
+    import socket
+
+    tmp = run_dir / "tmp" / socket.gethostname()
     tmp.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         for stale in tmp.glob("*_filelock"):
@@ -119,25 +144,8 @@ _RUN_LOCK = None  # held (open) for the life of the process; the kernel drops it
 
 def lock_run_dir(run_dir: Path) -> None:
     """At most one training process tree per run directory (rank 0 holds the lock)."""
-    import fcntl
-
     global _RUN_LOCK
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held until the process exits
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip() or "unknown"
-        f.close()
-        raise ConfigError(
-            f"run.dir {run_dir} is in use by another training process (pid {owner})"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    _RUN_LOCK = f
+    _RUN_LOCK = lockfile.hold(run_dir / ".lock", "training process")
 
 
 def prepare_run_dir(cfg: Config, write: bool = True) -> Path:

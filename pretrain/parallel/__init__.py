@@ -9,6 +9,16 @@ from pretrain.parallel.zero import ZeroStrategy
 
 def build_strategy(cfg) -> Strategy:
     """The strategy named by `parallel.strategy` (validated by the config schema)."""
+    import os
+
+    from pretrain.config import ConfigError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.parallel.strategy == "single" and world > 1:
+        raise ConfigError(
+            f"parallel.strategy=single runs one process, but {world} were started: "
+            "set parallel.strategy=ddp, fsdp or zero"
+        )
     strategies = {
         "single": SingleStrategy,
         "ddp": DDPStrategy,

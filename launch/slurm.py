@@ -1,0 +1,201 @@
+"""`pretrain submit`: an sbatch script rendered from `slurm/pretrain.sbatch`, checked
+against the cluster, then submitted. The job runs one `pretrain launch` per node, requeues
+itself when the training exits with the requeue code (after SLURM's USR1 warning or a
+`scancel --signal=USR1`), and the requeued job resumes from the checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.spec import LaunchSpec, prepare, record, resolve, write_spec
+from pretrain.config import ConfigError
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "pretrain.sbatch"
+# sbatch options passed through as they are: (flag, argparse dest)
+PASSTHROUGH = (
+    ("--partition", "partition"),
+    ("--time", "time"),
+    ("--account", "account"),
+    ("--qos", "qos"),
+    ("--mem", "mem"),
+    ("--constraint", "constraint"),
+    ("--cpus-per-task", "cpus_per_task"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("SLURM")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=0, help="also the ranks per node")
+    for flag, _ in PASSTHROUGH:
+        g.add_argument(flag)
+    g.add_argument("--job-name", help="default: run.name")
+    g.add_argument(
+        "--signal-lead", type=int, default=180, metavar="SECONDS",
+        help="USR1 this long before the time limit, to checkpoint and requeue (default 180)",
+    )  # fmt: skip
+    g.add_argument("--max-parallel", type=int, help="array tasks running at once (sweeps)")
+    g.add_argument(
+        "--sbatch-arg", action="append", default=[], metavar="ARG",
+        help="any other sbatch option, e.g. --sbatch-arg=--exclusive (repeatable)",
+    )  # fmt: skip
+    g.add_argument("--template", default=str(TEMPLATE), help="the sbatch template")
+    g.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+
+
+def options(args: argparse.Namespace) -> dict:
+    """The SLURM options of parsed arguments, as recorded in launch.json."""
+    opts = {dest: getattr(args, dest) for _, dest in PASSTHROUGH}
+    opts.update(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        nproc_per_node=args.nproc_per_node or args.gpus_per_node or 1,
+        max_restarts=args.max_restarts,
+        job_name=args.job_name,
+        signal_lead=args.signal_lead,
+        max_parallel=args.max_parallel,
+        sbatch_args=args.sbatch_arg,
+        template=str(Path(args.template).resolve()),
+    )
+    for key in ("nodes", "nproc_per_node", "signal_lead"):
+        if opts[key] < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} {opts[key]}: must be at least 1")
+    return opts
+
+
+def submit_config(config: str, overrides: list[str], opts: dict, dry_run: bool) -> int:
+    cfg, overrides = resolve(config, overrides)
+    opts = {**opts, "requeue_code": cfg.fault.requeue_exit_code}
+    spec = LaunchSpec(
+        config=str(Path(config).resolve()),
+        overrides=overrides,
+        cwd=str(Path.cwd()),
+        nproc_per_node=opts["nproc_per_node"],
+        nnodes=opts["nodes"],
+        max_restarts=opts["max_restarts"],
+        slurm=opts,
+    )
+    if dry_run:
+        print(render([Path(cfg.run.dir)], opts, cfg.run.name, spec.cwd), end="")
+        return 0
+    check_cluster(opts)
+    run_dir = prepare(cfg, spec)
+    spec.config = str(run_dir / "config.yaml")
+    return submit_spec(spec, cfg.run.name)
+
+
+def submit_spec(spec: LaunchSpec, name: str | None = None) -> int:
+    """Submit the run whose resolved config is `spec.config` (RUN_DIR/config.yaml)."""
+    run_dir = Path(spec.config).parent
+    opts = spec.slurm or {}
+    check_cluster(opts)
+    script = render([run_dir], opts, name or run_dir.name, spec.cwd)
+    job = sbatch(script, run_dir / "submit.sbatch")
+    spec.job_id = job
+    write_spec(run_dir, spec)
+    record(run_dir, event="submit", job_id=job)
+    print(f"submitted job {job}: run directory {run_dir}")
+    print(f"  pretrain status {run_dir}    logs: {run_dir}/logs/slurm-{job}.out")
+    return 0
+
+
+def render(run_dirs: list[Path], opts: dict, name: str, workdir: str, output: str = "") -> str:
+    """The sbatch script for one run, or for a job array over `run_dirs`."""
+    resources = [f"--gpus-per-node={opts['gpus_per_node']}"] if opts["gpus_per_node"] else []
+    resources += [f"{flag}={opts[dest]}" for flag, dest in PASSTHROUGH if opts.get(dest)]
+    resources += list(opts.get("sbatch_args") or [])
+    array = ""
+    if len(run_dirs) > 1:
+        array = f"#SBATCH --array=0-{len(run_dirs) - 1}"
+        array += f"%{opts['max_parallel']}" if opts.get("max_parallel") else ""
+    values = {
+        "job_name": re.sub(r"[^\w.-]", "_", opts.get("job_name") or name),
+        "nodes": opts["nodes"],
+        "resources": "".join(f"#SBATCH {r}\n" for r in resources),
+        "signal_lead": opts["signal_lead"],
+        "output": output or f"{run_dirs[0]}/logs/slurm-%j.out",
+        "workdir": workdir,
+        "array": array,
+        "run_dirs": " ".join(shlex.quote(str(d)) for d in run_dirs),
+        "python": shlex.quote(sys.executable),
+        "nproc_per_node": opts["nproc_per_node"],
+        "max_restarts": opts["max_restarts"],
+        "requeue_code": opts.get("requeue_code", 75),
+    }
+    template = Path(opts.get("template") or TEMPLATE)
+    if not template.is_file():
+        raise ConfigError(f"--template {template}: no such file")
+    text = template.read_text()
+    unknown = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values))
+    if unknown:
+        raise ConfigError(f"{template}: unknown placeholder {{{{{unknown[0]}}}}}")
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), text)
+
+
+def check_cluster(opts: dict) -> None:
+    """Refuse, before anything is submitted, what this cluster cannot run."""
+    if not shutil.which("sbatch"):
+        raise ConfigError(
+            "sbatch not found: pretrain submit needs a SLURM client on PATH "
+            "(--dry-run prints the script without one)"
+        )
+    partitions = _partitions()
+    name = opts.get("partition")
+    if name and name not in partitions:
+        raise ConfigError(
+            f"--partition {name}: no such partition (this cluster has: {', '.join(partitions)})"
+        )
+    if not name:
+        name = next((p for p, info in partitions.items() if info.get("Default") == "YES"), None)
+        if name is None:
+            raise ConfigError("this cluster has no default partition: give --partition")
+    total = int(partitions[name].get("TotalNodes", 0))
+    if opts["nodes"] > total:
+        raise ConfigError(f"--nodes {opts['nodes']}: partition {name} has {total} node(s)")
+    if opts["gpus_per_node"]:
+        gres = _run(["sinfo", "-h", "-p", name, "-o", "%G"]).split()
+        if not any("gpu" in g for g in gres):
+            raise ConfigError(
+                f"--gpus-per-node {opts['gpus_per_node']}: partition {name} has no GPUs "
+                f"(gres {' '.join(gres) or 'none'}); on CPU nodes use --gpus-per-node 0 "
+                "--nproc-per-node N"
+            )
+
+
+def sbatch(script: str, path: Path) -> str:
+    """Write `script` to `path`, let sbatch check it (--test-only), submit it; the job id."""
+    path.write_text(script)
+    test = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True)
+    if test.returncode != 0:
+        raise ConfigError(f"sbatch refused {path}: {_last_line(test.stderr)}")
+    r = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ConfigError(f"sbatch refused {path}: {_last_line(r.stderr)}")
+    return r.stdout.strip().split(";")[0]
+
+
+def _partitions() -> dict[str, dict[str, str]]:
+    out = {}
+    for line in _run(["scontrol", "show", "partition", "-o"]).splitlines():
+        info = dict(re.findall(r"(\w+)=(\S*)", line))
+        if "PartitionName" in info:
+            out[info["PartitionName"]] = info
+    return out
+
+
+def _run(cmd: list[str]) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise ConfigError(f"{' '.join(cmd)} failed: {_last_line(r.stderr)}")
+    return r.stdout
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"

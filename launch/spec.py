@@ -1,0 +1,111 @@
+"""How a run was started, recorded in its directory so that `pretrain resume` can repeat it.
+
+RUN_DIR/launch.json     the launch spec (config, overrides, ranks, SLURM options)
+RUN_DIR/launches.jsonl  one line per launcher start and exit (time, node, exit code)
+RUN_DIR/config.yaml     the resolved config (written here and by the trainer)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.config import Config, ConfigError, load_config
+
+LAUNCH_FILE = "launch.json"
+HISTORY_FILE = "launches.jsonl"
+
+
+@dataclass
+class LaunchSpec:
+    config: str  # absolute path of the YAML given at launch (the run dir's config.yaml later)
+    overrides: list[str] = field(default_factory=list)
+    cwd: str = "."  # relative paths in the config (data, tokenizer) are relative to this
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    max_restarts: int = 0
+    slurm: dict | None = None  # `pretrain submit` options, to resubmit on resume
+    job_id: str | None = None  # the SLURM job (or array task) that runs it
+
+
+def resolve(config: str | Path, overrides: list[str]) -> tuple[Config, list[str]]:
+    """Load and check the config; pin `run.dir` to an absolute path (so the run can be
+    resumed, requeued or inspected from any working directory). Returns the config and
+    the overrides that reproduce it."""
+    cfg = load_config(config, overrides)
+    run_dir = Path(cfg.run.dir).resolve()
+    pinned = [o for o in overrides if not o.startswith("run.dir=")] + [f"run.dir={run_dir}"]
+    return load_config(config, pinned), pinned
+
+
+def prepare(cfg: Config, spec: LaunchSpec) -> Path:
+    """Create the run directory with its resolved config and launch spec; a directory
+    that holds another experiment's checkpoints is refused, before anything starts."""
+    from pretrain.runtime import prepare_run_dir
+
+    run_dir = prepare_run_dir(cfg)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    write_spec(run_dir, spec)
+    return run_dir
+
+
+def write_spec(run_dir: Path, spec: LaunchSpec) -> None:
+    _write_atomic(Path(run_dir) / LAUNCH_FILE, json.dumps(dataclasses.asdict(spec), indent=2))
+
+
+def read_spec(run_dir: Path) -> LaunchSpec | None:
+    path = Path(run_dir) / LAUNCH_FILE
+    if not path.exists():
+        return None
+    try:
+        return LaunchSpec(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"{path}: not a launch spec ({e}); relaunch with pretrain launch"
+        ) from None
+
+
+def require_run(run_dir: str | Path) -> Path:
+    """`run_dir` if it is a run directory, else a one-line error."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"{run_dir}: no such run directory")
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(
+            f"{run_dir}: not a run directory (no config.yaml); give the run.dir of a run "
+            "started with pretrain train, launch or submit"
+        )
+    return path.resolve()
+
+
+def record(run_dir: Path, **event) -> None:
+    """Append one launcher event to the run's history (small appends are atomic)."""
+    line = json.dumps({"time": time.time(), "host": socket.gethostname(), **event})
+    with open(Path(run_dir) / HISTORY_FILE, "a") as f:
+        f.write(line + "\n")
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    return read_jsonl(Path(run_dir) / HISTORY_FILE)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every complete record of a JSONL file (a line cut short by a kill is skipped)."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,148 @@
+"""`pretrain status RUN_DIR`: what a run is doing, from its directory alone (and squeue
+for SLURM jobs): state, step, last checkpoint, losses, restarts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from launch.spec import read_history, read_jsonl, read_spec, require_run
+from pretrain import lockfile
+
+
+@dataclass
+class RunStatus:
+    run_dir: Path
+    name: str
+    state: str  # new | queued | running | preempted | failed | finished
+    step: int
+    max_steps: int
+    checkpoint: str | None
+    loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    best_val_step: int | None
+    restarts: int  # starts of the training after the first (torchrun restarts, requeues, resumes)
+    exit_code: int | None  # the last launcher's exit code, when it has exited
+    job: str | None  # "ID (SLURM STATE)" for a submitted run
+
+    def row(self) -> dict:
+        return {
+            "state": self.state,
+            "step": f"{self.step}/{self.max_steps}",
+            "loss": _fmt(self.loss),
+            "val_loss": _fmt(self.val_loss),
+            "best_val": _fmt(self.best_val_loss),
+            "restarts": str(self.restarts),
+        }
+
+
+def run_status(run_dir: str | Path) -> RunStatus:
+    run_dir = require_run(run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    max_steps = int(cfg.get("train", {}).get("max_steps", 0))
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    losses = [r for r in metrics if "loss" in r]
+    vals = [r for r in metrics if "val_loss" in r and "step" in r]
+    starts = [r for r in metrics if r.get("event") == "start"]
+    history = read_history(run_dir)
+    exits = [h for h in history if h.get("event") == "exit"]
+    spec = read_spec(run_dir)
+    checkpoint = _latest_checkpoint(run_dir)
+    checkpoint_step = int(checkpoint.split("_")[1]) if checkpoint else 0
+    job_state = _slurm_state(spec.job_id) if spec and spec.job_id else None
+
+    last_event = next((r.get("event") for r in reversed(metrics) if "event" in r), None)
+    if _running(run_dir):
+        state = "running"
+    elif job_state in ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD"):
+        state = "queued"
+    elif job_state in ("RUNNING", "COMPLETING"):
+        state = "running"
+    elif max_steps and checkpoint_step >= max_steps:
+        state = "finished"
+    elif last_event == "preempted" or (exits and exits[-1].get("exit_code") == _requeue(cfg)):
+        state = "preempted"
+    elif not metrics and not exits:
+        state = "new"
+    else:
+        state = "failed"
+    best = min(vals, key=lambda r: r["val_loss"]) if vals else None
+    return RunStatus(
+        run_dir=run_dir,
+        name=str(cfg.get("run", {}).get("name", run_dir.name)),
+        state=state,
+        step=max([checkpoint_step] + [r["step"] for r in losses]),
+        max_steps=max_steps,
+        checkpoint=checkpoint,
+        loss=losses[-1]["loss"] if losses else None,
+        val_loss=vals[-1]["val_loss"] if vals else None,
+        best_val_loss=best["val_loss"] if best else None,
+        best_val_step=best["step"] if best else None,
+        restarts=max(len(starts) - 1, 0),
+        exit_code=exits[-1].get("exit_code") if exits else None,
+        job=f"{spec.job_id} ({job_state or 'not in squeue'})" if spec and spec.job_id else None,
+    )
+
+
+def format_status(s: RunStatus) -> str:
+    lines = [
+        ("run", f"{s.name} ({s.run_dir})"),
+        ("state", s.state + (f" (last exit {s.exit_code})" if s.exit_code is not None else "")),
+        ("step", f"{s.step} / {s.max_steps}"),
+        ("checkpoint", s.checkpoint or "none"),
+        ("loss", _fmt(s.loss)),
+        ("val loss", _fmt(s.val_loss) + (
+            f" (best {_fmt(s.best_val_loss)} at step {s.best_val_step})" if s.best_val_step else ""
+        )),
+        ("restarts", str(s.restarts)),
+    ]  # fmt: skip
+    if s.job:
+        lines.append(("slurm job", s.job))
+    return "\n".join(f"{key:<11} {value}" for key, value in lines)
+
+
+def table(rows: list[dict]) -> str:
+    """Rows of equal keys as an aligned text table."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    out = ["  ".join(k.ljust(widths[k]) for k in keys)]
+    out += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(line.rstrip() for line in out)
+
+
+def _running(run_dir: Path) -> bool:
+    locks = [run_dir / ".lock", *run_dir.glob(".launch-node*.lock")]
+    return any(lockfile.owner(path) for path in locks)
+
+
+def _latest_checkpoint(run_dir: Path) -> str | None:
+    latest = run_dir / "checkpoints" / "latest"
+    try:
+        name = json.loads(latest.read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if (run_dir / "checkpoints" / name / "manifest.json").exists() else None
+
+
+def _slurm_state(job_id: str) -> str | None:
+    if not shutil.which("squeue"):
+        return None
+    r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    states = r.stdout.split()
+    return states[0] if r.returncode == 0 and states else None
+
+
+def _requeue(cfg: dict) -> int:
+    return int(cfg.get("fault", {}).get("requeue_exit_code", 75))
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"

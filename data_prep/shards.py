@@ -34,9 +34,9 @@ import numpy as np
 
 from data_prep import PrepError, write_atomic
 from data_prep.inputs import InputFile, check_readable, iter_documents
-from data_prep.progress import Progress
 from data_prep.workers import batches, default_workers, encode_in_order
 from pretrain.data_check import META_FORMAT  # the trainer checks what prep writes
+from pretrain.progress import Progress
 from pretrain.streaming_compat import streaming_module
 from pretrain.tokenizer import Tokenizer
 

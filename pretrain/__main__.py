@@ -18,6 +18,10 @@ commands:
   config CONFIG [key=value ...]   print the resolved config
   prep tokenizer|shards ...       train a tokenizer / write packed MDS shards (see --help)
   consolidate CHECKPOINT --out F  full weights of a (sharded) checkpoint as safetensors
+  export CHECKPOINT --hf OUT_DIR  a Hugging Face transformers model folder (Llama format)
+  generate RUN_DIR|CHECKPOINT --prompt TEXT    sample text with a KV cache
+  plot RUN_DIR [RUN_DIR ...] --out F.png       loss, learning rate and tokens/s curves
+  plan --flops F | --gpus N --hours H --gpu-type T   compute-optimal model and data size
   launch CONFIG [k=v ...] --nproc-per-node N   torchrun on this machine (or one node of many)
   submit CONFIG [k=v ...] --nodes N ...        submit a SLURM job that requeues on preemption
   sweep CONFIG --grid key=v1,v2 ...            a grid of runs, locally or as a SLURM job array
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     commands = {"train": _train, "config": _config, "prep": _prep, "consolidate": _consolidate}
     commands.update(dict.fromkeys(LAUNCH_COMMANDS, _launcher(command)))
+    commands.update({name: _module_main(name) for name in ("export", "generate", "plot", "plan")})
     if command not in commands:
         print(f"pretrain: unknown command '{command}'\n{USAGE}", end="", file=sys.stderr)
         return 2
@@ -107,6 +112,15 @@ def _consolidate(argv: list[str]) -> int:
     n = consolidate(args.checkpoint, args.out)
     print(f"{args.out}: {n} tensors from {args.checkpoint}")
     return 0
+
+
+def _module_main(name: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(f"pretrain.{name}").main(argv)
+
+    return run
 
 
 def _launcher(command: str):

@@ -28,9 +28,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
+    # Run name: names the default run directory, the start-up line and the wandb run.
     name: str = "run"
     # Run directory: resolved config, metrics, checkpoints. Re-running into it resumes.
     dir: str = "runs/${run.name}"
+    # Seed of the Python, NumPy and torch RNGs (initial weights, dropout) and the data shuffle.
     seed: int = 0
 
 
@@ -41,8 +43,11 @@ class StreamConfig:
     remote: str = "???"
     # Local cache for an s3:// dataset; default RUN_DIR/cache/streamsN. Unused for local data.
     local: str | None = None
-    # Mixture weights (at most one of the two per stream); None means "natural size".
+    # Mixture weight: this stream's share of each epoch's samples. Give proportion or repeat,
+    # not both; streams can't mix the two kinds. None on every stream: natural sizes.
     proportion: float | None = None
+    # Mixture weight as a multiplier on this stream's own samples per epoch (2: each twice,
+    # 0.5: a random half). None with no proportion: each sample once.
     repeat: float | None = None
 
 
@@ -50,15 +55,21 @@ class StreamConfig:
 class DataConfig:
     # sentencepiece model from `pretrain prep tokenizer`.
     tokenizer: str = "???"
+    # Training datasets; several make a weighted mixture (see proportion / repeat below).
     streams: list[StreamConfig] = field(default_factory=list)
     # Validation data; empty means the val_split of `streams`.
     val_streams: list[StreamConfig] = field(default_factory=list)
+    # Tokens per training sequence; must match the shards' packing and be <= model.max_seq_len.
     seq_len: int = 256
+    # Split (folder under each stream's root) read for training.
     train_split: str = "train"
+    # Split read for validation: from val_streams, or from streams when that is empty.
     val_split: str = "val"
+    # Shuffle the training samples (seeded by run.seed); validation never is.
     shuffle: bool = True
     # Fixes the global sample order independently of the number of ranks.
     num_canonical_nodes: int = 1
+    # DataLoader worker processes per rank; 0 loads in the training process.
     num_workers: int = 0
     # Allow model.vocab_size > the tokenizer's vocabulary (extra rows are padding).
     allow_vocab_padding: bool = False
@@ -69,18 +80,25 @@ class DataConfig:
     skip_bad_shards: bool = False
     # A failed shard download is retried this many times, waiting 1, 2, 4, ... s between.
     download_retry: int = 6
+    # Seconds one shard download may take before that attempt fails (and is retried).
     download_timeout: float = 120.0
 
 
 @dataclass
 class OptimConfig:
+    # Peak AdamW learning rate, reached at the end of warmup (see schedule).
     lr: float = 3e-4
+    # AdamW decay rate of the gradient's running mean (momentum).
     beta1: float = 0.9
+    # AdamW decay rate of the squared gradient's running mean.
     beta2: float = 0.95
+    # AdamW term added to the denominator for numerical stability.
     eps: float = 1e-8
+    # AdamW (decoupled) weight decay on the linear layers' weight matrices.
     weight_decay: float = 0.1
     # Weight decay on norm weights and biases / on embeddings (off by default, as in GPT-3).
     decay_norms_and_biases: bool = False
+    # Weight decay on the embeddings too (a tied LM head counts as the embedding).
     decay_embeddings: bool = False
     # Clip the global gradient norm to this value; 0 disables clipping.
     grad_clip: float = 1.0
@@ -90,21 +108,30 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    # After warmup: cosine or linear decay to min_lr_ratio * optim.lr, or constant at optim.lr.
     name: str = "cosine"
+    # Optimizer steps of linear warmup from optim.lr / warmup_steps up to optim.lr; 0: none.
     warmup_steps: int = 100
     # The schedule decays to min_lr_ratio * optim.lr at decay_steps (None: train.max_steps).
     min_lr_ratio: float = 0.1
+    # Step where the decay reaches its minimum and stays (> warmup_steps); None: max_steps.
     decay_steps: int | None = None
 
 
 @dataclass
 class TrainConfig:
+    # Optimizer steps to train for in all; a resumed run continues up to this step.
     max_steps: int = 1000
+    # Sequences per optimizer step over all ranks (tokens per step: this * data.seq_len).
     global_batch_size: int = 32
+    # Sequences per forward/backward on each rank; gradients accumulate over
+    # global_batch_size / (micro_batch_size * ranks) micro-batches per step.
     micro_batch_size: int = 8
+    # Evaluate on the validation data every N steps and at the last step.
     eval_every: int = 100
     # Validation micro-batches per evaluation, over all ranks together.
     eval_batches: int = 10
+    # Print a progress line every N steps (and the first and last); metrics.jsonl gets every one.
     log_every: int = 10
     # torch.use_deterministic_algorithms; costs speed on GPU, free on CPU.
     deterministic: bool = False
@@ -114,6 +141,7 @@ class TrainConfig:
 class CheckpointConfig:
     # Save every N steps (0: only at the end) and always at the end of training.
     every: int = 500
+    # Keep the newest N complete checkpoints (locally and in remote); older ones are deleted.
     keep_last: int = 3
     # Resume automatically from the latest complete checkpoint in the run directory.
     resume: bool = True
@@ -129,10 +157,13 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    # Log metrics to Weights & Biases from rank 0 (see wandb_mode).
     wandb: bool = False
+    # wandb project to log to; the wandb run is named after run.name.
     wandb_project: str = "pretrain"
     # offline never needs an account or network; `wandb sync` uploads later.
     wandb_mode: str = "offline"
+    # Append every metrics record and event to RUN_DIR/metrics.jsonl (rank 0).
     jsonl: bool = True
 
 
@@ -142,6 +173,8 @@ class ParallelConfig:
     # fsdp: FSDP2, parameters/gradients/optimizer state sharded across ranks.
     # zero: DeepSpeed ZeRO at zero_stage (1: optimizer state, 2: + gradients, 3: + params).
     strategy: str = "single"
+    # DeepSpeed ZeRO stage for strategy zero: 1 shards optimizer state, 2 also gradients,
+    # 3 also parameters.
     zero_stage: int = 2
     # Further DeepSpeed config keys for zero, merged over the ones derived from this config.
     deepspeed: dict[str, Any] = field(default_factory=dict)
@@ -155,6 +188,7 @@ class ParallelConfig:
     # none, full (every block) or every (each activation_checkpointing_every-th block):
     # recompute those blocks' activations in backward instead of keeping them.
     activation_checkpointing: str = "none"
+    # For activation_checkpointing=every: checkpoint each N-th block (blocks N-1, 2N-1, ...).
     activation_checkpointing_every: int = 2
     # torch.compile each transformer block (in place, so checkpoints keep their names). Pays
     # a compile at start-up (tens of seconds) for faster steps; needs a C++ compiler on CPU.
@@ -163,9 +197,10 @@ class ParallelConfig:
 
 @dataclass
 class FaultConfig:
-    # Signals that mean "preempted": at the next step boundary every rank saves the same
-    # checkpoint and exits with requeue_exit_code (launchers read it as "requeue me").
+    # Signals that mean "preempted" (of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, SIGCONT,
+    # SIGURG): at the next step boundary every rank saves one checkpoint, then exits.
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    # Exit status after a preemption (launchers read it as "requeue me"); 3..255, not 124.
     requeue_exit_code: int = 75
     # Seconds from the signal to a finished save; past it the process exits anyway with
     # requeue_exit_code (the previous checkpoint stands). 0: no limit.

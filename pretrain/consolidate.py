@@ -9,9 +9,12 @@ output loads with `safetensors.torch.load_file` (and is what an export builds on
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,34 +37,67 @@ def model_tensors(checkpoint: Path) -> dict[str, TensorStorageMetadata]:
     }
 
 
-def consolidate(checkpoint: Path, out: Path) -> int:
-    """Write `checkpoint`'s model weights to the safetensors file `out`; returns tensor count."""
-    tensors = model_tensors(checkpoint)
-    if not tensors:
-        raise ValueError(f"{checkpoint}: no model tensors; is this a checkpoint folder (step_N)?")
+def load_tensor(checkpoint: Path, name: str, meta: TensorStorageMetadata) -> torch.Tensor:
+    """One model tensor of a (sharded) DCP checkpoint, whole, in memory."""
+    tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.load({"model": {name: tensor}}, checkpoint_id=str(checkpoint))
+    return tensor
+
+
+@dataclass
+class Entry:
+    """A tensor to write: its name, shape and dtype up front, its data when `load()`ed."""
+
+    name: str
+    shape: list[int]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
+
+
+def write_safetensors(out: Path, entries: list[Entry], on_tensor=None) -> None:
+    """Write `entries` as one safetensors file, loading one tensor at a time (the header
+    comes first, from the shapes), atomically; `on_tensor(entry)` after each."""
     header, offset = {}, 0
-    for name, meta in tensors.items():
-        dtype = meta.properties.dtype
-        nbytes = meta.size.numel() * torch.tensor([], dtype=dtype).element_size()
-        header[name] = {
-            "dtype": _DTYPES[dtype],
-            "shape": list(meta.size),
-            "data_offsets": [offset, offset + nbytes],
+    for e in entries:
+        header[e.name] = {
+            "dtype": _DTYPES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
         }
-        offset += nbytes
+        offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format wants the data 8-byte aligned
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, meta in tensors.items():
-            tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-                warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-                dcp.load({"model": {name: tensor}}, checkpoint_id=str(checkpoint))
-            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        for e in entries:
+            tensor = e.load().to(e.dtype).contiguous()
+            if list(tensor.shape) != list(e.shape):
+                raise ValueError(f"{e.name}: shape {list(tensor.shape)}, expected {e.shape}")
+            f.write(tensor.view(torch.uint8).numpy().tobytes())
             del tensor
+            if on_tensor is not None:
+                on_tensor(e)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out)
-    return len(tensors)
+
+
+def consolidate(checkpoint: Path, out: Path) -> int:
+    """Write `checkpoint`'s model weights to the safetensors file `out`; returns tensor count."""
+    tensors = model_tensors(checkpoint)
+    if not tensors:
+        raise ValueError(f"{checkpoint}: no model tensors; is this a checkpoint folder (step_N)?")
+    entries = [
+        Entry(name, list(meta.size), meta.properties.dtype,
+              lambda name=name, meta=meta: load_tensor(checkpoint, name, meta))
+        for name, meta in tensors.items()
+    ]  # fmt: skip
+    write_safetensors(out, entries)
+    return len(entries)

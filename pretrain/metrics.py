@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.progress import fmt_duration
+
 log = logging.getLogger("pretrain")
 
 # Dense peak FLOP/s per GPU for the dtypes we train in (vendor datasheets, no sparsity).
@@ -103,13 +105,6 @@ def memory_gb(device: torch.device) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def fmt_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class MetricsSink:

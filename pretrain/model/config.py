@@ -17,31 +17,48 @@ ATTENTION_IMPLS = ("auto", "sdpa", "flash", "naive")
 
 @dataclass
 class ModelConfig:
+    # Token embedding rows and output logits; must equal the tokenizer's vocabulary
+    # (larger only with data.allow_vocab_padding).
     vocab_size: int = 4096
+    # Width of the residual stream (the embedding size).
     d_model: int = 256
+    # Number of transformer blocks.
     n_layers: int = 4
+    # Attention (query) heads; must divide d_model (head dim = d_model / n_heads).
     n_heads: int = 4
     # Key/value heads for grouped-query attention; None means n_heads (plain MHA), 1 is MQA.
     n_kv_heads: int | None = None
     # Longest sequence the model supports; sizes the learned position table and RoPE cache.
     max_seq_len: int = 256
+    # Position encoding: rotary (rope), ALiBi attention biases, or a learned absolute table.
     position: str = "rope"
+    # RoPE base: dim pair i of each head turns rope_theta^(-2i / head_dim) radians per position.
     rope_theta: float = 10000.0
     # Linear position interpolation: positions are divided by this factor (>= 1) so a model
     # trained at length L can run at scale * L.
     rope_scale: float = 1.0
+    # MLP type: SwiGLU (gated, three matrices) or GELU (two matrices).
     mlp: str = "swiglu"
     # Hidden width of the MLP; None means 4 * d_model for gelu and 8/3 * d_model rounded up to
     # mlp_multiple_of for swiglu (same parameter count as a 4x gelu MLP).
     mlp_hidden: int | None = None
+    # swiglu's default hidden width (mlp_hidden None) is rounded up to a multiple of this.
     mlp_multiple_of: int = 64
+    # Normalisation in each pre-norm block and before the LM head.
     norm: str = "rmsnorm"
+    # Epsilon added to the mean square / variance in the norms.
     norm_eps: float = 1e-5
+    # Share one weight matrix between the token embedding and the LM head.
     tie_embeddings: bool = True
     # Each token attends to at most this many previous tokens (itself included); None = all.
     sliding_window: int | None = None
+    # Dropout probability on the embeddings, attention weights and both residual branches
+    # (training only); 0 disables.
     dropout: float = 0.0
+    # Biases in the linear layers and LayerNorms (the LM head never has one).
     bias: bool = False
+    # Std of the normal init of linear and embedding weights; residual output projections
+    # use init_std / sqrt(2 * n_layers).
     init_std: float = 0.02
     # auto: flash_attn when importable and the tensors are on CUDA, else PyTorch SDPA.
     attention: str = "auto"

@@ -1,4 +1,4 @@
-"""Progress of a long prep step: count, tokens and MB/s (10^6 bytes a second).
+"""Progress of a long step (prep, upload, export): count, tokens, MB/s and time left.
 
 On a terminal it is a tqdm bar. When stderr is a file or a pipe (a batch job's log), tqdm
 either prints nothing or floods the log with carriage returns, so a plain line is printed
@@ -40,10 +40,17 @@ class Progress:
         elif time.perf_counter() - self._printed >= self.interval:
             self._printed = time.perf_counter()
             print(
-                f"{self.desc}: {self.count:,}/{self.total:,} {self.unit}s, {self._rates()}",
+                f"{self.desc}: {self.count:,}/{self.total:,} {self.unit}s, {self._rates()}, "
+                f"{self._eta()} left",
                 file=sys.stderr,
                 flush=True,
             )
+
+    def _eta(self) -> str:
+        if not self.count:
+            return "?"
+        seconds = time.perf_counter() - self._started
+        return fmt_duration(seconds * (self.total - self.count) / self.count)
 
     def _rates(self) -> str:
         seconds = max(time.perf_counter() - self._started, 1e-9)
@@ -65,3 +72,10 @@ class Progress:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,250 @@
+"""`pretrain export CHECKPOINT --hf OUT_DIR`: a Hugging Face transformers model folder.
+
+Our decoder with RoPE, RMSNorm and SwiGLU is Llama's architecture (`LlamaForCausalLM`; with
+`model.sliding_window`, Mistral's): GQA maps to `num_key_value_heads`, `model.bias` to
+`attention_bias`/`mlp_bias`, `rope_scale` to linear RoPE scaling, tied embeddings to
+`tie_word_embeddings`. Our RoPE already uses the "rotate half" layout of transformers'
+Llama, so q/k rows need no permutation; the fused `qkv` projection is split into
+`q_proj`, `k_proj`, `v_proj`. Weights are read from the (possibly sharded) checkpoint one
+tensor at a time and written as safetensors shards with an index, so the whole model is
+never in memory. The sentencepiece model goes along as `tokenizer.model` with a
+`LlamaTokenizer` config. What transformers cannot represent (ALiBi, learned positions,
+LayerNorm, GELU MLPs) is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import yaml
+
+from pretrain.config import Config, ConfigError, from_dict
+from pretrain.consolidate import Entry, load_tensor, model_tensors, write_safetensors
+from pretrain.model.config import ModelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder: `path` itself, or a run directory's latest complete one."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        return path
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        name = json.loads(latest.read_text())["checkpoint"]
+        return path / "checkpoints" / name
+    if (path / "manifest.json").is_file():  # a complete checkpoint, but not in DCP format
+        raise ConfigError(
+            f"{path}: a DeepSpeed ZeRO checkpoint; export and generate read DCP checkpoints "
+            "(ddp, fsdp or single runs)"
+        )
+    raise ConfigError(f"{path}: neither a checkpoint folder (step_N) nor a run directory")
+
+
+def checkpoint_config(checkpoint: Path) -> Config:
+    """The run config saved with a checkpoint (or its run directory's)."""
+    for path in (checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml"):
+        if path.is_file():
+            return from_dict(yaml.safe_load(path.read_text()))
+    raise ConfigError(f"{checkpoint}: no config.yaml beside the checkpoint")
+
+
+def hf_config(m: ModelConfig, dtype: torch.dtype, bos_id: int, eos_id: int) -> dict:
+    unsupported = {
+        "alibi": m.position == "alibi",
+        "learned": m.position == "learned",
+        "layernorm": m.norm == "layernorm",
+        "gelu": m.mlp == "gelu",
+        "window_bias": bool(m.sliding_window) and m.bias,
+    }
+    why = {
+        "alibi": "model.position=alibi: no transformers decoder pairs ALiBi with this "
+        "pre-norm RMSNorm/SwiGLU block (BLOOM and MPT use other layouts)",
+        "learned": "model.position=learned: Llama-family models only take rotary positions",
+        "layernorm": "model.norm=layernorm: transformers' Llama/Mistral use RMSNorm",
+        "gelu": "model.mlp=gelu: transformers' Llama/Mistral use a SwiGLU MLP",
+        "window_bias": "model.sliding_window with model.bias=true: transformers' Mistral "
+        "(the sliding-window Llama) has no biases",
+    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise ConfigError(f"cannot export to transformers: {why[key]}")
+    config = {
+        "architectures": ["MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"],
+        "model_type": "mistral" if m.sliding_window else "llama",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.d_model,
+        "intermediate_size": m.hidden_dim,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_seq_len,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_scaling": None
+        if m.rope_scale == 1.0
+        else {"rope_type": "linear", "factor": m.rope_scale},
+        "attention_bias": m.bias,
+        "mlp_bias": m.bias,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": m.tie_embeddings,
+        "initializer_range": m.init_std,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": HF_DTYPE_NAMES[dtype],
+        "use_cache": True,
+    }
+    if m.sliding_window:
+        config["sliding_window"] = m.sliding_window
+    return config
+
+
+def hf_entries(checkpoint: Path, m: ModelConfig, dtype: torch.dtype) -> list[Entry]:
+    """Our tensors, renamed (and qkv split) to transformers' names, in layer order."""
+    tensors = model_tensors(checkpoint)
+    load = lru_cache(maxsize=1)(lambda name: load_tensor(checkpoint, name, tensors[name]))
+    H, K = m.n_heads * m.head_dim, m.kv_heads * m.head_dim
+
+    def entry(hf_name: str, ours: str, rows: tuple[int, int] | None = None) -> Entry:
+        if ours not in tensors:
+            raise ConfigError(
+                f"{checkpoint}: no tensor {ours}; is this checkpoint from this model?"
+            )
+        shape = list(tensors[ours].size)
+        if rows is not None:
+            shape[0] = rows[1] - rows[0]
+        return Entry(hf_name, shape, dtype,
+                     lambda: load(ours) if rows is None else load(ours)[rows[0] : rows[1]])  # fmt: skip
+
+    out = [entry("model.embed_tokens.weight", "tok_emb.weight")]
+    for i in range(m.n_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        spans = {"q_proj": (0, H), "k_proj": (H, H + K), "v_proj": (H + K, H + 2 * K)}
+        names = [("input_layernorm.weight", "attn_norm.weight")]
+        names += [("post_attention_layernorm.weight", "mlp_norm.weight")]
+        for kind in ("weight", "bias") if m.bias else ("weight",):
+            for proj, span in spans.items():
+                out.append(entry(f"{hf}self_attn.{proj}.{kind}", f"{ours}attn.qkv.{kind}", span))
+            names += [(f"self_attn.o_proj.{kind}", f"attn.out_proj.{kind}")]
+            names += [(f"mlp.gate_proj.{kind}", f"mlp.w1.{kind}")]
+            names += [(f"mlp.up_proj.{kind}", f"mlp.w3.{kind}")]
+            names += [(f"mlp.down_proj.{kind}", f"mlp.w2.{kind}")]
+        out += [entry(hf + name, ours + src) for name, src in names]
+    out.append(entry("model.norm.weight", "norm.weight"))
+    if not m.tie_embeddings:
+        out.append(entry("lm_head.weight", "lm_head.weight"))
+    return out
+
+
+def export_hf(
+    checkpoint: str | Path,
+    out_dir: Path,
+    dtype: str = "fp32",
+    max_shard_bytes: int = 5 * 2**30,
+    tokenizer: str | Path | None = None,
+    progress=None,
+) -> list[Path]:
+    """Write the transformers folder; returns the files written. `progress(entry)` is
+    called after every tensor."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    cfg = checkpoint_config(checkpoint)
+    torch_dtype = DTYPES[dtype]
+    tok_path = _find_tokenizer(tokenizer or cfg.data.tokenizer, checkpoint)
+    from pretrain.tokenizer import Tokenizer
+
+    tok = Tokenizer(tok_path)
+    config = hf_config(cfg.model, torch_dtype, tok.bos_id, tok.eos_id)
+    entries = hf_entries(checkpoint, cfg.model, torch_dtype)
+    shards: list[list[Entry]] = [[]]
+    for e in entries:
+        if shards[-1] and sum(x.nbytes for x in shards[-1]) + e.nbytes > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(e)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, shard in zip(names, shards, strict=True):
+        write_safetensors(out_dir / name, shard, on_tensor=progress)
+        written.append(out_dir / name)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(e.nbytes for e in entries)},
+            "weight_map": {e.name: n for n, s in zip(names, shards, strict=True) for e in s},
+        }
+        written.append(_write_json(out_dir / "model.safetensors.index.json", index))
+    written.append(_write_json(out_dir / "config.json", config))
+    written.append(_write_json(out_dir / "generation_config.json", {
+        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "do_sample": True,
+    }))  # fmt: skip
+    shutil.copyfile(tok_path, out_dir / "tokenizer.model")
+    written.append(out_dir / "tokenizer.model")
+    written.append(_write_json(out_dir / "tokenizer_config.json", {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
+        "legacy": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg.model.max_seq_len,
+    }))  # fmt: skip
+    return written
+
+
+def _find_tokenizer(path: str | Path, checkpoint: Path) -> Path:
+    """The tokenizer named by the config: absolute, relative to here, or to where the run
+    was launched (launch.json's cwd)."""
+    path = Path(path)
+    candidates = [path]
+    launch = checkpoint.parent.parent / "launch.json"
+    if not path.is_absolute() and launch.is_file():
+        candidates.append(Path(json.loads(launch.read_text()).get("cwd", ".")) / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"tokenizer {path} not found (data.tokenizer); give it with --tokenizer")
+
+
+def _write_json(path: Path, obj: dict) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    from pretrain.progress import Progress
+
+    parser = argparse.ArgumentParser(prog="pretrain export")
+    parser.add_argument("checkpoint", help="a checkpoint folder (step_N) or a run directory")
+    parser.add_argument("--hf", type=Path, required=True, metavar="OUT_DIR")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors file size")
+    parser.add_argument("--tokenizer", help="default: the run's data.tokenizer")
+    args = parser.parse_args(argv)
+    if args.hf.exists() and any(args.hf.iterdir()):
+        raise ConfigError(f"--hf {args.hf}: not empty; give a new folder")
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    total = len(model_tensors(checkpoint))
+    with Progress("export", total, "tensor", interval=5.0) as progress:
+        files = export_hf(
+            checkpoint, args.hf, args.dtype, int(args.max_shard_gb * 2**30), args.tokenizer,
+            progress=lambda e: progress.update(1, e.nbytes),
+        )  # fmt: skip
+    size = sum(f.stat().st_size for f in files)
+    print(f"{args.hf}: {len(files)} files, {size / 1e6:,.1f} MB from {checkpoint}")
+    print(f"  transformers.AutoModelForCausalLM.from_pretrained({str(args.hf)!r})")
+    return 0

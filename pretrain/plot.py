@@ -1,0 +1,186 @@
+"""`pretrain plot`: the loss curves of one or several runs, drawn to a PNG (or PDF/SVG).
+
+    pretrain plot RUN_DIR [RUN_DIR ...] --out FILE.png [--x step|tokens] [--label NAME ...]
+
+Each run is read from RUN_DIR/metrics.jsonl: a line cut short by a kill is skipped, and a
+step logged more than once (a resumed run re-logs the steps after its last checkpoint) keeps
+its last record, the one that counts. The label is `run.name` from RUN_DIR/config.yaml
+(else the folder name), made unique with the folder name where two runs share a name.
+
+The figure is a 2x2 grid, one color per run, the legend in the first panel:
+  1. training loss (solid) and validation loss (dashed, with markers), log y;
+  2. learning rate;  3. throughput (tokens/s);
+  4. training loss against the other x: tokens when --x step (the default), so runs with
+     different batch sizes compare; steps when --x tokens, which puts all of 1-3 on tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+from pretrain.config import ConfigError
+from pretrain.metrics import read_metrics
+
+FORMATS = (".png", ".pdf", ".svg")
+X_AXES = ("step", "tokens")
+
+
+def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, validation records) of a run, one per step (the last), by step."""
+    train: dict[int, dict] = {}
+    val: dict[int, dict] = {}
+    for r in read_metrics(run_dir):
+        if not isinstance(r, dict) or "event" in r or not isinstance(r.get("step"), int):
+            continue
+        if "loss" in r:
+            train[r["step"]] = r
+        elif "val_loss" in r:
+            val[r["step"]] = r
+    if not train:
+        raise ConfigError(f"{run_dir}: no training metrics (metrics.jsonl) to plot")
+    return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
+
+
+def run_label(run_dir: Path) -> str:
+    """`run.name` from the run's config.yaml, else the folder name."""
+    try:
+        import yaml
+
+        name = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["run"]["name"]
+        if isinstance(name, str) and name:
+            return name
+    except Exception:  # no, or an unreadable, config: the folder is the name
+        pass
+    return Path(run_dir).resolve().name
+
+
+def unique_labels(run_dirs: list[Path]) -> list[str]:
+    labels = [run_label(d) for d in run_dirs]
+    dup = {lab for lab in labels if labels.count(lab) > 1}
+    labels = [
+        f"{lab} ({Path(d).resolve().name})" if lab in dup else lab
+        for lab, d in zip(labels, run_dirs, strict=True)
+    ]
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:  # same name and same folder name (different parents): number them
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if seen[lab] == 1 and labels.count(lab) == 1 else f"{lab} #{seen[lab]}")
+    return out
+
+
+def _series(records: list[dict], x: str, y: str) -> tuple[list[float], list[float]]:
+    """(xs, ys) over the records carrying both keys; a non-finite y becomes a gap (NaN)."""
+    xs, ys = [], []
+    for r in records:
+        if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float)):
+            xs.append(r[x])
+            ys.append(r[y] if math.isfinite(r[y]) else math.nan)
+    return xs, ys
+
+
+def plot_runs(
+    run_dirs: list[Path], out: Path, x: str = "step", labels: list[str] | None = None
+) -> dict:
+    """Draw the runs to `out` (written atomically); return {label: summary} in run order.
+
+    A summary holds the run's "train" and "val" point counts (distinct steps), its "color",
+    and the data drawn in the loss panel: "x"/"loss" (training) and "val_x"/"val_loss".
+    """
+    out = Path(out)
+    if out.suffix.lower() not in FORMATS:
+        raise ConfigError(f"--out {out}: must end in {', '.join(FORMATS)}")
+    if x not in X_AXES:
+        raise ConfigError(f"--x {x}: must be one of {', '.join(X_AXES)}")
+    if not run_dirs:
+        raise ConfigError("no run directories to plot")
+    runs = [(Path(d), *load_run(Path(d))) for d in run_dirs]
+    if labels is None:
+        labels = unique_labels([d for d, _, _ in runs])
+    elif len(labels) != len(runs) or len(set(labels)) != len(labels):
+        raise ConfigError(f"--label: {len(runs)} unique labels needed, got {labels}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+    from matplotlib.ticker import EngFormatter, LogFormatter
+
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    other = "tokens" if x == "step" else "step"
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5), dpi=110, constrained_layout=True)
+    (ax_loss, ax_lr), (ax_tps, ax_other) = axes
+    summary: dict[str, dict] = {}
+    for i, ((_, train, val), label) in enumerate(zip(runs, labels, strict=True)):
+        color = to_hex(cmap(i % cmap.N))
+        (line,) = ax_loss.plot(*_series(train, x, "loss"), color=color, lw=1.5, label=label)
+        # validation lines carry no token count: take it from the training record of the step
+        tokens = {r["step"]: r.get("tokens") for r in train}
+        val = [{**r, "tokens": tokens.get(r["step"])} for r in val]
+        vx, vy = _series(val, x, "val_loss")
+        (vline,) = ax_loss.plot(vx, vy, color=color, ls="--", marker="o", ms=4, lw=1.2)
+        ax_lr.plot(*_series(train, x, "lr"), color=color, lw=1.5)
+        ax_tps.plot(*_series(train, x, "tokens_per_s"), color=color, lw=1.5)
+        ax_other.plot(*_series(train, other, "loss"), color=color, lw=1.5)
+        summary[label] = {
+            "train": len(train),
+            "val": len(val),
+            "color": color,
+            "x": [float(v) for v in line.get_xdata()],
+            "loss": [float(v) for v in line.get_ydata()],
+            "val_x": [float(v) for v in vline.get_xdata()],
+            "val_loss": [float(v) for v in vline.get_ydata()],
+        }
+    panels = [
+        (ax_loss, "Loss (train solid, validation dashed)", x, "loss"),
+        (ax_lr, "Learning rate", x, "lr"),
+        (ax_tps, "Throughput", x, "tokens/s"),
+        (ax_other, f"Training loss against {other}", other, "loss"),
+    ]
+    for ax, title, xl, yl in panels:
+        ax.set_title(title)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(True, alpha=0.3)
+        if xl == "tokens":
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    for ax in (ax_loss, ax_other):
+        if all(v > 0 for s in summary.values() for v in s["loss"] + s["val_loss"] if v == v):
+            ax.set_yscale("log")  # plain numbers on the ticks, not 8x10^0
+            ax.yaxis.set_major_formatter(LogFormatter())
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax_tps.yaxis.set_major_formatter(EngFormatter(sep=""))
+    ax_loss.legend(loc="upper right", fontsize="small")
+    fig.suptitle(f"{len(runs)} run{'s' * (len(runs) != 1)}: {', '.join(labels)}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format=out.suffix[1:].lower())
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pretrain plot", description="Loss curves of one or several runs to an image."
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, required=True, help="FILE.png (or .pdf, .svg)")
+    parser.add_argument(
+        "--x", choices=X_AXES, default="step", help="x axis of the panels (default: step)"
+    )
+    parser.add_argument("--label", action="append", help="a run's label, once per RUN_DIR in order")
+    args = parser.parse_args(argv)
+    summary = plot_runs(args.run_dirs, args.out, x=args.x, labels=args.label)
+    n = len(summary)
+    print(f"{args.out}: {n} run{'s' * (n != 1)} ({', '.join(summary)})")
+    return 0

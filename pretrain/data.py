@@ -50,13 +50,14 @@ def _dataset(cfg: Config, sources: list[StreamSource], shuffle: bool, batch_size
         )
         for s in sources
     ]
-    return streaming.StreamingDataset(
-        streams=streams,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        shuffle_seed=cfg.run.seed,
-        num_canonical_nodes=cfg.data.num_canonical_nodes,
-    )
+    with shm.registering_in_turn():
+        return streaming.StreamingDataset(
+            streams=streams,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            shuffle_seed=cfg.run.seed,
+            num_canonical_nodes=cfg.data.num_canonical_nodes,
+        )
 
 
 def _loader(dataset, cfg: Config, batch_size: int):

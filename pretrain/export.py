@@ -56,7 +56,9 @@ def checkpoint_config(checkpoint: Path) -> Config:
     raise ConfigError(f"{checkpoint}: no config.yaml beside the checkpoint")
 
 
-def hf_config(m: ModelConfig, dtype: torch.dtype, bos_id: int, eos_id: int) -> dict:
+def hf_config(
+    m: ModelConfig, dtype: torch.dtype, bos_id: int, eos_id: int, pad_id: int = -1
+) -> dict:
     unsupported = {
         "alibi": m.position == "alibi",
         "learned": m.position == "learned",
@@ -100,9 +102,11 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, bos_id: int, eos_id: int) -> d
         "initializer_range": m.init_std,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
-        "torch_dtype": HF_DTYPE_NAMES[dtype],
+        "torch_dtype": HF_DTYPE_NAMES[dtype],  # read by transformers 4.45 to 5.x
         "use_cache": True,
     }
+    if pad_id >= 0:
+        config["pad_token_id"] = pad_id
     if m.sliding_window:
         config["sliding_window"] = m.sliding_window
     return config
@@ -162,7 +166,7 @@ def export_hf(
     from pretrain.tokenizer import Tokenizer
 
     tok = Tokenizer(tok_path)
-    config = hf_config(cfg.model, torch_dtype, tok.bos_id, tok.eos_id)
+    config = hf_config(cfg.model, torch_dtype, tok.bos_id, tok.eos_id, tok.pad_id)
     entries = hf_entries(checkpoint, cfg.model, torch_dtype)
     shards: list[list[Entry]] = [[]]
     for e in entries:
@@ -189,6 +193,7 @@ def export_hf(
     written.append(_write_json(out_dir / "config.json", config))
     written.append(_write_json(out_dir / "generation_config.json", {
         "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "do_sample": True,
+        **({"pad_token_id": tok.pad_id} if tok.pad_id >= 0 else {}),
     }))  # fmt: skip
     shutil.copyfile(tok_path, out_dir / "tokenizer.model")
     written.append(out_dir / "tokenizer.model")
@@ -197,6 +202,9 @@ def export_hf(
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
         "legacy": False, "clean_up_tokenization_spaces": False,
+        # transformers 5 loads a Mistral export's tokenizer as its generic class, which
+        # pads on the right; batched generation needs the left, as Llama's does.
+        "padding_side": "left",
         "model_max_length": cfg.model.max_seq_len,
     }))  # fmt: skip
     return written

@@ -11,8 +11,11 @@ live process of this run still uses them.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +53,33 @@ def clean_stale(stream_dirs: list[str]) -> int:
     if cleaned:
         log.info("removed shared memory left by %d earlier dataset(s) of this run", cleaned)
     return cleaned
+
+
+@contextmanager
+def registering_in_turn() -> Iterator[None]:
+    """Around the creation of a StreamingDataset: runs on one node take turns.
+
+    Streaming picks the first prefix no segment in /dev/shm uses, then (after a barrier)
+    creates it: two runs starting on one node at the same moment (a job array, several
+    single-GPU runs on one machine) can pick the same prefix, and one fails with
+    FileExistsError. The local leader holds an exclusive lock on a file in /dev/shm (which
+    is per node, like the segments) from before its ranks look until after they created;
+    the barrier makes every rank of the run look only once its leader holds the lock.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    lock = None
+    if leader and SHM_DIR.is_dir():
+        lock = open(SHM_DIR / "pretrain-streaming-register.lock", "a+")  # noqa: SIM115
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        if distributed:
+            dist.barrier()
+        yield
+        if distributed:
+            dist.barrier()
+    finally:
+        if lock is not None:
+            lock.close()

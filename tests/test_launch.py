@@ -162,6 +162,24 @@ def test_two_agents_train_together_as_two_nodes(tiny_overrides, tmp_path, refere
     assert spec["nnodes"] == 2 and spec["nproc_per_node"] == 1
 
 
+@pytest.mark.slow
+def test_a_local_sweep_runs_its_points_one_after_another(tiny_overrides, tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = with_overrides(tiny_overrides, "train.max_steps=4", "train.eval_every=2",
+                               "checkpoint.every=2")  # fmt: skip
+    r = run_cli("sweep", "configs/tiny.yaml", *overrides, "--grid", "optim.lr=1e-3,3e-3",
+                "--grid", "model.n_layers=1", "--out", str(sweep))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = run_cli("sweep-status", str(sweep)).stdout.splitlines()
+    assert table[0].split()[:5] == ["run", "optim.lr", "model.n_layers", "state", "step"]
+    rows = [line.split() for line in table[1:]]
+    assert [row[:5] for row in rows] == [
+        ["00_lr-1e-3_n_layers-1", "1e-3", "1", "finished", "4/4"],
+        ["01_lr-3e-3_n_layers-1", "3e-3", "1", "finished", "4/4"],
+    ], table
+    assert "n_layers: 1" in (sweep / rows[1][0] / "config.yaml").read_text()
+
+
 def test_bad_input_is_one_line_and_creates_nothing(tmp_path, tiny_overrides):
     def refused(*args: str, says: str) -> None:
         r = run_cli(*args, cwd=tmp_path)

@@ -130,3 +130,27 @@ def test_bad_submissions_are_refused_before_anything_is_submitted(cluster, tmp_p
         assert says in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
     assert cluster.run("squeue", "-h", "-o", "%i").stdout == before
+
+
+def test_a_queued_job_shows_as_queued_and_resume_resubmits_a_cancelled_one(cluster, tmp_path):
+    """No training: a job held for an hour is `queued`; `resume` leaves it alone; once it
+    is cancelled, `resume` resubmits the run with its recorded SLURM options."""
+    run = tmp_path / "run"
+    later = ["--sbatch-arg=--begin=now+1hour"]
+    job = submit(cluster, f"run.dir={run}", *CPU_JOB, *later)
+    assert cluster.job(job)["JobState"] == "PENDING"
+    status = run_cli("status", str(run), env=cluster.env).stdout
+    assert "state       queued" in status and f"{job} (PENDING)" in status, status
+    r = run_cli("resume", str(run), env=cluster.env)
+    assert r.returncode == 1 and "is queued; nothing to resume" in r.stdout, r.stdout
+    cluster.run("scancel", job)
+    cluster.wait(job, states=("CANCELLED",), timeout=60)
+
+    r = run_cli("resume", str(run), env=cluster.env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    assert again != job
+    record = cluster.job(again)
+    assert record["JobState"] == "PENDING" and record["NumCPUs"] == "2", record
+    assert json.loads((run / "launch.json").read_text())["job_id"] == again
+    cluster.run("scancel", again)

@@ -126,3 +126,17 @@ def test_bad_input_is_a_config_error(runs, tmp_path):
         main([str(ra), "--out", str(tmp_path / "loss.jpg")])
     with pytest.raises(SystemExit):  # argparse: --out is required
         main([str(ra)])
+
+
+def test_the_pretrain_plot_and_plan_commands(runs, tmp_path):
+    """The real CLI: `pretrain plot A B --out F.png`, and `pretrain plan` (wiring only)."""
+    from tests.conftest import run_cli
+
+    out = tmp_path / "cli.png"
+    r = run_cli("plot", *map(str, runs), "--out", str(out))
+    assert r.returncode == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", r.stderr
+    assert r.stdout.startswith(f"{out}: 2 runs")
+    r = run_cli("plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and r.stderr.startswith("config error:"), r.stderr
+    r = run_cli("plan", "--flops", "5.76e23")
+    assert r.returncode == 0 and "40.4B" in r.stdout, r.stdout + r.stderr

@@ -1,0 +1,165 @@
+"""Semantic checks of a loaded config: ranges, combinations and cross-section rules, each
+failing with a one-line `ConfigError` that names the key. `load_config` runs them."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+from pretrain.config import CHOICES, Config, ConfigError
+
+
+def validate(cfg: Config) -> None:
+    """Checks no type system can express; each failure names its key."""
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            names = [str(c) for c in choices]
+            close = difflib.get_close_matches(str(value), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{key} must be one of {', '.join(names)} (got '{value}'){hint}")
+    for keys, ok, what in _RANGES:
+        for key in keys:
+            value = _get(cfg, key)
+            if value is not None and not ok(value):
+                raise ConfigError(f"{key} {what} (got {value!r})")
+
+    m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.schedule
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})"
+        )
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(
+            f"model.d_model / model.n_heads must be even for rope (head dim {m.head_dim})"
+        )
+    if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})"
+        )
+    if d.seq_len > m.max_seq_len:
+        what = "the learned position table" if m.position == "learned" else "the model's maximum"
+        raise ConfigError(
+            f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}), {what}; "
+            "raise model.max_seq_len or lower data.seq_len"
+        )
+    for key, streams in (("data.streams", d.streams), ("data.val_streams", d.val_streams)):
+        for i, stream in enumerate(streams):
+            if stream.proportion is not None and stream.repeat is not None:
+                raise ConfigError(f"{key}[{i}]: give proportion or repeat, not both")
+            for name in ("proportion", "repeat"):
+                value = getattr(stream, name)
+                if value is not None and value <= 0:
+                    raise ConfigError(f"{key}[{i}].{name} must be > 0 (got {value})")
+            if objstore_like(stream.remote) and not stream.remote.startswith("s3://"):
+                raise ConfigError(
+                    f"{key}[{i}].remote: only s3:// object stores are supported (got {stream.remote})"
+                )
+    if s.decay_steps is not None and s.decay_steps <= s.warmup_steps:
+        raise ConfigError(
+            f"schedule.decay_steps ({s.decay_steps}) must be > schedule.warmup_steps ({s.warmup_steps})"
+        )
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})"
+        )
+    for i, name in enumerate(cfg.fault.preempt_signals):
+        if name not in PREEMPT_SIGNALS:
+            raise ConfigError(
+                f"fault.preempt_signals[{i}] must be one of {', '.join(PREEMPT_SIGNALS)} (got {name!r})"
+            )
+    c = cfg.checkpoint
+    if c.async_save and cfg.parallel.strategy == "zero":
+        raise ConfigError(
+            "checkpoint.async_save works with parallel.strategy single, ddp or fsdp; "
+            "DeepSpeed (zero) writes its own checkpoints: set checkpoint.async_save=false"
+        )
+    if c.remote is not None and not c.remote.startswith("s3://"):
+        raise ConfigError(f"checkpoint.remote must be an s3://bucket/prefix URL (got {c.remote!r})")
+
+
+def objstore_like(path: str) -> bool:
+    return "://" in path
+
+
+def _positive(v: float) -> bool:
+    return v > 0 and math.isfinite(v)
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0 and math.isfinite(v)
+
+
+def _unit(v: float) -> bool:
+    return 0 <= v < 1
+
+
+# (keys, predicate, what the predicate demands); None values (optional keys) are skipped.
+_RANGES = (
+    (
+        (
+            "model.vocab_size",
+            "model.d_model",
+            "model.n_layers",
+            "model.n_heads",
+            "model.n_kv_heads",
+            "model.max_seq_len",
+            "model.sliding_window",
+            "model.mlp_hidden",
+            "model.mlp_multiple_of",
+            "model.rope_theta",
+            "model.init_std",
+            "model.norm_eps",
+            "data.seq_len",
+            "data.num_canonical_nodes",
+            "train.max_steps",
+            "train.global_batch_size",
+            "train.micro_batch_size",
+            "train.eval_every",
+            "train.log_every",
+            "checkpoint.keep_last",
+            "optim.lr",
+            "optim.eps",
+            "data.download_timeout",
+            "parallel.activation_checkpointing_every",
+            "fault.collective_timeout_s",
+        ),
+        _positive,
+        "must be > 0",
+    ),
+    (
+        (
+            "train.eval_batches",
+            "checkpoint.every",
+            "schedule.warmup_steps",
+            "data.num_workers",
+            "data.download_retry",
+            "optim.weight_decay",
+            "optim.grad_clip",
+            "parallel.threads",
+            "fault.preempt_grace_s",
+            "fault.watchdog_s",
+            "fault.max_bad_steps",
+        ),
+        _non_negative,
+        "must be >= 0",
+    ),
+    (("model.dropout", "optim.beta1", "optim.beta2"), _unit, "must be in [0, 1)"),
+    (("schedule.min_lr_ratio",), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    (("model.rope_scale",), lambda v: v >= 1, "must be >= 1 (a position interpolation factor)"),
+    (
+        ("fault.requeue_exit_code",),
+        lambda v: 3 <= v <= 255 and v != 124,
+        "must be in 3..255 and not 124 (1 is an error, 2 bad input, 124 a hang)",
+    ),
+)
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT", "SIGURG")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj

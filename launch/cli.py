@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from launch.spec import LaunchSpec, read_spec, require_run
+from launch.spec import LaunchSpec, read_spec, require_positive, require_run
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -43,7 +43,7 @@ def _launch(argv: list[str]) -> int:
     parser.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0's rendezvous (nnodes > 1)")
     parser.add_argument("--rdzv-id", help="the same on every node (default: from run.dir)")
     args = parser.parse_intermixed_args(argv)
-    _positive(nproc_per_node=args.nproc_per_node or 1, nnodes=args.nnodes)
+    require_positive(nproc_per_node=args.nproc_per_node or 1, nnodes=args.nnodes)
     spec = LaunchSpec(
         config=str(Path(args.config).resolve()),
         overrides=args.overrides,
@@ -136,14 +136,6 @@ def _status(argv: list[str]) -> int:
     parser.add_argument("run_dir")
     print(format_status(run_status(parser.parse_args(argv).run_dir)))
     return 0
-
-
-def _positive(**values: int) -> None:
-    from pretrain.config import ConfigError
-
-    for name, value in values.items():
-        if value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
 def _slurm_job_id() -> str | None:

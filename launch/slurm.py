@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.spec import LaunchSpec, prepare, record, resolve, write_spec
+from launch.spec import LaunchSpec, prepare, record, require_positive, resolve, write_spec
 from pretrain.config import ConfigError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "pretrain.sbatch"
@@ -63,9 +63,7 @@ def options(args: argparse.Namespace) -> dict:
         sbatch_args=args.sbatch_arg,
         template=str(Path(args.template).resolve()),
     )
-    for key in ("nodes", "nproc_per_node", "signal_lead"):
-        if opts[key] < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} {opts[key]}: must be at least 1")
+    require_positive(**{k: opts[k] for k in ("nodes", "nproc_per_node", "signal_lead")})
     return opts
 
 

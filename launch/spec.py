@@ -70,6 +70,13 @@ def read_spec(run_dir: Path) -> LaunchSpec | None:
         ) from None
 
 
+def require_positive(**values: int) -> None:
+    """A one-line error for a count option below 1, named as on the command line."""
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+
+
 def require_run(run_dir: str | Path) -> Path:
     """`run_dir` if it is a run directory, else a one-line error."""
     path = Path(run_dir)
@@ -91,18 +98,9 @@ def record(run_dir: Path, **event) -> None:
 
 
 def read_history(run_dir: Path) -> list[dict]:
+    from pretrain.metrics import read_jsonl
+
     return read_jsonl(Path(run_dir) / HISTORY_FILE)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Every complete record of a JSONL file (a line cut short by a kill is skipped)."""
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:

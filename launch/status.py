@@ -3,7 +3,6 @@ for SLURM jobs): state, step, last checkpoint, losses, restarts."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -11,8 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from launch.spec import read_history, read_jsonl, read_spec, require_run
+from launch.spec import read_history, read_spec, require_run
 from pretrain import lockfile
+from pretrain.checkpoint import checkpoint_step, complete_checkpoints
+from pretrain.metrics import read_jsonl
 
 
 @dataclass
@@ -53,8 +54,9 @@ def run_status(run_dir: str | Path) -> RunStatus:
     history = read_history(run_dir)
     exits = [h for h in history if h.get("event") == "exit"]
     spec = read_spec(run_dir)
-    checkpoint = _latest_checkpoint(run_dir)
-    checkpoint_step = int(checkpoint.split("_")[1]) if checkpoint else 0
+    complete = complete_checkpoints(run_dir / "checkpoints")
+    checkpoint = complete[0].name if complete else None
+    last_saved = checkpoint_step(complete[0]) if complete else 0
     job_state = _slurm_state(spec.job_id) if spec and spec.job_id else None
 
     last_event = next((r.get("event") for r in reversed(metrics) if "event" in r), None)
@@ -64,7 +66,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
         state = "queued"
     elif job_state in ("RUNNING", "COMPLETING"):
         state = "running"
-    elif max_steps and checkpoint_step >= max_steps:
+    elif max_steps and last_saved >= max_steps:
         state = "finished"
     elif last_event == "preempted" or (exits and exits[-1].get("exit_code") == _requeue(cfg)):
         state = "preempted"
@@ -77,7 +79,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
         run_dir=run_dir,
         name=str(cfg.get("run", {}).get("name", run_dir.name)),
         state=state,
-        step=max([checkpoint_step] + [r["step"] for r in losses]),
+        step=max([last_saved] + [r["step"] for r in losses]),
         max_steps=max_steps,
         checkpoint=checkpoint,
         loss=losses[-1]["loss"] if losses else None,
@@ -121,15 +123,6 @@ def table(rows: list[dict]) -> str:
 def _running(run_dir: Path) -> bool:
     locks = [run_dir / ".lock", *run_dir.glob(".launch-node*.lock")]
     return any(lockfile.owner(path) for path in locks)
-
-
-def _latest_checkpoint(run_dir: Path) -> str | None:
-    latest = run_dir / "checkpoints" / "latest"
-    try:
-        name = json.loads(latest.read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return name if (run_dir / "checkpoints" / name / "manifest.json").exists() else None
 
 
 def _slurm_state(job_id: str) -> str | None:

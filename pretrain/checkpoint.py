@@ -185,12 +185,7 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, newest first."""
-        found = []
-        for path in self.root.glob("step_*"):
-            match = STEP_RE.match(path.name)
-            if match and path.is_dir() and _verify(path):
-                found.append((int(match.group(1)), path))
-        return [p for _, p in sorted(found, reverse=True)]
+        return complete_checkpoints(self.root)
 
     def latest(self) -> Path | None:
         complete = self.complete()
@@ -206,6 +201,21 @@ class Checkpointer:
     def _prune(self) -> None:
         for old in self.complete()[self.keep_last :]:
             _trash(old)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under `root` (RUN_DIR/checkpoints), newest first: what a
+    resume would load, in order."""
+    found = []
+    for path in Path(root).glob("step_*"):
+        match = STEP_RE.match(path.name)
+        if match and path.is_dir() and _verify(path):
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(STEP_RE.match(path.name).group(1))
 
 
 def _verify(path: Path) -> bool:

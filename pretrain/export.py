@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pretrain.checkpoint import complete_checkpoints
 from pretrain.config import Config, ConfigError, from_dict
 from pretrain.consolidate import Entry, load_tensor, model_tensors, write_safetensors
 from pretrain.model.config import ModelConfig
@@ -36,10 +37,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / ".metadata").is_file():
         return path
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        name = json.loads(latest.read_text())["checkpoint"]
-        return path / "checkpoints" / name
+    complete = complete_checkpoints(path / "checkpoints")
+    if complete:
+        return complete[0]
     if (path / "manifest.json").is_file():  # a complete checkpoint, but not in DCP format
         raise ConfigError(
             f"{path}: a DeepSpeed ZeRO checkpoint; export and generate read DCP checkpoints "
@@ -162,7 +162,7 @@ def export_hf(
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(checkpoint)
     torch_dtype = DTYPES[dtype]
-    tok_path = _find_tokenizer(tokenizer or cfg.data.tokenizer, checkpoint)
+    tok_path = find_tokenizer(tokenizer or cfg.data.tokenizer, checkpoint)
     from pretrain.tokenizer import Tokenizer
 
     tok = Tokenizer(tok_path)
@@ -210,7 +210,7 @@ def export_hf(
     return written
 
 
-def _find_tokenizer(path: str | Path, checkpoint: Path) -> Path:
+def find_tokenizer(path: str | Path, checkpoint: Path) -> Path:
     """The tokenizer named by the config: absolute, relative to here, or to where the run
     was launched (launch.json's cwd)."""
     path = Path(path)

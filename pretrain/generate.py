@@ -161,12 +161,12 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--top-k {args.top_k}: must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1]")
-    from pretrain.export import _find_tokenizer, resolve_checkpoint
+    from pretrain.export import find_tokenizer, resolve_checkpoint
     from pretrain.tokenizer import Tokenizer
 
     model, cfg = load_model(args.path, args.device)
     tok = Tokenizer(
-        _find_tokenizer(args.tokenizer or cfg.data.tokenizer, resolve_checkpoint(args.path))
+        find_tokenizer(args.tokenizer or cfg.data.tokenizer, resolve_checkpoint(args.path))
     )
     prompt = tok.encode(args.prompt)
     if not prompt or len(prompt) >= cfg.model.max_seq_len:

@@ -175,8 +175,12 @@ def _wandb_id(run_dir: Path, name: str) -> str:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every complete record of a run's metrics.jsonl (a line cut short by a kill is skipped)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every complete record of a JSONL file (a line cut short by a kill is skipped)."""
     records = []
-    path = Path(run_dir) / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
             records.append(json.loads(line))

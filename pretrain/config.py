@@ -33,6 +33,11 @@ class RunConfig:
     dir: str = "runs/${run.name}"
     # Seed of the Python, NumPy and torch RNGs (initial weights, dropout) and the data shuffle.
     seed: int = 0
+    # Node-local scratch folder for this run's streaming cache and temp files (never the
+    # shared run directory: nodes would overwrite each other's downloads, and long paths
+    # break DataLoader worker sockets). None: $PRETRAIN_SCRATCH, else /tmp, plus a short
+    # folder named after the run directory.
+    scratch: str | None = None
 
 
 @dataclass
@@ -40,7 +45,8 @@ class StreamConfig:
     # Dataset root written by `pretrain prep shards` (meta.json + one folder per split): a
     # local folder or s3://bucket/prefix (endpoint and credentials from the environment).
     remote: str = "???"
-    # Local cache for an s3:// dataset; default RUN_DIR/cache/streamsN. Unused for local data.
+    # Local cache for an s3:// dataset (on each node); default SCRATCH/cache/streamsN (see
+    # run.scratch). Unused for local data.
     local: str | None = None
     # Mixture weight: this stream's share of each epoch's samples. Give proportion or repeat,
     # not both; streams can't mix the two kinds. None on every stream: natural sizes.
@@ -66,8 +72,10 @@ class DataConfig:
     val_split: str = "val"
     # Shuffle the training samples (seeded by run.seed); validation never is.
     shuffle: bool = True
-    # Fixes the global sample order independently of the number of ranks.
-    num_canonical_nodes: int = 1
+    # Fixes the global sample order independently of the number of ranks. None: chosen at
+    # the run's first start from its node count and recorded in the run directory, so the
+    # order never changes when the run resumes on more or fewer nodes.
+    num_canonical_nodes: int | None = None
     # DataLoader worker processes per rank; 0 loads in the training process.
     num_workers: int = 0
     # Allow model.vocab_size > the tokenizer's vocabulary (extra rows are padding).
@@ -152,6 +160,9 @@ class CheckpointConfig:
     # and a resume downloads the newest one when the run directory has none as new (a new
     # node, a lost disk). Endpoint and credentials come from the environment.
     remote: str | None = None
+    # Slowest per-rank transfer rate (MB/s) to wait for when checkpoint files move to or
+    # from `remote`: ranks wait for each other's transfers up to 300 s + size / this rate.
+    remote_min_mb_per_s: float = 10.0
 
 
 @dataclass
@@ -181,6 +192,17 @@ class ParallelConfig:
     mixed_precision: str = "fp32"
     # Intra-op threads per process; 0 leaves torch's default (one per core).
     threads: int = 0
+    # auto: CUDA when every rank sees a GPU, else CPU (all ranks must agree; a rank whose
+    # CUDA fails while others have it is an error, never a silent CPU run). cuda: refuse to
+    # start without a GPU. cpu: train on CPU (gloo) even when GPUs are present.
+    device: str = "auto"
+    # fsdp: keep unsharded fp32 gradients across the micro-batches of a step and
+    # reduce-scatter once, after the last (less communication, +4 bytes per parameter per
+    # rank: for small models). Default: reduce-scatter after every micro-batch.
+    fsdp_defer_grad_sync: bool = False
+    # Tokens per chunk of the output projection + cross-entropy: logits of at most this
+    # many tokens exist at once (never B*T*V in fp32). 0: the whole micro-batch at once.
+    loss_chunk_tokens: int = 4096
     # fsdp: free each block's gathered parameters after its forward (less memory, one more
     # all-gather in backward).
     reshard_after_forward: bool = True
@@ -237,6 +259,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.name": ("cosine", "linear", "constant"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "parallel.strategy": ("single", "ddp", "fsdp", "zero"),
+    "parallel.device": ("auto", "cuda", "cpu"),
     "parallel.mixed_precision": ("fp32", "bf16"),
     "parallel.activation_checkpointing": ("none", "full", "every"),
     "parallel.zero_stage": (1, 2, 3),

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pretrain.config import Config, ConfigError
-from pretrain.model.attention import attention_bias
+from pretrain.model.attention import build_attention_bias, sdpa_attention
 from pretrain.model.positions import apply_rope
 from pretrain.model.transformer import Transformer
 
@@ -71,8 +70,15 @@ def forward_cached(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> 
         (model.rope_cos[start:end], model.rope_sin[start:end]) if cfg.position == "rope" else None
     )
     H, K, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    mask = attention_bias(H, cfg.position == "alibi", cfg.sliding_window, end, x.device, x.dtype)
-    mask = mask[:, :, start:end, :end]  # the new queries' rows, every key so far
+    alibi = cfg.position == "alibi"
+    # Only the new queries' rows against every key so far: (1, H or 1, T, end), built per
+    # call (one row per decoded token) instead of a cached (end, end) mask per length.
+    # Without ALiBi or a window, the first chunk is plainly causal and one new token sees
+    # every key: no mask at all, so SDPA keeps its fused kernels.
+    plain = not alibi and cfg.sliding_window is None and (start == 0 or T == 1)
+    mask = None
+    if not plain:
+        mask = build_attention_bias(H, alibi, cfg.sliding_window, start, T, end, x.device, x.dtype)
     for i, layer in enumerate(model.layers):
         attn = layer.attn
         qkv = attn.qkv(layer.attn_norm(x)).view(B, T, H + 2 * K, D)
@@ -82,9 +88,7 @@ def forward_cached(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> 
             qk, v = qkv.split([H + K, K], dim=2)
             q, k = apply_rope(qk, *rope).split([H, K], dim=2)
         k, v = cache.append(i, k.transpose(1, 2), v.transpose(1, 2))  # (B, K, end, D)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=K != H
-        )  # (B, H, T, D)
+        y = sdpa_attention(q.transpose(1, 2), k, v, mask, causal=start == 0)  # (B, H, T, D)
         x = x + attn.out_proj(y.transpose(1, 2).reshape(B, T, H * D))
         x = x + layer.mlp(layer.mlp_norm(x))
     cache.length = end

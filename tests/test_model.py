@@ -1,6 +1,8 @@
-"""Model numerics: attention kernels vs the naive reference, positions, masks, counts, init.
+"""Model numerics: attention kernels vs the naive reference, positions, masks, counts, init;
+the masked-GQA SDPA path, the bounded mask cache and the flash-attn/SDPA choice per GPU.
 
-All CPU fp32 and tiny, except one GPU-only flash_attn check and one small bf16 check.
+CPU and tiny (fp32, a few bf16 checks); two GPU-only groups (flash_attn numerics, SDPA
+never needing its math kernel) are marked `gpu` and skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.model import (
     ModelConfig,
@@ -23,7 +26,14 @@ from pretrain.model import (
     flops_per_token,
     rope_cos_sin,
 )
-from pretrain.model.attention import _cached_attention_bias, attention_bias
+from pretrain.model.attention import (
+    BIAS_CACHE,
+    BiasCache,
+    attention_bias,
+    sdpa_attention,
+    sdpa_native_gqa,
+    select_backend,
+)
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
 
@@ -220,7 +230,7 @@ def test_flops_per_token_by_hand() -> None:
 
 
 def test_mask_cached_under_inference_mode_still_trains() -> None:
-    _cached_attention_bias.cache_clear()
+    BIAS_CACHE.clear()
     model = build(sliding_window=4).train()
     with torch.inference_mode():
         model(tokens())
@@ -276,3 +286,154 @@ def test_flash_attn_matches_sdpa_in_bf16(variant: str) -> None:
     )
     with torch.autocast("cuda", dtype=torch.bfloat16):
         torch.testing.assert_close(flash(x), sdpa(x), atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------ masked GQA, backends
+def reference_attention(q, k, v, alibi: bool, window: int | None) -> torch.Tensor:
+    """Plain math attention, written out: q (B, H, T, D), k/v (B, K, T, D)."""
+    H, T, D = q.shape[1], q.shape[2], q.shape[3]
+    k = k.repeat_interleave(H // k.shape[1], dim=1)
+    v = v.repeat_interleave(H // v.shape[1], dim=1)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(D)  # (B, H, T, T)
+    if alibi:
+        slopes = torch.tensor(alibi_slopes(H), dtype=torch.float64)
+        scores = scores - slopes[:, None, None] * (i - j)
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    scores = scores.masked_fill(~allowed, -math.inf)
+    return (scores.softmax(-1) @ v.double()).to(q.dtype)
+
+
+class SDPACalls(TorchDispatchMode):
+    """Records the shapes and mask dtype of every fused attention op SDPA dispatches to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, torch.Size, torch.dtype | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "scaled_dot_product" in str(func) and "backward" not in str(func):
+            mask = kwargs.get("attn_mask")
+            self.calls.append((str(func), args[1].shape, None if mask is None else mask.dtype))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "alibi,window", [(False, 5), (True, None), (True, 7)], ids=["window", "alibi", "alibi_window"]
+)
+def test_masked_gqa_sdpa_expands_kv_and_matches_math(alibi, window, dtype) -> None:
+    B, H, K, T, D = 2, 8, 2, 37, 16  # T not a multiple of the mask alignment
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, n, T, D, generator=g).to(dtype) for n in (H, K, K))
+    q.requires_grad_()
+    mask = attention_bias(H, alibi, window, T, q.device, dtype)
+    assert mask.dtype == dtype and mask.shape == (1, H if alibi else 1, T, T)
+    with SDPACalls() as seen:
+        out = sdpa_attention(q, k, v, mask, causal=True)
+    # The kernel got k/v with all H heads (no enable_gqa) and a mask in the query dtype:
+    # what SDPA's memory-efficient CUDA kernel needs instead of the math fallback.
+    assert seen.calls and all(shape[1] == H and m == dtype for _, shape, m in seen.calls)
+    ref = reference_attention(q, k, v, alibi, window)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    grad = torch.autograd.grad(out.float().square().sum(), q)[0]
+    qr = q.detach().double().requires_grad_()
+    ref_grad = torch.autograd.grad(reference_attention(qr, k, v, alibi, window).square().sum(), qr)[
+        0
+    ]
+    torch.testing.assert_close(grad.double(), ref_grad, **tol)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_model_passes_expanded_kv_and_a_query_dtype_mask(autocast: bool) -> None:
+    model = build(attention="sdpa", position="alibi", n_kv_heads=2, sliding_window=4)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    with SDPACalls() as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(tokens())
+    assert len(seen.calls) == TINY.n_layers
+    assert all(shape[1] == TINY.n_heads and m == dtype for _, shape, m in seen.calls)
+
+
+def test_unmasked_gqa_keeps_grouped_kv_on_cpu() -> None:
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    with SDPACalls() as seen:
+        sdpa_attention(q, k, k, None, causal=True)
+    assert [shape[1] for _, shape, _ in seen.calls] == [2]  # enable_gqa, no copy
+
+
+def test_mask_cache_stays_bounded_over_many_lengths() -> None:
+    BIAS_CACHE.clear()
+    model = build(position="alibi", n_kv_heads=2, sliding_window=6, attention="sdpa")
+    for T in range(1, TINY.max_seq_len + 1):
+        model(tokens(T=T, B=1))
+        assert len(BIAS_CACHE) <= BIAS_CACHE.max_entries
+    newest = next(reversed(BIAS_CACHE.entries.values()))
+    assert newest.shape[-1] == TINY.max_seq_len
+    # The byte budget too (16 KiB): masks of 1, 4, 16 and 9 KiB leave only the newest.
+    small = BiasCache(max_entries=8, max_bytes=16 << 10)
+    kept = []
+    for T in (8, 16, 32, 24):
+        small.get(("k", T), lambda T=T: torch.zeros(1, 4, T, T))
+        kept.append(list(small.entries))
+    assert kept == [[("k", 8)], [("k", 8), ("k", 16)], [("k", 32)], [("k", 24)]]
+
+
+@pytest.mark.parametrize(
+    "impl,capability,dtype,head_dim,dropout,importable,expected",
+    [
+        ("auto", (9, 0), torch.bfloat16, 128, 0.0, True, "flash"),  # H100
+        ("auto", (8, 0), torch.float16, 64, 0.0, True, "flash"),  # A100
+        ("flash", (8, 9), torch.bfloat16, 128, 0.1, True, "flash"),  # L40S
+        ("auto", (7, 0), torch.float16, 128, 0.0, True, "sdpa"),  # V100: no flash-attn 2
+        ("flash", (7, 5), torch.float16, 64, 0.0, True, "sdpa"),  # T4
+        ("auto", (9, 0), torch.float32, 128, 0.0, True, "sdpa"),  # fp32: no flash
+        ("auto", None, torch.bfloat16, 128, 0.0, True, "sdpa"),  # CPU
+        ("auto", (9, 0), torch.bfloat16, 128, 0.0, False, "sdpa"),  # not installed
+        ("auto", (9, 0), torch.bfloat16, 512, 0.0, True, "sdpa"),  # head_dim too large
+        ("auto", (8, 6), torch.bfloat16, 208, 0.0, True, "sdpa"),  # its backward: sm80/90 only
+        ("auto", (9, 0), torch.bfloat16, 208, 0.0, True, "flash"),
+        ("auto", (8, 6), torch.bfloat16, 256, 0.1, True, "sdpa"),
+        ("auto", (8, 6), torch.bfloat16, 256, 0.0, True, "flash"),
+        ("sdpa", (9, 0), torch.bfloat16, 128, 0.0, True, "sdpa"),
+        ("naive", (9, 0), torch.bfloat16, 128, 0.0, True, "naive"),
+    ],
+)
+def test_select_backend(impl, capability, dtype, head_dim, dropout, importable, expected) -> None:
+    got = select_backend(impl, capability, dtype, head_dim, dropout, flash_importable=importable)
+    assert got == expected
+
+
+def test_sdpa_native_gqa_only_where_a_fused_kernel_takes_it() -> None:
+    assert sdpa_native_gqa("cpu", None, torch.float32, 64)
+    assert sdpa_native_gqa("cuda", (9, 0), torch.bfloat16, 128)
+    assert not sdpa_native_gqa("cuda", (9, 0), torch.float32, 128)  # fp32: efficient kernel
+    assert not sdpa_native_gqa("cuda", (7, 0), torch.float16, 128)  # no SDPA flash on V100
+    assert not sdpa_native_gqa("cuda", (9, 0), torch.bfloat16, 512)
+
+
+def test_cpu_tensors_never_pick_flash() -> None:
+    attn = build(attention="auto").layers[0].attn
+    assert attn.backend(torch.empty(1, dtype=torch.bfloat16)) == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["window", "alibi", "alibi_gqa_window", "gqa"])
+def test_gpu_sdpa_never_needs_the_math_kernel(variant: str) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kw = {"n_kv_heads": 2, **VARIANTS[variant], "d_model": 256, "n_heads": 4, "max_seq_len": 256}
+    with torch.device("cuda"):
+        model = build(attention="sdpa", **kw).train()
+    x = tokens(T=256).cuda()
+    capability = torch.cuda.get_device_capability()
+    backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    # Math disabled: SDPA raises if a call could only run there (GQA + mask before the fix).
+    with sdpa_kernel(backends), torch.autocast("cuda", dtype=torch.bfloat16):
+        if capability >= (8, 0):
+            model(x).float().square().mean().backward()
+    expect = "flash" if flash_attn_available() and capability >= (8, 0) else "sdpa"
+    auto = build(attention="auto", **kw).layers[0].attn
+    assert auto.backend(torch.empty(1, device="cuda", dtype=torch.bfloat16)) == expect

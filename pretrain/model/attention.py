@@ -1,20 +1,31 @@
 """Causal self-attention with grouped-query heads, sliding window and ALiBi.
 
-One fused q/k/v projection feeds one of three interchangeable kernels, picked per call
-because the right choice depends on the tensors (device, dtype under autocast):
+One fused q/k/v projection feeds one of three interchangeable kernels, picked per call by
+`select_backend` because the right choice depends on the tensors (device, dtype under
+autocast) and on the GPU:
 
-- flash: `flash_attn.flash_attn_func` on CUDA fp16/bf16 tensors when the package imports.
-  It takes (B, T, H, D) directly and does GQA, windows and ALiBi natively.
+- flash: `flash_attn.flash_attn_func`, only where flash-attn runs: the package imports, a
+  CUDA GPU of compute capability >= 8.0 (Ampere, Hopper and later), fp16/bf16 tensors and
+  a head_dim it supports. It takes (B, T, H, D) directly and does GQA, windows and ALiBi
+  natively, without a (T, T) mask.
 - sdpa: `F.scaled_dot_product_attention`. Plain causal attention passes `is_causal=True` and
-  no mask so PyTorch can use its fused kernels; windows and ALiBi need an additive float
-  mask, built once per (T, device, dtype) and shared by every layer.
+  no mask so PyTorch can use its fused kernels, with `enable_gqa` where SDPA's own flash
+  kernel takes grouped heads. Windows and ALiBi need an additive mask: then k/v heads are
+  expanded to the query heads and the mask is in the query dtype, because SDPA's
+  memory-efficient kernel (the one that takes a mask on CUDA) neither accepts `enable_gqa`
+  nor a mask of another dtype; otherwise SDPA silently runs its math kernel, which holds
+  B*H*T*T fp32 scores. The mask is built once per (T, device, dtype) and shared by every
+  layer (and, through autograd, by every layer's backward) in a small cache bounded in
+  entries and bytes: an ALiBi bias is (1, H, T, T), a GiB at H=32, T=4096 in bf16.
 - naive: softmax(QK^T / sqrt(D) + mask) V written out; the reference the tests compare to.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +40,184 @@ except ImportError:  # not installed, or built against another torch
     flash_attn_func = None
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256
+# SDPA's memory-efficient kernel wants the mask's strides to be multiples of this; a mask
+# that is not gets padded (a copy) on every call, so cached masks are built padded.
+MASK_ALIGNMENT = 16
 
 
 def flash_attn_available() -> bool:
     return flash_attn_func is not None
+
+
+def flash_supported(
+    capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int, dropout: float = 0.0
+) -> bool:
+    """Whether flash-attn 2 runs on a GPU of this compute capability (None: not CUDA).
+
+    Ampere (8.0) or newer, fp16/bf16, head_dim <= 256; its backward for head_dim in
+    (192, 224], or above 224 with dropout, only runs on sm80 and sm90 (A100, H100).
+    """
+    if capability is None or capability < (8, 0) or dtype not in FLASH_DTYPES:
+        return False
+    if head_dim > FLASH_MAX_HEAD_DIM:
+        return False
+    big_backward = 192 < head_dim <= 224 or (head_dim > 224 and dropout > 0)
+    return not big_backward or capability in ((8, 0), (9, 0))
+
+
+def select_backend(
+    impl: str,
+    capability: tuple[int, int] | None,
+    dtype: torch.dtype,
+    head_dim: int,
+    dropout: float = 0.0,
+    flash_importable: bool | None = None,
+) -> str:
+    """The kernel for `impl` (model.attention) on this GPU and dtype: flash, sdpa or naive.
+
+    'auto' and 'flash' use flash-attn where `flash_supported` and the package imports, else
+    SDPA (so evaluation outside autocast, or on the CPU, still works).
+    """
+    if flash_importable is None:
+        flash_importable = flash_attn_available()
+    if impl in ("naive", "sdpa"):
+        return impl
+    if flash_importable and flash_supported(capability, dtype, head_dim, dropout):
+        return "flash"
+    return "sdpa"
+
+
+def sdpa_native_gqa(
+    device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int
+) -> bool:
+    """Whether unmasked SDPA with `enable_gqa` reaches a fused kernel without copying k/v.
+
+    On the CPU its flash kernel takes grouped heads; on CUDA only its flash kernel does
+    (sm80+, fp16/bf16, head_dim <= 256): fp32 or an older GPU falls to the memory-efficient
+    kernel, which does not, so k/v are expanded there instead of letting SDPA run the math
+    kernel.
+    """
+    if device_type == "cpu":
+        return True
+    if device_type == "cuda" and capability is not None:
+        return capability >= (8, 0) and dtype in FLASH_DTYPES and head_dim <= FLASH_MAX_HEAD_DIM
+    return False
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, None for any other (constant-folded under compile)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.minor
+
+
+def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, K, T, D) -> (B, H, T, D): query head h reads kv head h // (H / K), as
+    repeat_interleave on dim 1 would."""
+    batch, kv_heads, seq, dim = x.shape
+    if kv_heads == n_heads:
+        return x
+    repeat = n_heads // kv_heads
+    return x[:, :, None].expand(batch, kv_heads, repeat, seq, dim).reshape(batch, n_heads, seq, dim)
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """q (B, H, Tq, D), k and v (B, K, Tk, D) -> (B, H, Tq, D) through SDPA.
+
+    `mask` (additive, broadcastable to (B, H, Tq, Tk)) replaces `causal`. With a mask, or
+    where SDPA cannot do GQA in a fused kernel, k/v heads are expanded to the query heads.
+    """
+    H = q.shape[1]
+    if mask is not None:
+        k, v = expand_kv(k, H), expand_kv(v, H)
+        mask = mask.to(q.dtype)  # a no-op for the cached masks, built in the query dtype
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    gqa = k.shape[1] != H
+    native = sdpa_native_gqa(q.device.type, cuda_capability(q.device), q.dtype, q.shape[-1])
+    if gqa and not native:
+        k, v, gqa = expand_kv(k, H), expand_kv(v, H), False
+    return F.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout_p, is_causal=causal, enable_gqa=gqa
+    )
+
+
+# ------------------------------------------------------------------ masks
+def build_attention_bias(
+    n_heads: int,
+    alibi: bool,
+    window: int | None,
+    q_start: int,
+    q_len: int,
+    k_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive mask (1, H or 1, q_len, k_len) for queries at positions q_start.. and keys
+    at 0..k_len-1: causal (and window) as -inf, ALiBi as -slope * distance.
+
+    Query t may attend to keys t - window + 1 .. t. The storage's last dimension is padded
+    to a multiple of MASK_ALIGNMENT, so SDPA's memory-efficient kernel takes it as is.
+    """
+    q_pos = torch.arange(q_start, q_start + q_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    distance = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk) query minus key position
+    allowed = distance >= 0
+    if window is not None:
+        allowed &= distance < window
+    bias = torch.zeros(q_len, k_len, device=device).masked_fill(~allowed, -math.inf)
+    if alibi:
+        slopes = torch.tensor(alibi_slopes(n_heads), device=device)
+        bias = bias - slopes[:, None, None] * distance  # (H, Tq, Tk)
+    bias = bias.view(1, -1, q_len, k_len)  # (1, H or 1, Tq, Tk)
+    padded = -(-k_len // MASK_ALIGNMENT) * MASK_ALIGNMENT
+    out = torch.zeros(1, bias.shape[1], q_len, padded, device=device, dtype=dtype)
+    out = out[..., :k_len]
+    out.copy_(bias)
+    return out
+
+
+class BiasCache:
+    """Least-recently-used masks, at most `max_entries` and `max_bytes` (the newest is
+    always kept, whatever its size: every layer of the current forward uses it)."""
+
+    def __init__(self, max_entries: int = 4, max_bytes: int = 256 << 20) -> None:
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        # A mask first built under inference_mode must still be usable by autograd later.
+        with torch.inference_mode(False):
+            bias = build()
+        self.entries[key] = bias
+        while len(self.entries) > 1 and (
+            len(self.entries) > self.max_entries or self.nbytes() > self.max_bytes
+        ):
+            self.entries.popitem(last=False)
+        return bias
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+BIAS_CACHE = BiasCache()
 
 
 def attention_bias(
@@ -43,54 +228,26 @@ def attention_bias(
     device: torch.device,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Additive mask (1, H or 1, T, T): causal (and window) as -inf, ALiBi as -slope * distance.
-
-    Query t may attend to keys t - window + 1 .. t. Built once per argument tuple and shared
-    by every layer and step; under torch.compile it is traced into the graph instead.
-    """
+    """The (1, H or 1, T, T) mask of a full causal sequence, from BIAS_CACHE; under
+    torch.compile it is traced into the graph instead."""
+    args = (n_heads, alibi, window, 0, seq_len, seq_len, device, dtype)
     if torch.compiler.is_compiling():
-        return _build_attention_bias(n_heads, alibi, window, seq_len, device, dtype)
-    return _cached_attention_bias(n_heads, alibi, window, seq_len, device, dtype)
+        return build_attention_bias(*args)
+    return BIAS_CACHE.get(args, lambda: build_attention_bias(*args))
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_attention_bias(*args) -> torch.Tensor:
-    # A mask first built under inference_mode must still be usable by autograd later.
-    with torch.inference_mode(False):
-        return _build_attention_bias(*args)
-
-
-def _build_attention_bias(
-    n_heads: int,
-    alibi: bool,
-    window: int | None,
-    seq_len: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    pos = torch.arange(seq_len, device=device)
-    distance = pos[:, None] - pos[None, :]  # (T, T) query minus key position
-    allowed = distance >= 0
-    if window is not None:
-        allowed &= distance < window
-    bias = torch.zeros(seq_len, seq_len, device=device).masked_fill(~allowed, -math.inf)
-    if alibi:
-        slopes = torch.tensor(alibi_slopes(n_heads), device=device)
-        bias = bias - slopes[:, None, None] * distance  # (H, T, T)
-    return bias.to(dtype).view(1, -1, seq_len, seq_len)  # (1, H or 1, T, T)
+_SLOPES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _alibi_slopes_tensor(n_heads: int, device: torch.device) -> torch.Tensor:
-    """Slopes as flash_attn wants them: float32 (H,) on the device."""
+    """Slopes as flash_attn wants them: float32 (H,) on the device (one per head count)."""
     if torch.compiler.is_compiling():
         return torch.tensor(alibi_slopes(n_heads), dtype=torch.float32, device=device)
-    return _cached_alibi_slopes(n_heads, device)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_alibi_slopes(n_heads: int, device: torch.device) -> torch.Tensor:
-    with torch.inference_mode(False):
-        return torch.tensor(alibi_slopes(n_heads), dtype=torch.float32, device=device)
+    key = (n_heads, device)
+    if key not in _SLOPES:
+        with torch.inference_mode(False):
+            _SLOPES[key] = torch.tensor(alibi_slopes(n_heads), dtype=torch.float32, device=device)
+    return _SLOPES[key]
 
 
 class Attention(nn.Module):
@@ -118,21 +275,16 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
 
     def backend(self, q: torch.Tensor) -> str:
-        """The kernel for query q: 'flash', 'sdpa' or 'naive'.
-
-        'auto' and 'flash' both fall back to SDPA for tensors flash_attn cannot take (CPU,
-        fp32), so evaluation outside autocast still works.
-        """
-        if self.impl == "naive":
-            return "naive"
-        if (
-            self.impl in ("auto", "flash")
-            and flash_attn_func is not None
-            and q.is_cuda
-            and q.dtype in FLASH_DTYPES
-        ):
-            return "flash"
-        return "sdpa"
+        """The kernel for query q: 'flash', 'sdpa' or 'naive' (see `select_backend`)."""
+        capability = cuda_capability(q.device)
+        backend = select_backend(self.impl, capability, q.dtype, self.head_dim, self.dropout_p)
+        if self.impl == "flash" and backend != "flash" and capability is not None:
+            warnings.warn(
+                f"attention='flash' but flash-attn cannot run on this GPU (compute capability "
+                f"{capability}, {q.dtype}, head_dim {self.head_dim}); using SDPA",
+                stacklevel=2,
+            )
+        return backend
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -173,19 +325,10 @@ class Attention(nn.Module):
         return attention_bias(self.n_heads, self.alibi, self.window, q.shape[2], q.device, q.dtype)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        gqa = self.n_kv_heads != self.n_heads
-        mask = self._mask(q)
-        if mask is None:
-            return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa
-            )
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
+        return sdpa_attention(q, k, v, self._mask(q), causal=True, dropout_p=p)
 
     def _naive(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        if self.n_kv_heads != self.n_heads:
-            repeat = self.n_heads // self.n_kv_heads  # query head h reads kv head h // repeat
-            k = k.repeat_interleave(repeat, dim=1)  # (B, H, T, D)
-            v = v.repeat_interleave(repeat, dim=1)
+        k, v = expand_kv(k, self.n_heads), expand_kv(v, self.n_heads)  # (B, H, T, D)
         T = q.shape[2]
         mask = attention_bias(self.n_heads, self.alibi, self.window, T, q.device, torch.float32)
         scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # (B, H, T, T)

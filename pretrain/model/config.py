@@ -60,7 +60,8 @@ class ModelConfig:
     # Std of the normal init of linear and embedding weights; residual output projections
     # use init_std / sqrt(2 * n_layers).
     init_std: float = 0.02
-    # auto: flash_attn when importable and the tensors are on CUDA, else PyTorch SDPA.
+    # auto: flash_attn where it runs (importable, a CUDA GPU of compute capability >= 8.0,
+    # fp16/bf16 tensors, head_dim <= 256), else PyTorch SDPA.
     attention: str = "auto"
 
     @property

@@ -5,7 +5,9 @@ Design choices, all driven by ModelConfig:
 - positions: RoPE (cos/sin cache shared by all layers), ALiBi (inside attention) or a
   learned absolute table `pos_emb`;
 - MLP: SwiGLU (w1 gate, w3 up, w2 down) or GELU (fc, proj); norm: RMSNorm or LayerNorm;
-- `lm_head` shares its weight with `tok_emb` when tie_embeddings.
+- `lm_head` shares its weight with `tok_emb` when tie_embeddings;
+- `forward(tokens, targets)` returns the loss, computed in chunks of tokens inside the
+  model (`loss.py`), so the full fp32 logits never exist during training.
 
 Initialisation lives in `init_weights`, not in the constructors, so a model can be built on
 the meta device, materialised with `to_empty(device=...)` and then initialised in place. The
@@ -24,6 +26,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from pretrain.model.attention import Attention
 from pretrain.model.config import ATTENTION_IMPLS, MLPS, NORMS, POSITIONS, ModelConfig
+from pretrain.model.loss import chunked_cross_entropy
 from pretrain.model.positions import rope_cos_sin
 
 
@@ -196,8 +199,33 @@ class Transformer(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, vocab_size) in float32."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        loss_chunk_tokens: int = 0,
+    ) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab_size) in float32.
+
+        With targets (B, T) int64: the mean cross-entropy instead (a float32 scalar), from
+        logits of at most `loss_chunk_tokens` tokens at a time (0: all at once), never kept
+        for backward (see `chunked_cross_entropy`). The loss is taken here, not by the
+        caller, so a sharded wrapper has the output projection gathered while it runs.
+        """
+        x = self.hidden(tokens)  # (B, T, d_model)
+        if targets is None:
+            return self.lm_head(x).float()  # (B, T, vocab_size)
+        if targets.shape != tokens.shape:
+            raise ValueError(
+                f"targets {tuple(targets.shape)} must match tokens {tuple(tokens.shape)}"
+            )
+        return chunked_cross_entropy(
+            self.lm_head, x.flatten(0, 1), targets.flatten(), loss_chunk_tokens
+        )
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> the final norm's output (B, T, d_model), the LM head's input."""
         seq_len = tokens.shape[1]
         if seq_len > self.cfg.max_seq_len:
             raise ValueError(
@@ -213,8 +241,7 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[:seq_len], self.rope_sin[:seq_len])  # (T, head_dim/2) each
         for layer in self.layers:
             x = layer(x, rope)
-        x = self.norm(x)
-        return self.lm_head(x).float()  # (B, T, vocab_size)
+        return self.norm(x)
 
 
 @torch.no_grad()

@@ -1,0 +1,53 @@
+"""Output projection + cross-entropy in chunks of tokens, so B*T*V logits never exist at once.
+
+The plain loss, `F.cross_entropy(lm_head(h).float(), targets)`, holds the logits in the
+compute dtype, again in fp32, and keeps the fp32 log-probabilities for backward: with
+B*T = 32k tokens and V = 128k that is 16 GiB of fp32 per copy. Here each chunk of
+`chunk_tokens` tokens is projected, upcast, and its summed loss taken inside
+`torch.utils.checkpoint`, which keeps only the chunk's input for backward and recomputes
+its logits there, one chunk at a time: peak logits memory is a few chunk*V fp32 copies
+instead of a few B*T*V, for one extra output-projection matmul (2 * d_model * V FLOPs per
+token, under 1% of a 7B model's step).
+
+It runs inside `Transformer.forward` on purpose: a sharded wrapper (FSDP2, ZeRO-3)
+gathers the output projection's weight for the model's forward and backward, so calling
+the `head` module here, and again in the recomputation, sees the whole weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_loss(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(
+    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """Mean cross-entropy of `head(h)` (logits upcast to fp32) against `targets`.
+
+    h (N, d_model), targets (N,) int64. 0 < chunk_tokens < N: at most that many tokens'
+    logits exist at a time, and none are kept for backward; 0 (or >= N): all at once, kept
+    for backward (no recompute).
+    """
+    n = targets.numel()
+    if chunk_tokens <= 0 or chunk_tokens >= n:
+        # One chunk: recomputing it in backward would cost a matmul and lower no peak (the
+        # recomputation holds the same logits, log-probs and gradient at once).
+        return F.cross_entropy(head(h).float(), targets)
+    total = h.new_zeros((), dtype=torch.float32)
+    for h_part, t_part in zip(h.split(chunk_tokens), targets.split(chunk_tokens), strict=True):
+        if torch.is_grad_enabled():
+            # No RNG inside (no dropout after the final norm): skip saving its state.
+            part = checkpoint(
+                _chunk_loss, head, h_part, t_part, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            part = _chunk_loss(head, h_part, t_part)
+        total = total + part
+    return total / n

@@ -1,7 +1,15 @@
 """`pretrain submit`: an sbatch script rendered from `slurm/pretrain.sbatch`, checked
 against the cluster, then submitted. The job runs one `pretrain launch` per node, requeues
 itself when the training exits with the requeue code (after SLURM's USR1 warning or a
-`scancel --signal=USR1`), and the requeued job resumes from the checkpoint."""
+`scancel --signal=USR1`), and the requeued job resumes from the checkpoint.
+
+Each node's single SLURM task holds its launcher and all its ranks, so it must be given
+the node's cores and memory: SLURM's defaults (one CPU per task, often a little memory per
+CPU) would leave a node's 8 ranks on one core. The script asks for `--cpus-per-task` (or
+the whole node, `--exclusive`) and `--mem` (default 0: all of it), hands the cores to srun
+explicitly (it stopped inheriting them in SLURM 22.05) and to the ranks as OMP_NUM_THREADS.
+A node whose launcher dies ends the step at once (`srun --kill-on-bad-exit`) and the job
+is requeued, unless it keeps failing without a new checkpoint (`--max-requeues`)."""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch.local import CONFIG_OR_DATA_ERROR, TRAINING_STOPPED
 from launch.spec import LaunchSpec, prepare, record, require_positive, resolve, write_spec
 from pretrain.config import ConfigError
 
@@ -40,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--signal-lead", type=int, default=180, metavar="SECONDS",
         help="USR1 this long before the time limit, to checkpoint and requeue (default 180)",
     )  # fmt: skip
+    g.add_argument(
+        "--max-requeues", type=int, default=3, metavar="N",
+        help="requeue a job that was preempted or lost a node at most N times from the "
+        "same checkpoint (default 3), so that a bug ending every start is not requeued forever",
+    )  # fmt: skip
     g.add_argument("--max-parallel", type=int, help="array tasks running at once (sweeps)")
     g.add_argument(
         "--sbatch-arg", action="append", default=[], metavar="ARG",
@@ -59,11 +73,14 @@ def options(args: argparse.Namespace) -> dict:
         max_restarts=args.max_restarts,
         job_name=args.job_name,
         signal_lead=args.signal_lead,
+        max_requeues=args.max_requeues,
         max_parallel=args.max_parallel,
         sbatch_args=args.sbatch_arg,
         template=str(Path(args.template).resolve()),
     )
     require_positive(**{k: opts[k] for k in ("nodes", "nproc_per_node", "signal_lead")})
+    if opts["max_requeues"] < 0:
+        raise ConfigError(f"--max-requeues {opts['max_requeues']}: must be 0 or more")
     return opts
 
 
@@ -111,9 +128,6 @@ def _submit(spec: LaunchSpec, script: str) -> int:
 
 def render(run_dirs: list[Path], opts: dict, name: str, workdir: str, output: str = "") -> str:
     """The sbatch script for one run, or for a job array over `run_dirs`."""
-    resources = [f"--gpus-per-node={opts['gpus_per_node']}"] if opts["gpus_per_node"] else []
-    resources += [f"{flag}={opts[dest]}" for flag, dest in PASSTHROUGH if opts.get(dest)]
-    resources += list(opts.get("sbatch_args") or [])
     array = ""
     if len(run_dirs) > 1:
         array = f"#SBATCH --array=0-{len(run_dirs) - 1}"
@@ -121,7 +135,7 @@ def render(run_dirs: list[Path], opts: dict, name: str, workdir: str, output: st
     values = {
         "job_name": re.sub(r"[^\w.-]", "_", opts.get("job_name") or name),
         "nodes": opts["nodes"],
-        "resources": "".join(f"#SBATCH {r}\n" for r in resources),
+        "resources": "".join(f"#SBATCH {r}\n" for r in resources(opts)),
         "signal_lead": opts["signal_lead"],
         "output": output or f"{run_dirs[0]}/logs/slurm-%j.out",
         "workdir": workdir,
@@ -131,6 +145,8 @@ def render(run_dirs: list[Path], opts: dict, name: str, workdir: str, output: st
         "nproc_per_node": opts["nproc_per_node"],
         "max_restarts": opts["max_restarts"],
         "requeue_code": opts.get("requeue_code", 75),
+        "final_codes": f"{CONFIG_OR_DATA_ERROR}|{TRAINING_STOPPED}",
+        "max_requeues": opts.get("max_requeues", 3),
     }
     template = Path(opts.get("template") or TEMPLATE)
     if not template.is_file():
@@ -140,6 +156,20 @@ def render(run_dirs: list[Path], opts: dict, name: str, workdir: str, output: st
     if unknown:
         raise ConfigError(f"{template}: unknown placeholder {{{{{unknown[0]}}}}}")
     return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), text)
+
+
+def resources(opts: dict) -> list[str]:
+    """The sbatch resource options: what was asked for, and for each node's one task all
+    the node's cores (`--exclusive`) and memory (`--mem=0`) unless told otherwise."""
+    extra = list(opts.get("sbatch_args") or [])
+    given = {arg.split("=", 1)[0] for arg in extra}
+    out = [f"--gpus-per-node={opts['gpus_per_node']}"] if opts["gpus_per_node"] else []
+    out += [f"{flag}={opts[dest]}" for flag, dest in PASSTHROUGH if opts.get(dest)]
+    if not opts.get("cpus_per_task") and not given & {"--exclusive", "--cpus-per-task"}:
+        out.append("--exclusive")
+    if not opts.get("mem") and not given & {"--mem", "--mem-per-cpu", "--mem-per-gpu"}:
+        out.append("--mem=0")
+    return out + extra
 
 
 def check_cluster(opts: dict, script: str) -> None:

@@ -1,16 +1,27 @@
-"""A real single-node SLURM cluster on loopback for tests: slurmctld, slurmd and munged.
+"""A real SLURM cluster of several nodes on this machine, on loopback, for tests.
 
-Debian's slurm-wlm 22.05 and munge, run as root with their own munge key and free ports, the
-node at 127.0.0.1, so it talks to nothing else and cannot meet a cluster left running by an
-earlier session. Logs and controller state live under `root`; munge's files and slurmd's spool
-(unix sockets, so short paths) in a folder under /tmp removed at `stop()`. There is no
-accounting daemon: `sacct` does not work, read jobs with `job()`/`jobs()` (finished ones stay
-visible for MinJobAge=600 s). `scontrol requeue` restarts a job about 17 s later.
+Debian's slurm-wlm 22.05 and munge, run as root with their own munge key and free ports, so it
+talks to nothing else and cannot meet a cluster left running by an earlier session. The
+package is built with --enable-multiple-slurmd (`scontrol show config`: MULTIPLE_SLURMD=Yes),
+so one machine runs one slurmd per node, each at 127.0.0.1 on a port of its own. Each slurmd
+runs in namespaces of its own, which everything it starts (job scripts, srun tasks, ranks)
+inherits, as on a machine of its own:
+- a hostname (UTS namespace): node1, node2, ... (torch's rendezvous and gloo use it);
+- an /etc/hosts naming every node at 127.0.0.1 (bind-mounted in its mount namespace);
+- its own tmpfs /dev/shm (streaming's shared memory is per node) and node-local scratch
+  (`scratch`, a tmpfs at the same path on every node, as $PRETRAIN_SCRATCH in `env`).
+The run directories, the data and the munge socket stay shared, like a shared filesystem.
+
+Logs and controller state live under `root`; munge's files and the slurmd spools (unix
+sockets, so short paths) in a folder under /tmp removed at `stop()`. There is no accounting
+daemon: `sacct` does not work, read jobs with `job()`/`jobs()` (finished ones stay visible for
+MinJobAge=600 s). `scontrol requeue` restarts a job about 17 s later.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import re
@@ -26,15 +37,21 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 _KEY = re.compile(r" (?=[\w/:]+=)")  # a space before the next `Key=` of `scontrol show -o`
+# Runs as `sh -c NODE_SETUP NAME SCRATCH HOSTS SLURMD ARGS...` inside `unshare`.
+NODE_SETUP = """
+hostname "$0" && mount -t tmpfs tmpfs /dev/shm && mount -t tmpfs tmpfs "$1" &&
+mount --bind "$2" /etc/hosts && shift 2 && exec "$@"
+"""
 
 
 def _binary(name: str) -> str | None:
     return shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/usr/bin")
 
 
+@functools.cache
 def slurm_available() -> str | None:
     """None when a cluster can be brought up here, else why not (for pytest.skip)."""
-    missing = [name for name in DAEMONS + CLIENTS if _binary(name) is None]
+    missing = [name for name in (*DAEMONS, *CLIENTS, "unshare") if _binary(name) is None]
     if missing:
         return f"SLURM/munge binaries missing: {' '.join(missing)} (apt-get install slurmctld slurmd slurm-client munge)"  # fmt: skip
     if os.geteuid() != 0:
@@ -43,14 +60,18 @@ def slurm_available() -> str | None:
         pwd.getpwnam("munge")
     except KeyError:
         return "no `munge` user (the munge package makes it)"
+    probe = subprocess.run(["unshare", "--uts", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return f"no namespaces for the test nodes: {probe.stderr.decode().strip()}"
     return None
 
 
-def _free_ports() -> tuple[int, int]:
-    with socket.socket() as a, socket.socket() as b:  # held together, so the two differ
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        return a.getsockname()[1], b.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    with contextlib.ExitStack() as stack:  # held together, so they differ
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -65,55 +86,102 @@ def parse_record(line: str) -> dict[str, str]:
     return dict(part.partition("=")[::2] for part in _KEY.split(line.strip()) if part)
 
 
+def _environ(pid: int) -> dict[bytes, bytes]:
+    with contextlib.suppress(OSError):
+        data = Path(f"/proc/{pid}/environ").read_bytes()
+        return dict(e.partition(b"=")[::2] for e in data.split(b"\0") if e)
+    return {}
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+
+
 class SlurmCluster:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, nodes: int = 2, cpus: int = 2, memory_mb: int = 4000) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.conf = self.root / "slurm.conf"
+        self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
+        self.cpus, self.memory_mb = cpus, memory_mb
         self.procs: dict[str, subprocess.Popen] = {}
-        self.short: Path | None = None  # munge's files and slurmd's spool, while up
+        self.short: Path | None = None  # munge, spools and the scratch mount point, while up
+
+    @property
+    def scratch(self) -> Path:
+        """Node-local scratch: the same path on every node, a tmpfs of its own on each."""
+        assert self.short is not None, "the cluster is not started"
+        return self.short / "scratch"
 
     @property
     def env(self) -> dict[str, str]:
-        """What a client process needs (sbatch and the rest find munge through slurm.conf)."""
-        return {"SLURM_CONF": str(self.conf)}
+        """What a client process needs (sbatch and the rest find munge through slurm.conf);
+        sbatch passes it on to the jobs."""
+        env = {"SLURM_CONF": str(self.conf)}
+        if self.short is not None:
+            env["PRETRAIN_SCRATCH"] = str(self.scratch)
+        return env
 
     def _base_env(self) -> dict[str, str]:
         # SLURM_* from an enclosing job (tests run inside one) would steer sbatch/srun there.
         return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | self.env
 
     def _write_conf(self, short: Path) -> None:
-        ctld_port, d_port = _free_ports()
+        ctld_port, *ports = _free_ports(1 + len(self.nodes))
         r, m = self.root, short / "munge"
         # Several settings to a line here, two spaces apart; one to a line in the file.
+        # Like many real clusters: tasks are bound to the cores they were given
+        # (task/affinity, Cores), memory is allocated with a small default per CPU
+        # (CR_Core_Memory, DefMemPerCPU), so a job that asks for too little shows it.
+        # A slurmd answers a step kill only once the step is gone (up to KillWait); had it
+        # not answered within MessageTimeout, slurmctld would resend the kill 60 s later
+        # and hit the step of the same id in the requeued job, which starts here within
+        # ~20 s (cred_expire=10; 120 s by default).
         settings = f"""
             ClusterName=test  SlurmctldHost=localhost(127.0.0.1)  SlurmUser=root
             AuthType=auth/munge  AuthInfo=socket={m}/munge.sock,cred_expire=10  CredType=cred/munge
-            StateSaveLocation={r}/state  SlurmdSpoolDir={short}/spool
+            StateSaveLocation={r}/state  SlurmdSpoolDir={short}/spool-%n
             SlurmctldPidFile={r}/slurmctld.pid  SlurmctldLogFile={r}/slurmctld.log
-            SlurmdPidFile={r}/slurmd.pid  SlurmdLogFile={r}/slurmd.log
-            SlurmctldPort={ctld_port}  SlurmdPort={d_port}  SlurmdParameters=config_overrides
-            ProctrackType=proctrack/linuxproc  TaskPlugin=task/none  MpiDefault=none
+            SlurmdPidFile={r}/slurmd-%n.pid  SlurmdLogFile={r}/slurmd-%n.log
+            SlurmctldPort={ctld_port}  SlurmdParameters=config_overrides
+            ProctrackType=proctrack/linuxproc  TaskPlugin=task/affinity  TaskPluginParam=Cores  MpiDefault=none
             JobAcctGatherType=jobacct_gather/none  AccountingStorageType=accounting_storage/none
-            SelectType=select/cons_tres  SelectTypeParameters=CR_Core  SchedulerType=sched/backfill
-            ReturnToService=2  SlurmctldTimeout=30  SlurmdTimeout=30  MinJobAge=600  KillWait=30
-            NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=4000 State=UNKNOWN
-            PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+            SelectType=select/cons_tres  SelectTypeParameters=CR_Core_Memory  DefMemPerCPU=100
+            SchedulerType=sched/backfill
+            ReturnToService=2  SlurmctldTimeout=30  SlurmdTimeout=30  MinJobAge=600
+            KillWait=5  MessageTimeout=30
         """
-        self.conf.write_text("\n".join(re.split(r"\s{2,}", settings.strip())) + "\n")
+        lines = re.split(r"\s{2,}", settings.strip())
+        lines += [
+            f"NodeName={name} NodeHostname={name} NodeAddr=127.0.0.1 Port={port} "
+            f"CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN"
+            for name, port in zip(self.nodes, ports, strict=True)
+        ]
+        lines.append(
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP"
+        )
+        self.conf.write_text("\n".join(lines) + "\n")
 
-    def _spawn(self, name: str, args: list[str], **kwargs) -> None:
+    def _spawn(self, name: str, args: list[str], binary: str | None = None, **kwargs) -> None:
         out = open(self.root / f"{name}.out", "ab")  # noqa: SIM115 - the daemon writes to it
         env = self._base_env() | {"SLURMCLUSTER": str(self.short)}  # marks its processes
         self.procs[name] = subprocess.Popen(
-            [_binary(name) or name, *args], env=env, stdout=out, stderr=out,
+            [binary or _binary(name) or name, *args], env=env, stdout=out, stderr=out,
             stdin=subprocess.DEVNULL, start_new_session=True, **kwargs,
         )  # fmt: skip
         out.close()
 
+    def _start_node(self, name: str) -> None:
+        """One slurmd in namespaces of its own (see the module docstring)."""
+        slurmd = [_binary("slurmd") or "slurmd", "-D", "-f", str(self.conf), "-N", name]
+        args = ["--uts", "--mount", "--propagation", "private", "sh", "-c", NODE_SETUP,
+                name, str(self.scratch), str(self.short / "hosts"), *slurmd]  # fmt: skip
+        self._spawn(f"slurmd-{name}", args, binary=_binary("unshare"))
+
     def _logs(self) -> str:
         # With -D/--foreground each daemon's stderr (NAME.out) holds all its log.
-        return "".join(f"\n--- {n}.out:\n{_tail(self.root / f'{n}.out')}" for n in DAEMONS)
+        names = ("munged", "slurmctld", *(f"slurmd-{n}" for n in self.nodes))
+        return "".join(f"\n--- {n}.out:\n{_tail(self.root / f'{n}.out')}" for n in names)
 
     def start(self, timeout: float = 30) -> None:
         if self.procs:
@@ -122,7 +190,10 @@ class SlurmCluster:
         self.short.chmod(0o711)  # munge must get through to its own folder
         munge, user = self.short / "munge", pwd.getpwnam("munge")
         munge.mkdir()
-        (self.short / "spool").mkdir()
+        for name in self.nodes:
+            (self.short / f"spool-{name}").mkdir()
+        self.scratch.mkdir()
+        (self.short / "hosts").write_text(f"127.0.0.1 localhost {' '.join(self.nodes)}\n")
         (self.root / "state").mkdir(exist_ok=True)
         (key := munge / "munge.key").write_bytes(os.urandom(1024))
         for path, mode in ((munge, 0o711), (key, 0o400)):  # munged wants its socket reachable
@@ -137,8 +208,9 @@ class SlurmCluster:
             self._spawn("munged", args, user=user.pw_uid, group=user.pw_gid, extra_groups=[])
             self._until((munge / "munge.sock").exists, deadline, "munged made no socket")
             self._spawn("slurmctld", ["-D", "-c", "-i", "-f", str(self.conf)])
-            self._spawn("slurmd", ["-D", "-f", str(self.conf), "-N", "localhost"])
-            self._until(self._idle, deadline, "the node did not become idle")
+            for name in self.nodes:
+                self._start_node(name)
+            self._until(self._idle, deadline, "the nodes did not become idle")
         except BaseException as e:
             logs = self._logs()
             self.stop()
@@ -147,7 +219,8 @@ class SlurmCluster:
             raise RuntimeError(f"the SLURM cluster did not come up: {e}{logs}") from None
 
     def _idle(self) -> bool:
-        return self.run("sinfo", "-h", "-o", "%t", check=False, timeout=10).stdout.strip() == "idle"
+        out = self.run("sinfo", "-h", "-N", "-o", "%t", check=False, timeout=10).stdout.split()
+        return out == ["idle"] * len(self.nodes)
 
     def _until(self, ready, deadline: float, what: str) -> None:
         while not ready():
@@ -165,8 +238,8 @@ class SlurmCluster:
                     deadline = time.time() + 20
                     while self.run("squeue", "-h", timeout=10).stdout and time.time() < deadline:
                         time.sleep(0.2)
-        for name in reversed(DAEMONS):
-            if (proc := self.procs.pop(name, None)) is not None and proc.poll() is None:
+        for name in reversed(list(self.procs)):  # the nodes, then slurmctld, then munged
+            if (proc := self.procs.pop(name)).poll() is None:
                 proc.terminate()
                 try:
                     proc.wait(timeout=15)
@@ -180,12 +253,28 @@ class SlurmCluster:
 
     def _kill_leftovers(self) -> None:
         """slurmstepd and job tasks outlive slurmd: kill what still carries our marks."""
-        marks = (f"SLURMCLUSTER={self.short}".encode(), f"SLURM_CONF={self.conf}".encode())
-        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
-            with contextlib.suppress(OSError):
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                if marks[0] in env or (marks[1] in env and any(e.startswith(b"SLURM_JOB_ID=") for e in env)):  # fmt: skip
+        mark, conf = str(self.short).encode(), str(self.conf).encode()
+        for pid in _pids():
+            env = _environ(pid)
+            if env.get(b"SLURMCLUSTER") == mark or (
+                env.get(b"SLURM_CONF") == conf and b"SLURM_JOB_ID" in env
+            ):
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+
+    def tasks(self, job_id: str, node: str | None = None) -> dict[int, dict[str, str]]:
+        """The processes of a job's srun tasks (each node's launcher and its ranks, not the
+        batch script), on `node` or on all nodes: pid -> environment. Found by the SLURM_*
+        variables they inherit."""
+        want = {b"SLURM_CONF": str(self.conf).encode(), b"SLURM_JOB_ID": str(job_id).encode()}
+        if node is not None:
+            want[b"SLURMD_NODENAME"] = node.encode()
+        found = {}
+        for pid in _pids():
+            env = _environ(pid)
+            if want.items() <= env.items() and env.get(b"SLURM_STEP_ID", b"batch").isdigit():
+                found[pid] = {k.decode(): v.decode(errors="replace") for k, v in env.items()}
+        return found
 
     def run(self, *args: str, check: bool = True, timeout: float = 60):
         """A SLURM client command (sbatch, squeue, scontrol, ...) against this cluster."""

@@ -11,37 +11,60 @@ Layout under `RUN_DIR/checkpoints/`:
     latest                the name of the newest complete checkpoint; moved last
     .tmp-step_00000300/   a save in progress (or one killed mid-write): never loaded
 
-A save writes everything into a `.tmp-` folder, fsyncs it, writes the manifest, then
+A save writes everything into a `.tmp-` folder, makes it durable, writes the manifest, then
 renames the folder into place, so a checkpoint either is complete or does not exist under
 its final name. With a background (async) model write, the same commit runs at the first
 step boundary after every rank's write is done (or at the next save, or at the end).
-Loading re-checks the manifest, and falls back to the previous checkpoint
-when files are missing or truncated. Pruning renames a folder to `.trash-` before
-deleting it, so a half-deleted checkpoint can never look complete.
+
+The work of a commit stays O(own files) per rank at any scale: each rank fsyncs only the
+files it wrote (found by name, `sync_own_files`), and sends their names and sizes to rank 0
+in one collective; rank 0 writes the manifest from them without touching another rank's
+file (only one the naming rule does not know, found by listing the folder once).
+Resuming, rank 0 alone picks the checkpoint (reading manifests, checking sizes) and tells
+the others, so every rank loads the same one even when their views of a shared filesystem
+differ for a moment. Loading falls back to the previous checkpoint when files are missing
+or truncated. Pruning renames a folder to `.trash-` before deleting it, so a half-deleted
+checkpoint can never look complete.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import stat
+import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from pretrain.mirror import CheckpointMirror
+from pretrain import iotrace
+from pretrain.objstore import StoreError
+
+if TYPE_CHECKING:
+    from pretrain.mirror import CheckpointMirror
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
+# Files only rank r writes: DCP's `__{r}_{n}.distcp`, DeepSpeed's `zero_pp_rank_{r}_...pt`
+# (ZeRO optimizer state; with stage 3 model state too), our `rng_rank{r}.pt`. Everything
+# else is rank 0's (DCP `.metadata`, DeepSpeed `mp_rank_00_model_states.pt` and recovery
+# scripts, train_state.json, config.yaml, zero.json).
+RANK_FILE = re.compile(
+    r"(?:^|/)(?:__(\d+)_\d+\.distcp|rng_rank(\d+)\.pt|(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_\w+\.pt)$"
+)
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -51,6 +74,12 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def file_owner(name: str) -> int:
+    """The rank that writes checkpoint file `name` (relative to the checkpoint folder)."""
+    match = RANK_FILE.search(name)
+    return 0 if match is None else int(next(g for g in match.groups() if g is not None))
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,36 +101,116 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Ranks:
+    """How the ranks of a checkpoint agree: small collectives for decisions (which files,
+    which checkpoint), and the c10d key-value store for waiting on each other's transfers,
+    which may take far longer than a collective may wait. In one process (no process
+    group) the collectives return at once and an in-memory store stands in."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, store: Any = None) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.store = store if store is not None else dist.HashStore()
+
+    @classmethod
+    def current(cls) -> Ranks:
+        """The default process group's ranks, or one process when there is none."""
+        if dist.is_available() and dist.is_initialized():
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            return cls(dist.get_rank(), dist.get_world_size(), _get_default_store())
+        return cls()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, on rank 0 (None elsewhere)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj`, on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # Waiting outside collectives: keys in the store, polled until a deadline.
+    def report(self, key: str, error: str | None = None) -> None:
+        """This rank's part of `key` has ended, with `error` (one line) when it failed."""
+        if error is not None:
+            self.store.set(f"{key}/error", f"rank {self.rank}: {error}")
+        self.store.add(f"{key}/done", 1)
+
+    def wait_reports(self, key: str, timeout_s: float) -> str | None:
+        """Wait until every rank reported `key`; the error one reported, or None."""
+        done = _poll(lambda: self.store.add(f"{key}/done", 0) >= self.world_size, timeout_s)
+        if not done:
+            n = self.store.add(f"{key}/done", 0)
+            return f"{self.world_size - n} of {self.world_size} ranks did not finish within {timeout_s:.0f} s"
+        if self.store.check([f"{key}/error"]):
+            return self.store.get(f"{key}/error").decode()
+        return None
+
+    def announce(self, key: str, value: str) -> None:
+        self.store.set(f"{key}/end", value)
+
+    def wait_announced(self, key: str, timeout_s: float) -> str | None:
+        """What was announced for `key`, or None when nothing was within `timeout_s`."""
+        if not _poll(lambda: self.store.check([f"{key}/end"]), timeout_s):
+            return None
+        return self.store.get(f"{key}/end").decode()
+
+
+def _poll(ready: Callable[[], bool], timeout_s: float) -> bool:
+    deadline, pause = time.monotonic() + timeout_s, 0.02
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 1.0)  # a few store requests a second per rank at most
+    return True
+
+
 class Checkpointer:
     """Saves and finds checkpoints; the strategy writes and reads model + optimizer state.
 
-    `barrier` synchronises ranks (a no-op in one process). Every rank calls `save` (and
-    `wait`); only rank 0 renames, moves `latest` and prunes, after every rank's part is
-    durable. `mirror`, on rank 0, uploads each committed checkpoint to an object store.
+    `ranks`: the default process group's (one process when there is none). Every rank
+    calls `save` (and `wait`, `resume_point`) at the same point; only rank 0
+    writes the manifest, renames, moves `latest` and prunes, after every rank's part is
+    durable. With a `mirror`, every rank uploads its own files of each committed checkpoint.
     """
 
     def __init__(
         self,
         root: Path,
         keep_last: int,
-        rank: int = 0,
-        barrier: Callable[[], None] = lambda: None,
+        ranks: Ranks | None = None,
         mirror: CheckpointMirror | None = None,
     ) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
-        self.rank = rank
-        self.barrier = barrier
-        self.mirror = mirror if rank == 0 else None
+        self.ranks = ranks or Ranks.current()
+        self.rank = self.ranks.rank
+        self.mirror = mirror
+        if mirror is not None:
+            mirror.ranks = self.ranks
         self._pending: tuple[Future, int] | None = None
-        if rank == 0:
+        self._extra_names: list[str] = []
+        self._verified: set[str] = set()  # complete checkpoints rank 0 wrote or checked
+        if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-*"):  # a save that was killed mid-write
                 log.warning("removing incomplete checkpoint %s", stale.name)
                 shutil.rmtree(stale, ignore_errors=True)
             for stale in self.root.glob(".trash-*"):  # a prune that was killed mid-delete
                 shutil.rmtree(stale, ignore_errors=True)
-        barrier()
+        self.ranks.barrier()
 
     def save(
         self,
@@ -119,13 +228,14 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        self.barrier()
+        self.ranks.barrier()
         pending = write_model(tmp)
         torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
-        if self.rank == 0:
-            _write_json(tmp / TRAIN_STATE, train_state)
+        if self.rank == 0:  # made durable with every other file by the commit
+            (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
+        self._extra_names = list(extra_files or {})
         if pending is None:
             self._commit(step)
         else:
@@ -151,45 +261,83 @@ class Checkpointer:
     def _commit(self, step: int) -> Path:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}"
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                _fsync(path, missing_ok=True)  # another rank's temp file may be renamed away
-        self.barrier()  # every rank's part is on disk
+        if self.mirror is not None:
+            # The last upload must have ended on every rank before rank 0 prunes what it
+            # reads; waited for here, outside any collective (it may take long).
+            self.mirror.wait()
+        mine = sync_own_files(tmp, self.rank, self._extra_names)
+        parts = self.ranks.gather(mine)
+        info = None
         if self.rank == 0:
-            files = {
-                str(p.relative_to(tmp)): p.stat().st_size
-                for p in sorted(tmp.rglob("*"))
-                if p.is_file()
-            }
-            _write_json(tmp / MANIFEST, {"step": step, "files": files})
-            _fsync(tmp)
-            if self.mirror is not None:  # no prune under an upload still reading
-                self.mirror.wait()
+            files = {name: size for part in parts for name, size in part.items()}
+            # Any file no rank claimed (one the naming rule does not know) is rank 0's to
+            # make durable; every rank has reported, so none is still growing.
+            late = sync_files(tmp, [n for n in _list_files(tmp) if n not in files])
+            files.update(late)
+            mine.update(late)
+            write_json(tmp / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
+            sync_folders(tmp, files)
             if final.exists():  # re-saving a step (e.g. after a resume): replace atomically
                 _trash(final)
             os.rename(tmp, final)
             _fsync(self.root)
-            _write_json(self.root / "latest", {"checkpoint": final.name, "step": step})
+            self._verified.add(final.name)
+            write_json(self.root / "latest", {"checkpoint": final.name, "step": step})
             self._prune()
-            if self.mirror is not None:
-                self.mirror.upload(final)
-        self.barrier()
+            most = max(sum(part.values()) for part in parts)
+            info = {"rank_bytes": most, "tag": uuid.uuid4().hex}
+        info = self.ranks.broadcast(info)  # every rank: the checkpoint is in place
+        if self.mirror is not None:
+            self.mirror.upload(final, mine, info["rank_bytes"], info["tag"])
         return final
 
-    def fetch(self) -> None:
-        """Rank 0 downloads the mirror's newest checkpoint when it is newer than any here;
-        every rank returns once it is in place."""
+    def resume_point(self) -> Path | None:
+        """The checkpoint every rank resumes from: rank 0 picks the newest complete one in
+        the run directory, or a newer one in the mirror, which every rank helps download;
+        every rank gets rank 0's answer. None: nothing to resume from."""
+        plan = self._plan_resume() if self.rank == 0 else None
+        plan = self.ranks.broadcast(plan)
+        if plan["error"]:
+            raise StoreError(plan["error"])
+        name = plan["local"]
+        if plan["fetch"] is not None:
+            try:
+                name = self.mirror.fetch(self.root, plan["fetch"]).name
+                self._verified.add(name)
+            except StoreError as e:
+                if name is None:
+                    raise StoreError(
+                        f"{e}; the run directory has no checkpoint to fall back to: "
+                        "fix access to checkpoint.remote and rerun"
+                    ) from None
+                if self.rank == 0:
+                    log.error("%s; resuming from %s in the run directory instead", e, name)
+        return self.root / name if name else None
+
+    def _plan_resume(self) -> dict:
+        local = self.latest()
+        plan = {"local": local.name if local else None, "fetch": None, "error": None}
         if self.mirror is not None:
-            self.mirror.fetch_if_newer(self.root, self.latest())
-        self.barrier()
+            try:
+                plan["fetch"] = self.mirror.plan_fetch(self.root, plan["local"])
+            except StoreError as e:
+                if local is None:  # a new start must not ignore (and later prune) the store
+                    plan["error"] = f"cannot read checkpoint.remote: {e}"
+                else:
+                    log.error("cannot read checkpoint.remote: %s; resuming from %s", e, local.name)
+        return plan
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, newest first."""
         return complete_checkpoints(self.root)
 
     def latest(self) -> Path | None:
-        complete = self.complete()
-        return complete[0] if complete else None
+        """The newest complete checkpoint: each checked, newest first, until one is."""
+        for path in _step_folders(self.root):
+            if _verify(path):
+                self._verified.add(path.name)
+                return path
+        return None
 
     def load(self, path: Path, read_model: Callable[[Path], None]) -> dict:
         read_model(path)
@@ -199,23 +347,32 @@ class Checkpointer:
         return json.loads((path / TRAIN_STATE).read_text())
 
     def _prune(self) -> None:
-        for old in self.complete()[self.keep_last :]:
-            _trash(old)
+        # Checkpoints this process committed or checked count as complete without their
+        # files being checked again: that would stat every rank's files at every commit.
+        kept = 0
+        for path in _step_folders(self.root):
+            if path.name in self._verified or _verify(path):
+                self._verified.add(path.name)
+                kept += 1
+                if kept > self.keep_last:
+                    _trash(path)
+                    self._verified.discard(path.name)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoints under `root` (RUN_DIR/checkpoints), newest first: what a
     resume would load, in order."""
-    found = []
-    for path in Path(root).glob("step_*"):
-        match = STEP_RE.match(path.name)
-        if match and path.is_dir() and _verify(path):
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found, reverse=True)]
+    return [path for path in _step_folders(root) if _verify(path)]
 
 
 def checkpoint_step(path: Path) -> int:
     return int(STEP_RE.match(path.name).group(1))
+
+
+def _step_folders(root: Path) -> list[Path]:
+    """Folders named like checkpoints, newest first (complete or not)."""
+    found = [p for p in Path(root).glob("step_*") if STEP_RE.match(p.name) and p.is_dir()]
+    return sorted(found, key=checkpoint_step, reverse=True)
 
 
 def _verify(path: Path) -> bool:
@@ -225,13 +382,77 @@ def _verify(path: Path) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     for name, size in files.items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != size:
+        iotrace.record(iotrace.STAT, path / name)
+        try:
+            found = os.stat(path / name)
+        except OSError:
+            found = None
+        if found is None or not stat.S_ISREG(found.st_mode) or found.st_size != size:
             log.warning(
                 "checkpoint %s is damaged (%s missing or truncated); skipping it", path.name, name
             )
             return False
     return True
+
+
+def _list_files(folder: Path) -> list[str]:
+    """Every file under `folder`, relative, from directory listings only (no stat)."""
+    names = []
+    for parent, _, files in os.walk(folder):
+        rel = Path(parent).relative_to(folder)
+        names += [(rel / f).as_posix() for f in files]
+    return sorted(names)
+
+
+def sync_own_files(folder: Path, rank: int, extra: list[str] = ()) -> dict[str, int]:
+    """Make the files `rank` wrote into checkpoint `folder` durable; name -> size.
+
+    They are found by name (`file_owner`'s rule), without listing the folder: every rank
+    listing a folder of every rank's files reads O(ranks²) entries per commit. A file the
+    rule does not name is left to rank 0, which lists the folder once after every rank
+    reported. `extra`: rank 0's further files (train_state.json's companions)."""
+    own = [f"rng_rank{rank}.pt"] + [
+        f"zero/{bf16}zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt"
+        for bf16 in ("", "bf16_")
+        for kind in ("optim", "model")
+    ]
+    if rank == 0:
+        own += [".metadata", TRAIN_STATE, "zero/mp_rank_00_model_states.pt", *extra]
+    sizes = sync_files(folder, own, missing_ok=True)
+    for i in itertools.count():  # DCP: one file per writer thread, numbered from 0
+        shard = sync_files(folder, [f"__{rank}_{i}.distcp"], missing_ok=True)
+        if not shard:
+            break
+        sizes.update(shard)
+    return sizes
+
+
+def sync_files(folder: Path, names: list[str], missing_ok: bool = False) -> dict[str, int]:
+    """fsync each named file under `folder`; name -> size (read from the open file)."""
+    sizes = {}
+    for name in names:
+        try:
+            fd = os.open(folder / name, os.O_RDONLY)
+        except FileNotFoundError:
+            if missing_ok:
+                continue
+            raise
+        try:
+            os.fsync(fd)
+            sizes[name] = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        iotrace.record(iotrace.FSYNC, folder / name)
+        iotrace.record(iotrace.STAT, folder / name)
+    return sizes
+
+
+def sync_folders(folder: Path, names) -> None:
+    """fsync `folder` and the subfolders holding `names` (their entries must be durable
+    before the folder is renamed into place)."""
+    for sub in sorted({str(Path(n).parent) for n in names} - {"."}):
+        _fsync(folder / sub)
+    _fsync(folder)
 
 
 def _trash(path: Path) -> None:
@@ -241,23 +462,20 @@ def _trash(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    iotrace.record(iotrace.FSYNC, path)
     os.replace(tmp, path)
 
 
-def _fsync(path: Path, missing_ok: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        if missing_ok:
-            return
-        raise
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    iotrace.record(iotrace.FSYNC, path)

@@ -156,8 +156,9 @@ class CheckpointConfig:
     # Training goes on once the state is copied to memory; the checkpoint becomes visible
     # at the first step boundary after every rank's write is durable.
     async_save: bool = False
-    # s3://bucket/prefix: rank 0 uploads each complete checkpoint there in the background,
-    # and a resume downloads the newest one when the run directory has none as new (a new
+    # s3://bucket/prefix: each complete checkpoint is uploaded there in the background, every
+    # rank its own files and rank 0 the manifest last, once all succeeded; a resume downloads
+    # the newest one (each rank its share) when the run directory has none as new (a new
     # node, a lost disk). Endpoint and credentials come from the environment.
     remote: str | None = None
     # Slowest per-rank transfer rate (MB/s) to wait for when checkpoint files move to or

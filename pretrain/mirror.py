@@ -1,18 +1,30 @@
-"""Checkpoints mirrored to an object store: uploaded once complete, fetched when newer.
+"""Checkpoints mirrored to an object store: each rank moves its own files, and ranks wait
+for each other's transfers outside collectives.
 
-With `checkpoint.remote: s3://bucket/prefix`, rank 0 uploads every checkpoint after it is
-committed in the run directory, in a background thread, in the order the disk commit
-uses: each file, then `manifest.json` last. A checkpoint folder in the store is complete
-exactly when its manifest is there, so a node that dies mid-upload leaves nothing a
-resume would take. `keep_last` applies to the store as well.
+With `checkpoint.remote: s3://bucket/prefix`, every committed checkpoint is uploaded in the
+background (a thread per rank): each rank uploads the files it wrote, so no rank moves the
+whole checkpoint, and rank 0 uploads `manifest.json` last, only once every rank reported
+success. A checkpoint folder in the store is complete exactly when its manifest is there,
+so a node that dies mid-upload leaves nothing a resume would take. `keep_last` applies to
+the store as well, pruned only after a complete upload.
 
-On resume, when the store holds a complete checkpoint newer than any in the run directory
-(a replacement node, a lost disk), rank 0 downloads it into a `.tmp-` folder, checks every
-file against the manifest's sizes, and renames it into place before any rank loads it.
+A transfer takes as long as its bytes take, far longer than a collective may wait (the
+collective timeout would kill a barrier). So ranks never wait for each other's transfers
+in a collective: each reports its end (or its error, one line) in the c10d key-value store,
+and whoever must wait polls it with a deadline sized for the transfer, 300 s + bytes /
+`checkpoint.remote_min_mb_per_s`. A failed upload is logged, never fatal: the local
+checkpoint is intact and training goes on. Rank 0 prunes local checkpoints only after
+every rank's upload of them has ended.
 
-Rank 0 reads and writes every rank's files, so the run directory must be one filesystem
-for all ranks (a shared filesystem on a cluster), as it already is for `latest`. Upload
-failures are logged, never fatal: the local checkpoint is intact and training goes on.
+On resume, rank 0 lists the store once; when it holds a complete checkpoint newer than any
+in the run directory (a replacement node, a lost disk), rank 0 reads its manifest and
+tells every rank; each rank downloads its share (the files it would have written, so each
+lands where it will be read) into a `.tmp-` folder and checks their sizes, and rank 0
+renames the folder into place once all succeeded. A failed download is an error on every
+rank: the run falls back to its newest local checkpoint, or stops with the reason.
+
+The run directory must be one filesystem for all ranks (a shared filesystem on a cluster),
+as it already is for `latest`.
 """
 
 from __future__ import annotations
@@ -21,57 +33,121 @@ import json
 import logging
 import shutil
 import threading
+import uuid
 from pathlib import Path
 
-from pretrain import objstore
+from pretrain import iotrace, objstore
+from pretrain.checkpoint import Ranks, file_owner, sync_files, sync_folders, write_json
 from pretrain.objstore import StoreError
 
 log = logging.getLogger("pretrain")
 MANIFEST = "manifest.json"
+BASE_WAIT_S = 300.0
 
 
 class CheckpointMirror:
-    def __init__(self, url: str, keep_last: int) -> None:
+    def __init__(self, url: str, keep_last: int, min_mb_per_s: float = 10.0) -> None:
         self.url = url.rstrip("/")
         self.keep_last = keep_last
+        self.min_mb_per_s = min_mb_per_s
+        self.ranks = Ranks()  # the Checkpointer using this mirror sets its own
         self._thread: threading.Thread | None = None
+        self._end: tuple[str, float] | None = None  # the upload in flight: key, wait limit
         self.failures = 0
 
+    def timeout_s(self, nbytes: int) -> float:
+        """How long to wait for a transfer of `nbytes` by one rank."""
+        return BASE_WAIT_S + nbytes / (self.min_mb_per_s * 1e6)
+
+    @staticmethod
+    def _key(what: str, tag: str) -> str:
+        return f"pretrain/checkpoint/{what}/{tag}"
+
     # ------------------------------------------------------------ upload
-    def upload(self, folder: Path) -> None:
-        """Start uploading the complete checkpoint `folder` (after any upload in flight)."""
+    def upload(self, folder: Path, files: dict[str, int], rank_bytes: int, tag: str) -> None:
+        """Start uploading this rank's `files` (name -> size) of the committed checkpoint
+        `folder` (rank 0 uploads its manifest last). `rank_bytes`: the most any rank
+        uploads, which sizes every wait; `tag`: the same on every rank, new for every
+        upload (the key-value store outlives it)."""
         self.wait()
+        key = self._key("upload", tag)
+        timeout = self.timeout_s(rank_bytes)
+        self._end = (key, timeout + BASE_WAIT_S)  # + rank 0's manifest and store pruning
         self._thread = threading.Thread(
-            target=self._upload_logged, args=(Path(folder),), name="checkpoint-upload", daemon=True
+            target=self._upload,
+            args=(Path(folder), files, key, timeout),
+            name="checkpoint-upload",
+            daemon=True,
         )
         self._thread.start()
 
     def wait(self) -> None:
-        """Block until the upload in flight, if any, has finished (or failed)."""
+        """Block until the upload in flight, if any, has ended on every rank (or failed):
+        afterwards no rank reads its local folder any more."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._end is not None and self.ranks.rank != 0:
+            key, timeout = self._end
+            try:
+                ended = self.ranks.wait_announced(key, timeout)
+            except Exception as e:  # the store went away: nobody is left to wait for
+                ended = f"store: {e}"
+            if ended is None:
+                log.error("rank 0 did not end checkpoint upload %s within %.0f s", key, timeout)
+        self._end = None
 
-    def _upload_logged(self, folder: Path) -> None:
-        try:
-            self._upload(folder)
-        except (StoreError, OSError, ValueError) as e:
-            self.failures += 1
-            log.error(
-                "upload of checkpoint %s to %s failed: %s; the local copy is intact",
-                folder.name,
-                self.url,
-                objstore.redact(str(e)),
-            )
-
-    def _upload(self, folder: Path) -> None:
-        manifest = json.loads((folder / MANIFEST).read_text())
+    def _upload(self, folder: Path, files: dict, key: str, timeout: float) -> None:
         prefix = objstore.join(self.url, folder.name)
-        for name in manifest["files"]:
-            objstore.upload_file(folder / name, objstore.join(prefix, name))
-        objstore.upload_file(folder / MANIFEST, objstore.join(prefix, MANIFEST))
-        log.info("uploaded checkpoint %s to %s", folder.name, prefix)
-        self._prune(keep_up_to=folder.name)
+        error = None
+        try:
+            for name in files:
+                objstore.upload_file(folder / name, objstore.join(prefix, name))
+                iotrace.record(iotrace.UPLOAD, objstore.join(prefix, name))
+        except (StoreError, OSError) as e:
+            error = objstore.redact(str(e))
+            self._failed(
+                folder.name, error if self.ranks.rank == 0 else f"rank {self.ranks.rank}: {error}"
+            )
+        try:
+            self.ranks.report(key, error)
+            if self.ranks.rank == 0:
+                self._finish(folder, prefix, key, timeout, own_error=error is not None)
+        except Exception as e:  # the store itself failed: the upload is not complete
+            self._failed(folder.name, f"waiting for the other ranks: {e}")
+        finally:
+            if self.ranks.rank == 0:
+                self._announce_end(key)
+
+    def _finish(self, folder: Path, prefix: str, key: str, timeout: float, own_error: bool):
+        """Rank 0: once every rank's files are up, the manifest, then the store's pruning."""
+        failed = self.ranks.wait_reports(key, timeout)
+        if failed is not None:
+            if not own_error:
+                self._failed(folder.name, failed)
+            return
+        try:
+            objstore.upload_file(folder / MANIFEST, objstore.join(prefix, MANIFEST))
+            iotrace.record(iotrace.UPLOAD, objstore.join(prefix, MANIFEST))
+            log.info("uploaded checkpoint %s to %s", folder.name, prefix)
+            self._prune(keep_up_to=folder.name)
+        except (StoreError, OSError, ValueError) as e:
+            self._failed(folder.name, objstore.redact(str(e)))
+
+    def _announce_end(self, key: str) -> None:
+        try:
+            self.ranks.announce(key, "end")
+        except Exception as e:
+            log.error("cannot tell the other ranks that upload %s ended: %s", key, e)
+
+    def _failed(self, name: str, why: str) -> None:
+        self.failures += 1
+        log.error(
+            "upload of checkpoint %s to %s failed: %s; the local copy is intact",
+            name,
+            self.url,
+            why,
+        )
 
     def _prune(self, keep_up_to: str) -> None:
         """Keep the newest `keep_last` complete checkpoints in the store (none newer than
@@ -85,6 +161,7 @@ class CheckpointMirror:
     # ------------------------------------------------------------ download
     def complete(self) -> list[str]:
         """Names of the complete checkpoints in the store, newest first."""
+        iotrace.record(iotrace.LIST, self.url)
         names = set()
         for url, _ in objstore.list_objects(self.url):
             parts = url[len(self.url) + 1 :].split("/")
@@ -92,24 +169,80 @@ class CheckpointMirror:
                 names.add(parts[0])
         return sorted(names, reverse=True)
 
-    def fetch_if_newer(self, root: Path, local: Path | None) -> Path | None:
-        """Download the store's newest complete checkpoint into `root` if it is newer than
-        `local` (or there is none); returns its folder, or None when nothing was fetched."""
+    def plan_fetch(self, root: Path, local: str | None) -> dict | None:
+        """Rank 0: the store's newest complete checkpoint, when it is newer than `local` (a
+        name, or None): {"name", "manifest", "tag"}, for `fetch` on every rank; else None."""
         complete = self.complete()
-        if not complete or (local is not None and complete[0] <= local.name):
+        if not complete or (local is not None and complete[0] <= local):
             return None
         name = complete[0]
+        url = objstore.join(self.url, name, MANIFEST)
+        try:
+            manifest = json.loads(objstore.read_bytes(url))
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise StoreError(f"{url}: not a checkpoint manifest; delete that folder")
+        iotrace.record(iotrace.DOWNLOAD, url)
+        shutil.rmtree(Path(root) / f".tmp-fetch-{name}", ignore_errors=True)  # a killed fetch
+        return {"name": name, "manifest": manifest, "tag": uuid.uuid4().hex}
+
+    def share(self, files: dict[str, int]) -> dict[str, int]:
+        """This rank's part of a download: the files its rank number wrote (modulo the
+        ranks there are now), so each lands on the node that will read it."""
+        r, n = self.ranks.rank, self.ranks.world_size
+        return {name: size for name, size in files.items() if file_owner(name) % n == r}
+
+    def fetch(self, root: Path, plan: dict) -> Path:
+        """Every rank: download this rank's share of `plan` (from `plan_fetch` on rank 0);
+        returns the checkpoint's folder once it is in place, or raises StoreError (on every
+        rank alike) when any rank's part failed."""
+        name, files = plan["name"], plan["manifest"]["files"]
         prefix = objstore.join(self.url, name)
         tmp = Path(root) / f".tmp-fetch-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        objstore.download_file(objstore.join(prefix, MANIFEST), tmp / MANIFEST)
-        files = json.loads((tmp / MANIFEST).read_text())["files"]
-        for file, size in files.items():
-            objstore.download_file(objstore.join(prefix, file), tmp / file)
-            if (tmp / file).stat().st_size != size:
-                raise StoreError(f"{objstore.join(prefix, file)}: size differs from its manifest")
-        final = Path(root) / name
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete local folder of that name
-        tmp.rename(final)
-        log.info("downloaded checkpoint %s from %s", name, prefix)
-        return final
+        key = self._key("fetch", plan["tag"])
+        n = self.ranks.world_size
+        most = max(sum(s for f, s in files.items() if file_owner(f) % n == r) for r in range(n))
+        timeout = self.timeout_s(most)
+        error = None
+        try:
+            for file, size in self.share(files).items():
+                objstore.download_file(objstore.join(prefix, file), tmp / file)
+                iotrace.record(iotrace.DOWNLOAD, objstore.join(prefix, file))
+                if sync_files(tmp, [file])[file] != size:
+                    raise StoreError(
+                        f"{objstore.join(prefix, file)}: size differs from its manifest"
+                    )
+        except (StoreError, OSError) as e:
+            error = objstore.redact(str(e))
+        self.ranks.report(key, error)
+        if self.ranks.rank == 0:
+            outcome = self._place(tmp, Path(root) / name, plan["manifest"], key, timeout)
+        else:
+            outcome = self.ranks.wait_announced(key, timeout + BASE_WAIT_S)
+            outcome = outcome or f"rank 0 did not finish within {timeout + BASE_WAIT_S:.0f} s"
+        if outcome != "ok":
+            raise StoreError(f"download of checkpoint {name} from {self.url} failed: {outcome}")
+        if self.ranks.rank == 0:
+            log.info("downloaded checkpoint %s from %s", name, prefix)
+        return Path(root) / name
+
+    def _place(self, tmp: Path, final: Path, manifest: dict, key: str, timeout: float) -> str:
+        """Rank 0: once every rank's share is in, the manifest, then the folder into place;
+        the outcome ("ok" or why not) is announced to every rank."""
+        outcome = "ok"
+        try:
+            failed = self.ranks.wait_reports(key, timeout)
+            if failed is not None:
+                outcome = failed
+            else:
+                write_json(tmp / MANIFEST, manifest)
+                sync_folders(tmp, manifest["files"])
+                shutil.rmtree(final, ignore_errors=True)  # an incomplete local folder of that name
+                tmp.rename(final)
+                sync_folders(final.parent, [])
+        except (OSError, ValueError) as e:
+            outcome = str(e)
+        finally:
+            self.ranks.announce(key, outcome)
+        return outcome

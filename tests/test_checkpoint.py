@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
+import pytest
 import torch
 
-from pretrain.checkpoint import Checkpointer
+from pretrain.checkpoint import Checkpointer, file_owner
+from tests.conftest import REPO
 
 
 def _writer(value: float):
@@ -102,8 +105,6 @@ def test_a_background_write_is_visible_only_once_committed(tmp_path):
 def test_a_failed_background_write_is_never_committed(tmp_path):
     from concurrent.futures import Future
 
-    import pytest
-
     ck = Checkpointer(tmp_path, keep_last=3)
     ck.save(5, {"step": 5}, _writer(5))
     future: Future = Future()
@@ -114,3 +115,53 @@ def test_a_failed_background_write_is_never_committed(tmp_path):
     assert [p.name for p in ck.complete()] == ["step_00000005"]
     Checkpointer(tmp_path, keep_last=3)  # the next start clears the half-written folder
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("name", "rank"),
+    [
+        ("__3_0.distcp", 3),  # DCP: a rank's shard (ddp, fsdp, single)
+        ("__12_1.distcp", 12),
+        (".metadata", 0),  # DCP's coordinator
+        ("rng_rank7.pt", 7),
+        ("zero/zero_pp_rank_5_mp_rank_00_optim_states.pt", 5),  # ZeRO 1/2/3
+        ("zero/zero_pp_rank_5_mp_rank_00_model_states.pt", 5),  # ZeRO 3
+        ("zero/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt", 2),
+        ("zero/mp_rank_00_model_states.pt", 0),  # ZeRO 1/2: written by rank 0
+        ("zero_to_fp32.py", 0),
+        ("train_state.json", 0),
+        ("config.yaml", 0),
+        ("zero.json", 0),
+    ],
+)
+def test_file_owner_names_the_rank_that_writes_a_file(name, rank):
+    assert file_owner(name) == rank
+
+
+def test_a_single_process_checkpoint_lists_every_file_once_made_durable(tmp_path, monkeypatch):
+    """The single strategy's real DCP files, and a file no naming rule knows: all in the
+    manifest with their sizes, each fsynced once."""
+    from pretrain import iotrace
+    from pretrain.config import load_config
+    from pretrain.parallel import build_strategy
+
+    monkeypatch.setenv(iotrace.ENV, str(tmp_path))
+    overrides = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1"]
+    strategy = build_strategy(load_config(REPO / "configs/tiny.yaml", overrides))
+    strategy.setup()
+
+    def write(folder):
+        strategy.save(folder)
+        (folder / "extra").mkdir()
+        (folder / "extra" / "blob.bin").write_bytes(b"x" * 7)
+
+    path = Checkpointer(tmp_path / "ck", keep_last=1).save(
+        1, {"step": 1}, write, {"config.yaml": "a: 1\n"}
+    )
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    on_disk = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+    assert on_disk.pop("manifest.json") and files == on_disk
+    assert {".metadata", "__0_0.distcp", "rng_rank0.pt", "extra/blob.bin"} <= set(files)
+    fsynced = Counter(r["what"] for r in iotrace.read(tmp_path) if r["kind"] == iotrace.FSYNC)
+    tmp = tmp_path / "ck" / ".tmp-step_00000001"
+    assert all(fsynced[str(tmp / name)] == 1 for name in files)

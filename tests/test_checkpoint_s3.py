@@ -10,7 +10,14 @@ import torch
 
 from pretrain.checkpoint import Checkpointer
 from pretrain.mirror import CheckpointMirror
-from tests.conftest import losses_by_step, run_cli, with_overrides
+from tests.conftest import (
+    REF,
+    REF_STEPS,
+    STRATEGIES,
+    losses_by_step,
+    run_torchrun,
+    with_overrides,
+)
 from tests.s3server import SECRET_KEY
 
 
@@ -45,14 +52,12 @@ def test_mirror_uploads_complete_checkpoints_and_prunes_the_store(s3, tmp_path):
     # A store checkpoint without its manifest (an upload cut short) is never fetched.
     s3.client().delete_object(Bucket=bucket, Key="run/step_00000006/manifest.json")
     fresh = Checkpointer(tmp_path / "b", keep_last=2, mirror=mirror)
-    fresh.fetch()
-    assert [p.name for p in fresh.complete()] == ["step_00000004"]
+    path = fresh.resume_point()
+    assert [p.name for p in fresh.complete()] == [path.name] == ["step_00000004"]
     box: dict = {}
-    assert fresh.load(fresh.latest(), lambda f: box.update(torch.load(f / "model.pt"))) == {
-        "step": 4
-    }
+    assert fresh.load(path, lambda f: box.update(torch.load(f / "model.pt"))) == {"step": 4}
     assert torch.equal(box["w"], torch.full((64,), 4.0))
-    fresh.fetch()  # nothing newer in the store: nothing downloaded again
+    assert fresh.resume_point() == path  # nothing newer in the store: nothing downloaded again
     assert [p.name for p in fresh.complete()] == ["step_00000004"]
 
 
@@ -74,30 +79,34 @@ def test_a_failed_upload_is_logged_and_training_goes_on(s3, tmp_path, caplog, mo
 
 
 @pytest.mark.slow
-def test_a_fresh_node_resumes_from_the_store_exactly(s3_server, tiny_overrides, tmp_path):
+def test_a_fresh_node_resumes_from_the_store_exactly(
+    s3_server, tiny_overrides, tmp_path, reference
+):
+    """2 fsdp ranks upload their own shards; a new machine (empty run directory, same
+    remote) downloads them, each rank its share, and continues bit for bit."""
     url = f"s3://{s3_server.make_bucket('ckpts')}/tiny"
-    fixed = ["schedule.decay_steps=10", "checkpoint.every=2", "train.eval_every=5"]
-    ref = with_overrides(tiny_overrides, f"run.dir={tmp_path / 'ref'}", "train.max_steps=10")
-    assert run_cli("train", "configs/tiny.yaml", *ref, *fixed).returncode == 0
+    expected = losses_by_step(reference("fsdp", tiny_overrides))
+    stop = REF_STEPS // 2
 
     def node(name: str, steps: int):
         overrides = with_overrides(
             tiny_overrides,
+            *STRATEGIES["fsdp"],
+            *REF,
             f"run.dir={tmp_path / name}",
             f"train.max_steps={steps}",
             f"checkpoint.remote={url}",
         )
-        r = run_cli("train", "configs/tiny.yaml", *overrides, *fixed, env=s3_server.env)
-        assert r.returncode == 0, r.stderr
-        return r
+        args = ["-m", "pretrain", "train", "configs/tiny.yaml", *overrides]
+        return run_torchrun(2, *args, env=s3_server.env)
 
-    node("first", 6)
-    r = node("second", 10)  # a new machine: an empty run directory, same remote
-    assert "downloaded checkpoint step_00000006" in r.stderr
+    node("first", stop)
+    r = node("second", REF_STEPS)
+    assert f"downloaded checkpoint step_{stop:08d}" in r.stderr
     assert "resumed from" in r.stderr
-    ref_losses, resumed = losses_by_step(tmp_path / "ref"), losses_by_step(tmp_path / "second")
-    assert sorted(resumed) == [7, 8, 9, 10]
-    assert all(resumed[s] == ref_losses[s] for s in resumed)  # bit for bit
+    resumed = losses_by_step(tmp_path / "second")
+    assert sorted(resumed) == list(range(stop + 1, REF_STEPS + 1))
+    assert all(resumed[s] == expected[s] for s in resumed)  # bit for bit
     for path in (tmp_path / "first").rglob("*"):  # the store's secret stays out of the run
         if path.is_file():
             assert SECRET_KEY.encode() not in path.read_bytes(), path

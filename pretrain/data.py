@@ -3,38 +3,62 @@
 `pretrain prep shards` writes a dataset root (a local folder or an `s3://` prefix) holding
 `meta.json` and one MDS folder per split. Each rank reads its part of every stream with
 `StreamingDataset`: weighted mixtures come from the streams' `proportion`/`repeat`;
-`shuffle_seed` and `num_canonical_nodes` come from the config (frozen in the run
-directory), so the global sample order does not depend on the number of ranks and a run
-can resume on a different number of them. `TrainBatches.state_dict()` is the loader's
-exact position (epoch and sample within it) and goes into every checkpoint.
+`shuffle_seed` and `num_canonical_nodes` (pretrain.data_order: chosen at the run's first
+start and recorded in the run directory) fix the global sample order, so it does not
+depend on the number of ranks and a run can resume on a different number of them.
+`TrainBatches.state_dict()` is the loader's exact position (epoch and sample within it)
+and goes into every checkpoint.
 
-Remote shards are downloaded into a per-run cache, with retries and backoff, and checked
-against their xxh64 hash on arrival. Everything that can be checked before training is
-checked by `pretrain.data_check` first.
+At start-up global rank 0 checks the data (`pretrain.data_check`) and sends its verdict to
+every rank (`from_rank0`); each node's local leader then prepares the node's own cache
+folder on node-local scratch. Remote shards are downloaded into that cache, with retries
+and backoff, and checked against their xxh64 hash on arrival. DataLoader workers ignore
+the preemption signals (a signal sent to the whole process group must reach only the
+trainer, which saves and exits), and batches go to pinned memory when training on CUDA.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import os
 import re
+import signal
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain import shm
-from pretrain.config import Config
-from pretrain.data_check import DataError, StreamSource, check_same_data, stream_sources
+from pretrain import data_order, runtime, shm
+from pretrain.config import Config, ConfigError
+from pretrain.data_check import (
+    CheckedStream,
+    DataError,
+    StreamSource,
+    check_streams,
+    prepare_cache,
+    stream_sources,
+)
+from pretrain.objstore import StoreError
 from pretrain.streaming_compat import streaming_module
 
+log = logging.getLogger("pretrain")
+T = TypeVar("T")
 
-def _dataset(cfg: Config, sources: list[StreamSource], shuffle: bool, batch_size: int):
+
+def _dataset(
+    cfg: Config,
+    sources: list[StreamSource],
+    shuffle: bool,
+    batch_size: int,
+    num_canonical_nodes: int,
+):
     streaming = streaming_module()
     streams = [
         streaming.Stream(
@@ -56,20 +80,36 @@ def _dataset(cfg: Config, sources: list[StreamSource], shuffle: bool, batch_size
             batch_size=batch_size,
             shuffle=shuffle,
             shuffle_seed=cfg.run.seed,
-            num_canonical_nodes=cfg.data.num_canonical_nodes,
+            num_canonical_nodes=num_canonical_nodes,
         )
 
 
-def _loader(dataset, cfg: Config, batch_size: int):
+def _loader(dataset, cfg: Config, batch_size: int, pin_memory: bool):
     streaming = streaming_module()
+    workers = cfg.data.num_workers
+    preemption = tuple(int(getattr(signal, name)) for name in cfg.fault.preempt_signals)
     return streaming.StreamingDataLoader(
         dataset,
         batch_size=batch_size,
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
         drop_last=True,
-        persistent_workers=cfg.data.num_workers > 0,
+        persistent_workers=workers > 0,
         collate_fn=collate_tokens,
+        pin_memory=pin_memory,
+        worker_init_fn=functools.partial(ignore_signals, preemption) if workers else None,
     )
+
+
+def ignore_signals(signals: tuple[int, ...], worker_id: int = 0) -> None:
+    """A DataLoader worker's init: leave the preemption signals to the trainer.
+
+    SLURM and launchers send SIGTERM/SIGUSR1 to the whole process group. A worker that
+    dies of it (torch's worker handler re-raises it) makes the trainer's next batch fail
+    with "DataLoader worker ... is killed by signal" instead of saving a checkpoint; the
+    trainer ends its workers itself when it exits.
+    """
+    for signum in signals:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def collate_tokens(samples: list[dict[str, Any]]) -> torch.Tensor:
@@ -81,14 +121,123 @@ def collate_tokens(samples: list[dict[str, Any]]) -> torch.Tensor:
     return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
 
 
-def _sources(cfg: Config, run_dir: Path, split: str, validation: bool) -> list[StreamSource]:
-    sources = stream_sources(cfg, run_dir, split, validation)
-    check_same_data(run_dir, sources, write=not dist.is_initialized() or dist.get_rank() == 0)
+def _sources(
+    cfg: Config, run_dir: Path, split: str, validation: bool
+) -> tuple[list[StreamSource], int]:
+    """This rank's streams for `split`, checked by global rank 0, and num_canonical_nodes."""
+
+    def check(progress: Callable[[], None]) -> tuple[list[CheckedStream], int, str]:
+        start = time.perf_counter()
+        checked = check_streams(cfg, run_dir, split, validation, progress)
+        canonical, why = data_order.resolve(cfg.data.num_canonical_nodes, run_dir)
+        log.info(
+            "data (%s): %d stream(s) checked by rank 0 in %.2f s; num_canonical_nodes=%d (%s); "
+            "node-local scratch %s",
+            split,
+            len(checked),
+            time.perf_counter() - start,
+            canonical,
+            why,
+            runtime.scratch_dir(cfg),
+        )
+        return checked, canonical, why
+
+    checked, canonical, _ = from_rank0(check, cfg.fault.collective_timeout_s)
+    sources = stream_sources(checked, runtime.scratch_dir(cfg))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        for source, stream in zip(sources, checked, strict=True):
+            prepare_cache(source, stream)
         shm.clean_stale([str(Path(s.local) / s.split) for s in sources])
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # each node's caches and shared memory are prepared by its local leader
-    return sources
+        dist.barrier()  # each node's cache and shared memory are prepared by its local leader
+    return sources, canonical
+
+
+_ROUNDS = itertools.count()  # every rank makes the same calls in the same order
+_ERRORS = {"ConfigError": ConfigError, "StoreError": StoreError}
+
+
+def from_rank0(work: Callable[[Callable[[], None]], T], patience_s: float) -> T:
+    """`work(progress)` on global rank 0; its result, or its error, on every rank.
+
+    The other ranks wait outside any collective: a first check of a large local dataset
+    reads all of it (an hour for tens of TB), far longer than a collective may wait. They
+    poll a key in the rendezvous store (backing off to one poll every 2 s) and give up only
+    when rank 0 has made no progress (a shard hashed, a stream checked) for `patience_s`
+    (fault.collective_timeout_s). One broadcast then brings the verdict.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return work(lambda: None)
+    store, key = _store(), f"pretrain/rank0/{next(_ROUNDS)}"
+    if dist.get_rank() != 0:
+        _wait_for(store, key, patience_s)
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0][0] == "error":
+            raise _ERRORS.get(box[0][1], DataError)(box[0][2])
+        return box[0][1]
+    error: BaseException | None = None
+    try:
+        outcome: tuple = ("ok", work(_beat(store, key)))
+    except (DataError, ConfigError, StoreError) as e:
+        error, outcome = e, ("error", type(e).__name__, str(e))
+    except Exception as e:
+        error = e
+        text = " ".join(str(e).split())[:300]
+        outcome = (
+            "error",
+            "DataError",
+            f"rank 0 failed checking the data: {type(e).__name__}: {text}",
+        )
+    if store is not None:
+        store.set(f"{key}/done", "1")
+    dist.broadcast_object_list([outcome], src=0)
+    if error is not None:
+        raise error
+    return outcome[1]
+
+
+def _store():
+    """The default group's store (the rendezvous store under this attempt's prefix), or None.
+
+    Private in torch, so a torch without it falls back to waiting in the broadcast itself.
+    """
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except (AttributeError, ImportError, RuntimeError, ValueError):
+        return None
+
+
+def _beat(store, key: str) -> Callable[[], None]:
+    """Rank 0's progress signal: a counter in the store, bumped at most once a second."""
+    last = [0.0]
+
+    def progress() -> None:
+        if store is not None and time.monotonic() - last[0] >= 1.0:
+            last[0] = time.monotonic()
+            store.add(f"{key}/beat", 1)
+
+    return progress
+
+
+def _wait_for(store, key: str, patience_s: float) -> None:
+    if store is None:
+        return
+    done, beat = f"{key}/done", f"{key}/beat"
+    last, since, pause = -1, time.monotonic(), 0.01
+    while not store.check([done]):
+        count = store.add(beat, 0)
+        if count != last:
+            last, since = count, time.monotonic()
+        elif time.monotonic() - since > patience_s:
+            raise DataError(
+                f"global rank 0 made no progress checking the data for {patience_s:.0f} s "
+                "(fault.collective_timeout_s); see its log"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, 2.0)
 
 
 class _StreamingThreadErrors(logging.Filter):
@@ -148,15 +297,21 @@ def _next(iterator: Iterator, sources: list[StreamSource]):
         ) from cause
 
 
+def _pinned(device: torch.device | str | None) -> bool:
+    """Batches for a CUDA device go to page-locked memory, so the trainer's
+    `.to(device, non_blocking=True)` copies overlap compute."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
 class TrainBatches:
     """An endless stream of (micro_batch_size, seq_len + 1) token batches for this rank."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device | None = None) -> None:
         bs = cfg.train.micro_batch_size
         _watch_streaming_threads()
-        self.sources = _sources(cfg, run_dir, cfg.data.train_split, validation=False)
-        self.dataset = _dataset(cfg, self.sources, cfg.data.shuffle, bs)
-        self.loader = _loader(self.dataset, cfg, bs)
+        self.sources, canonical = _sources(cfg, run_dir, cfg.data.train_split, validation=False)
+        self.dataset = _dataset(cfg, self.sources, cfg.data.shuffle, bs, canonical)
+        self.loader = _loader(self.dataset, cfg, bs, pin_memory=_pinned(device))
         self._iter: Iterator | None = None
 
     def next(self) -> torch.Tensor:
@@ -182,12 +337,12 @@ class TrainBatches:
 class ValBatches:
     """The first `n` validation batches, the same ones at every evaluation."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device | None = None) -> None:
         bs = cfg.train.micro_batch_size
         _watch_streaming_threads()
-        self.sources = _sources(cfg, run_dir, cfg.data.val_split, validation=True)
-        self.dataset = _dataset(cfg, self.sources, shuffle=False, batch_size=bs)
-        self.loader = _loader(self.dataset, cfg, bs)
+        self.sources, canonical = _sources(cfg, run_dir, cfg.data.val_split, validation=True)
+        self.dataset = _dataset(cfg, self.sources, False, bs, canonical)
+        self.loader = _loader(self.dataset, cfg, bs, pin_memory=_pinned(device))
 
     def batches(self, n: int) -> Iterator[torch.Tensor]:
         iterator = iter(self.loader)

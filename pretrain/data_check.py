@@ -1,4 +1,4 @@
-"""Everything checked about the data before the first training step.
+"""Everything checked about the data before the first training step: once, on global rank 0.
 
 For each stream (local folder or `s3://` prefix) and each split it is read from: the
 dataset is complete (`meta.json`, written last by `pretrain prep shards`), it was made
@@ -7,9 +7,21 @@ index is present with the listed size (and, for local shards, the listed xxh64 h
 `data.validate_hashes`). Problems are one-line `DataError`s naming the stream, and
 object-store problems (credentials, bucket, prefix) surface here, not mid-training.
 
-Every stream is read through a folder of the run's own (`RUN_DIR/cache/streamsN`, local
-shards linked into it), holding the index checked here. With `data.skip_bad_shards`,
-damaged shards are left out of that index, with a warning, instead of refusing to start.
+Who does the work, and how often: at 1,000 ranks, every rank reading every index, listing
+every prefix and hashing every shard on every start and requeue would be O(ranks x data)
+against one shared filesystem or store. So only global rank 0 runs `check_streams`; its
+verdict (`CheckedStream`: the checked index, fingerprint, how to read it) goes to every
+rank (pretrain.data). Hashes of local shards are kept in RUN_DIR/data_hashes.json by path,
+size and mtime, so a restart re-hashes only shards that changed: the first start costs one
+pass over the data, later ones a listing. Hashing and listing are counted by
+`pretrain.iotrace`.
+
+Every stream is read through a folder of the node's own (`prepare_cache`, by each node's
+local leader): SCRATCH/cache/streamsN on node-local scratch (runtime.scratch_dir), local
+shards linked into it, holding the index checked here. Nodes never share a streaming
+cache: on a shared filesystem they would download and decompress into one folder. With
+`data.skip_bad_shards`, damaged shards are left out of that index, with a warning,
+instead of refusing to start.
 """
 
 from __future__ import annotations
@@ -18,10 +30,11 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain import objstore
+from pretrain import iotrace, objstore
 from pretrain.checkpoint import has_checkpoint
 from pretrain.config import Config, ConfigError, StreamConfig
 from pretrain.tokenizer import Tokenizer
@@ -29,6 +42,7 @@ from pretrain.tokenizer import Tokenizer
 log = logging.getLogger("pretrain")
 META_FORMAT = "pretrain-mds-v1"
 HASH = "xxh64"
+HASH_CACHE = "data_hashes.json"  # in the run directory, written by global rank 0
 
 
 class DataError(ValueError):
@@ -36,62 +50,131 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
-class StreamSource:
-    """Where one stream's split is read from: `remote` (None for local data) and `local`."""
+class CheckedStream:
+    """Rank 0's verdict on one stream's split, sent to every rank (small and picklable)."""
 
     name: str  # e.g. "data.streams[0] (s3://bucket/ds)"
+    cache_name: str  # e.g. "streams0": its folder under SCRATCH/cache
+    root: str  # the dataset root as configured (folder or s3:// prefix)
+    remote: bool
+    local: str | None  # the user's own cache folder for remote data (StreamConfig.local)
+    split: str
+    proportion: float | None
+    repeat: float | None
+    validate_hash: str | None
+    fingerprint: dict  # what the data is, wherever it is stored
+    index: bytes  # the index.json streaming reads: as stored, or without damaged shards
+    shards: tuple[str, ...]  # file names of the shards in `index`
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """Where this rank's streaming reads one stream's split: `remote` (None for local data)
+    through the node-local folder `local`."""
+
+    name: str
     remote: str | None
     local: str
     split: str
     proportion: float | None
     repeat: float | None
     validate_hash: str | None
-    fingerprint: dict  # what the data is, wherever it is stored
 
 
-def check_same_data(run_dir: Path, sources: list[StreamSource], write: bool) -> None:
+def check_streams(
+    cfg: Config,
+    run_dir: Path,
+    split: str,
+    validation: bool = False,
+    progress: Callable[[], None] = lambda: None,
+) -> list[CheckedStream]:
+    """Check every stream for `split` (global rank 0 only); `progress()` is called as work
+    is done, so that ranks waiting for the verdict can tell slow from stuck."""
+    field = "val_streams" if validation and cfg.data.val_streams else "streams"
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    hashes = HashCache(Path(run_dir) / HASH_CACHE, progress)
+    try:
+        checked = [
+            _check_stream(
+                cfg,
+                tokenizer,
+                s,
+                f"data.{field}[{i}] ({s.remote})",
+                f"{field}{i}",
+                split,
+                hashes,
+                progress,
+            )
+            for i, s in enumerate(getattr(cfg.data, field))
+        ]
+    finally:
+        hashes.save()  # what was hashed stays hashed, even when a shard is refused
+    check_same_data(run_dir, checked)
+    return checked
+
+
+def stream_sources(checked: list[CheckedStream], scratch: Path) -> list[StreamSource]:
+    """This node's view of rank 0's verdict: each stream read through SCRATCH/cache/NAME."""
+    return [
+        StreamSource(
+            name=c.name,
+            remote=c.root if c.remote else None,
+            local=c.local if c.remote and c.local else str(scratch / "cache" / c.cache_name),
+            split=c.split,
+            proportion=c.proportion,
+            repeat=c.repeat,
+            validate_hash=c.validate_hash,
+        )
+        for c in checked
+    ]
+
+
+def prepare_cache(source: StreamSource, checked: CheckedStream) -> None:
+    """Make this node's cache folder of one stream read the checked index (local leader).
+
+    Streaming registers its shared memory per folder, so two runs never share it, and the
+    index there is the one checked (filtered, or as the store has it). A cache of another
+    index is emptied first; local shards are linked, not copied.
+    """
+    folder = Path(source.local) / checked.split
+    current = folder / "index.json"
+    if current.exists() and current.read_bytes() != checked.index:
+        log.info("%s: the dataset changed since it was cached; emptying %s", checked.root, folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not checked.remote:
+        shards = Path(checked.root).resolve() / checked.split
+        for name in checked.shards:
+            _link(shards / name, folder / name)
+    tmp = folder / f".index.json.{os.getpid()}"
+    tmp.write_bytes(checked.index)
+    os.replace(tmp, current)
+
+
+def check_same_data(run_dir: Path, checked: list[CheckedStream]) -> None:
     """Refuse to resume a run on datasets other than the ones it started with."""
-    path = run_dir / f"data_{sources[0].split}.json"
-    now = [s.fingerprint for s in sources]
+    path = Path(run_dir) / f"data_{checked[0].split}.json"
+    now = [c.fingerprint for c in checked]
     if path.exists() and has_checkpoint(run_dir):
         before = json.loads(path.read_text())
-        for source, old, new in zip(sources, before, now, strict=False):
+        for c, old, new in zip(checked, before, now, strict=False):
             if old != new:
                 raise DataError(
-                    f"{source.name} is not the dataset this run started with ({_diff(old, new)}); "
+                    f"{c.name} is not the dataset this run started with ({_diff(old, new)}); "
                     "use another run.name for new data"
                 )
         if len(before) != len(now):
             raise DataError(
-                f"this run started with {len(before)} {sources[0].split} stream(s), not {len(now)}"
+                f"this run started with {len(before)} {checked[0].split} stream(s), not {len(now)}"
             )
-    elif write:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(now, indent=1))
 
 
 def _diff(old: dict, new: dict) -> str:
     key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
     return f"{key} was {old.get(key)}, now {new.get(key)}"
-
-
-def stream_sources(
-    cfg: Config, run_dir: Path, split: str, validation: bool = False
-) -> list[StreamSource]:
-    """Check every stream for `split` and say where streaming should read it from."""
-    field = "val_streams" if validation and cfg.data.val_streams else "streams"
-    tokenizer = Tokenizer(cfg.data.tokenizer)
-    return [
-        _check_stream(
-            cfg,
-            tokenizer,
-            s,
-            f"data.{field}[{i}] ({s.remote})",
-            split,
-            run_dir / "cache" / f"{field}{i}",
-        )
-        for i, s in enumerate(getattr(cfg.data, field))
-    ]
 
 
 def read_meta(stream: StreamConfig, name: str) -> dict:
@@ -138,8 +221,15 @@ def check_tokenizer(cfg: Config) -> Tokenizer:
 
 
 def _check_stream(
-    cfg: Config, tokenizer: Tokenizer, stream: StreamConfig, name: str, split: str, cache: Path
-) -> StreamSource:
+    cfg: Config,
+    tokenizer: Tokenizer,
+    stream: StreamConfig,
+    name: str,
+    cache_name: str,
+    split: str,
+    hashes: HashCache,
+    progress: Callable[[], None],
+) -> CheckedStream:
     meta = read_meta(stream, name)
     if meta["tokenizer_sha256"] != tokenizer.sha256 or meta["vocab_size"] != tokenizer.vocab_size:
         raise DataError(
@@ -157,7 +247,9 @@ def _check_stream(
     is_remote = objstore.is_remote(stream.remote)
     raw_index = _read(_join(stream.remote, split, "index.json"), name)
     index = json.loads(raw_index)
-    bad = _bad_shards(stream.remote, split, index, is_remote, cfg.data.validate_hashes)
+    check_hashes = cfg.data.validate_hashes and not is_remote
+    bad = _bad_shards(stream.remote, split, index, is_remote, hashes if check_hashes else None)
+    progress()
     if bad:
         listed = ", ".join(f"{split}/{b}" for b in bad[:3]) + (
             f" and {len(bad) - 3} more" if len(bad) > 3 else ""
@@ -174,18 +266,13 @@ def _check_stream(
         }
         if not index["shards"]:
             raise DataError(f"{name}: every shard of split '{split}' is damaged")
-    # Streaming reads each stream through a folder of this run's own (local shards are
-    # linked there): its shared memory is registered per folder, so two runs never share
-    # it, and the index there is the one checked now (filtered, or as the store has it).
-    local = Path(stream.local) if is_remote and stream.local else cache
-    if _local_leader():
-        index_bytes = json.dumps(index).encode() if bad else raw_index
-        _sync_cache(local / split, index_bytes, stream.remote, split, index, is_remote)
     hashed = all(HASH in s.get("hashes", []) for s in index["shards"])
-    return StreamSource(
+    return CheckedStream(
         name=name,
-        remote=stream.remote if is_remote else None,
-        local=str(local),
+        cache_name=cache_name,
+        root=stream.remote,
+        remote=is_remote,
+        local=stream.local,
         split=split,
         proportion=stream.proportion,
         repeat=stream.repeat,
@@ -196,12 +283,9 @@ def _check_stream(
             "samples": sum(s["samples"] for s in index["shards"]),
             "shards": len(index["shards"]),
         },
+        index=json.dumps(index).encode() if bad else raw_index,
+        shards=tuple(_shard_file(s)["basename"] for s in index["shards"]),
     )
-
-
-def _local_leader() -> bool:
-    """One process per node writes the shared cache (the others wait at a barrier)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def _shard_file(shard: dict) -> dict:
@@ -209,28 +293,75 @@ def _shard_file(shard: dict) -> dict:
     return shard["zip_data"] or shard["raw_data"]
 
 
-def _bad_shards(root: str, split: str, index: dict, remote: bool, hashes: bool) -> list[str]:
-    """Basenames of shards that are missing, of the wrong size, or (local) fail their hash."""
+def _bad_shards(
+    root: str, split: str, index: dict, remote: bool, hashes: HashCache | None
+) -> list[str]:
+    """Basenames of shards that are missing, of the wrong size, or (local, with `hashes`)
+    fail their hash."""
     if remote:  # one listing instead of a request per shard
-        sizes = {
-            url.rsplit("/", 1)[1]: size for url, size in objstore.list_objects(_join(root, split))
-        }
+        url = _join(root, split)
+        iotrace.record(iotrace.LIST, url)
+        stats = {u.rsplit("/", 1)[1]: (size, None) for u, size in objstore.list_objects(url)}
     else:
-        sizes = {p.name: p.stat().st_size for p in (Path(root) / split).iterdir() if p.is_file()}
+        stats = {}
+        with os.scandir(Path(root) / split) as entries:
+            for entry in entries:
+                if entry.is_file():
+                    st = entry.stat()
+                    stats[entry.name] = (st.st_size, st.st_mtime_ns)
     bad = []
     for shard in index["shards"]:
         info = _shard_file(shard)
         name = info["basename"]
-        wrong_size = sizes.get(name) != info["bytes"]
-        check_hash = not remote and not wrong_size and hashes and HASH in info.get("hashes", {})
-        if wrong_size or (check_hash and _xxh64(Path(root) / split / name) != info["hashes"][HASH]):
+        size, mtime_ns = stats.get(name, (None, None))
+        if size != info["bytes"]:
             bad.append(name)
+        elif hashes is not None and HASH in info.get("hashes", {}):
+            path = Path(root).absolute() / split / name
+            if hashes.xxh64(path, size, mtime_ns) != info["hashes"][HASH]:
+                bad.append(name)
     return bad
+
+
+class HashCache:
+    """xxh64 of local shards, by absolute path, size and mtime: a shard is hashed again
+    only when it changed. Kept in the run directory by global rank 0; a damaged or missing
+    file is an empty cache (everything is hashed once more), never an error."""
+
+    def __init__(self, path: Path, progress: Callable[[], None] = lambda: None) -> None:
+        self.path = path
+        self.progress = progress
+        self.changed = False
+        try:
+            self.entries: dict[str, list] = json.loads(path.read_text())["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.entries = {}
+
+    def xxh64(self, path: Path, size: int, mtime_ns: int) -> str:
+        key = str(path)
+        entry = self.entries.get(key)
+        if entry is not None and entry[:2] == [size, mtime_ns]:
+            return entry[2]
+        digest = _xxh64(path)
+        self.entries[key] = [size, mtime_ns, digest]
+        self.changed = True
+        self.progress()
+        return digest
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"version": 1, "shards": self.entries}))
+        os.replace(tmp, self.path)
+        self.changed = False
 
 
 def _xxh64(path: Path) -> str:
     import xxhash
 
+    iotrace.record(iotrace.HASH, path)
     h = xxhash.xxh64()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -238,25 +369,13 @@ def _xxh64(path: Path) -> str:
     return h.hexdigest()
 
 
-def _sync_cache(
-    folder: Path, index_bytes: bytes, root: str, split: str, index: dict, is_remote: bool
-) -> None:
-    """Make `folder` a streaming cache for `index`; a cache of another index is emptied first."""
-    current = folder / "index.json"
-    if current.exists() and current.read_bytes() != index_bytes:
-        log.info("%s: the dataset changed since it was cached; emptying %s", root, folder)
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not is_remote:  # local shards are linked into the cache, not copied
-        for shard in index["shards"]:
-            name = _shard_file(shard)["basename"]
-            _replace_symlink(Path(root).resolve() / split / name, folder / name)
-    tmp = folder / f".index.json.{os.getpid()}"
-    tmp.write_bytes(index_bytes)
-    os.replace(tmp, current)
-
-
-def _replace_symlink(target: Path, link: Path) -> None:
+def _link(target: Path, link: Path) -> None:
+    """`link` -> `target`, replaced atomically; left alone when it already points there."""
+    try:
+        if os.readlink(link) == str(target):
+            return
+    except OSError:
+        pass
     tmp = link.with_name(f".{link.name}.{os.getpid()}")
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target)

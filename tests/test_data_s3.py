@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from pretrain import iotrace
 from pretrain.metrics import read_metrics
 from tests.conftest import REPO, losses_by_step, run_cli, with_overrides
 from tests.s3server import ACCESS_KEY, SECRET_KEY
@@ -153,7 +154,8 @@ def test_store_down_mid_epoch_then_back(s3_server, s3_dataset, dataset, tiny_ove
     """Stop the server while 2 ranks stream; restart it 4 s later; the epoch completes."""
     pause = tmp_path / "pause"
     pause.touch()
-    out = tmp_path / "out"
+    out, trace = tmp_path / "out", tmp_path / "trace"
+    trace.mkdir()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
         str(REPO / "tests/data_ranks.py"), "--epoch", "--pause-file", str(pause), str(out), "0",
@@ -162,7 +164,7 @@ def test_store_down_mid_epoch_then_back(s3_server, s3_dataset, dataset, tiny_ove
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env={**__import__("os").environ, **s3_server.env},
+        env={**__import__("os").environ, **s3_server.env, iotrace.ENV: str(trace)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -179,6 +181,8 @@ def test_store_down_mid_epoch_then_back(s3_server, s3_dataset, dataset, tiny_ove
     s3_server.start()
     assert proc.wait(timeout=300) == 0, "".join(output)[-3000:]
     assert_one_epoch(out, all_samples(dataset["mds"]), world=2, micro=8)
+    # The prefix was listed once, by global rank 0 (its verdict went to rank 1).
+    assert iotrace.counts(iotrace.read(trace), iotrace.LIST) == {0: 1}
 
 
 def test_slow_store_training_goes_on(s3_server, s3_dataset, tiny_overrides, tmp_path):

@@ -138,7 +138,9 @@ class TrainConfig:
     eval_every: int = 100
     # Validation micro-batches per evaluation, over all ranks together.
     eval_batches: int = 10
-    # Print a progress line every N steps (and the first and last); metrics.jsonl gets every one.
+    # Print a progress line every N steps (and the first and last); metrics.jsonl gets every
+    # one. Loss and grad norm stay on the device between these points (and are read before
+    # every evaluation and checkpoint), so the device never waits for the host in between.
     log_every: int = 10
     # torch.use_deterministic_algorithms; costs speed on GPU, free on CPU.
     deterministic: bool = False
@@ -220,7 +222,8 @@ class ParallelConfig:
 @dataclass
 class FaultConfig:
     # Signals that mean "preempted" (of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, SIGCONT,
-    # SIGURG): at the next step boundary every rank saves one checkpoint, then exits.
+    # SIGURG): one step boundary after the signal is seen (the vote on it overlaps a step),
+    # every rank saves one checkpoint, then exits.
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
     # Exit status after a preemption (launchers read it as "requeue me"); 3..255, not 124.
     requeue_exit_code: int = 75

@@ -26,24 +26,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain import hardware
 from pretrain.config import ConfigError, load_config
 
-# Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s per accelerator, from the vendors'
-# datasheets (NVIDIA V100/A100/H100/H200/L4/L40S/Blackwell, AMD Instinct MI250X/MI300X),
-# which print the sparse figure as twice these. V100 has no bf16: its fp16 tensor peak.
-PEAK_FLOPS = {
-    "V100": 125e12,  # SXM2
-    "A100": 312e12,  # SXM and PCIe alike
-    "L4": 121e12,
-    "L40S": 362e12,
-    "H100": 989e12,  # SXM
-    "H100-PCIE": 756e12,
-    "H200": 989e12,  # SXM
-    "B200": 2.25e15,  # HGX B200, per GPU
-    "GB200": 2.5e15,  # GB200 NVL72, per GPU
-    "MI250X": 383e12,
-    "MI300X": 1307e12,
-}
+# Dense 16-bit tensor peak FLOP/s per accelerator (bf16; fp16 on V100, which has no bf16),
+# from the one table in pretrain.hardware, which the MFU of training runs also uses.
+PEAK_FLOPS = {a.name: a.tensor16 for a in hardware.ACCELERATORS}
 REFERENCE_GPUS = (8, 64, 512)
 TOKENS_PER_PARAM = 20.0
 NOTE_6ND = "6ND approximation: attention FLOPs (12 x layers x d_model x seq_len a token) ignored"
@@ -86,13 +74,19 @@ def tokens_rule_optimal(flops: float, ratio: float = TOKENS_PER_PARAM) -> tuple[
     return n, ratio * n
 
 
+def accelerator(gpu_type: str) -> hardware.Accelerator:
+    """The table entry for a --gpu-type (case-insensitive; H100 = H100-SXM, H200 = H200-SXM,
+    A100 = A100-SXM-80GB); ConfigError naming the known ones if there is none."""
+    try:
+        return hardware.by_name(gpu_type)
+    except KeyError:
+        known = ", ".join(hardware.known_names())
+        raise ConfigError(f"unknown --gpu-type {gpu_type!r}; known: {known}") from None
+
+
 def peak_flops(gpu_type: str) -> float:
-    """Dense bf16 peak FLOP/s of a GPU type (case-insensitive); ConfigError if unknown."""
-    key = gpu_type.upper()
-    if key not in PEAK_FLOPS:
-        known = ", ".join(PEAK_FLOPS)
-        raise ConfigError(f"unknown --gpu-type {gpu_type!r}; known: {known}")
-    return PEAK_FLOPS[key]
+    """Dense bf16 (V100: fp16) peak FLOP/s of a GPU type; ConfigError if unknown."""
+    return accelerator(gpu_type).tensor16
 
 
 def budget_flops(gpus: int, hours: float, peak: float, mfu: float) -> float:
@@ -163,7 +157,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--flops", type=float, help="training budget in FLOPs, e.g. 1e21")
     p.add_argument("--gpus", type=int, help="number of GPUs (with --hours and --gpu-type)")
     p.add_argument("--hours", type=float, help="wall-clock hours of training")
-    p.add_argument("--gpu-type", help=f"one of {', '.join(PEAK_FLOPS)} (case-insensitive)")
+    p.add_argument(
+        "--gpu-type",
+        help=f"one of {', '.join(hardware.known_names())} (case-insensitive)",
+    )
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (0, 1]")
     p.add_argument("--configs", type=Path, default=Path(__file__).parents[1] / "configs")
     args = p.parse_args(argv)
@@ -190,8 +187,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     """`pretrain plan`: print the plan for a budget; ConfigError for bad input."""
     args = _parse(argv)
-    peak = peak_flops(args.gpu_type) if args.gpu_type else PEAK_FLOPS["H100"]
-    gpu = args.gpu_type.upper() if args.gpu_type else "H100"
+    card = accelerator(args.gpu_type or "H100")
+    peak, gpu = card.tensor16, card.name
     if args.flops is None:
         flops = budget_flops(args.gpus, args.hours, peak, args.mfu)
         source = f" = {args.gpus} x {gpu} ({peak / 1e12:g} TFLOP/s) x {args.hours:g} h"

@@ -1,9 +1,10 @@
 """Surviving what big clusters do to jobs: preemption, hangs and non-finite steps.
 
 - `Preemption` turns the configured signals (SIGTERM, SIGUSR1, SIGUSR2 by default) into a
-  request. The trainer asks all ranks at every step boundary (`Strategy.any_rank`), so a
-  signal on any one rank makes every rank save the same checkpoint and exit with
-  `fault.requeue_exit_code`, which launchers read as "requeue me".
+  request. At every step boundary each rank casts its flag in a `StepVote` (an all-reduce
+  that runs while the next step computes) and acts on the previous boundary's result, so a
+  signal on any one rank makes every rank save the same checkpoint, one step later, and
+  exit with `fault.requeue_exit_code`, which launchers read as "requeue me".
 - `Watchdog` is a thread that expects a `beat()` from the training loop. When none comes
   for `fault.watchdog_s` (a rank stuck in a collective or a kernel), or a preemption save
   overruns `fault.preempt_grace_s`, it writes the Python stack of every thread to
@@ -27,6 +28,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 log = logging.getLogger("pretrain")
 # The watchdog's exit status: distinct from errors (1), bad input (2) and requeue (75).
@@ -64,6 +68,87 @@ class Preemption:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StepVote:
+    """The decisions every rank must take alike at a step boundary, agreed one step late so
+    that agreeing never stalls the device: was a preemption signal seen on any rank, is a
+    background checkpoint write still running on any rank.
+
+    `cast()` at boundary k starts a MAX all-reduce of this rank's flags (`async_op=True`; on
+    a GPU on a side stream, the result copied to pinned host memory as soon as it is
+    reduced) and returns at once; `collect()` at boundary k+1 returns its result, finished
+    by then, since it ran alongside step k+1. Every rank casts and collects at the same
+    boundaries and acts on the same result, so all take the same decision at the same step.
+    Reading a flag at every step instead (an all-reduce and `.item()`) would make the host
+    wait for the device at every step. In one process the flags are their own result.
+    """
+
+    def __init__(self, device: torch.device, world_size: int) -> None:
+        self.device = device
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = world_size if distributed else 1
+        self._pending = None
+        self._agreed_running = True  # until a vote says otherwise: a write may be running
+        self._running_here = True
+        if device.type == "cuda" and self.world_size > 1:
+            self._stream = torch.cuda.Stream(device)
+            self._host = torch.empty(2, dtype=torch.int32, pin_memory=True)
+            self._copied = torch.cuda.Event()
+
+    def cast(self, preempted: bool) -> None:
+        """Start this boundary's vote (every rank, the same boundaries)."""
+        flags = (int(preempted), int(self._running_here))
+        if self.world_size == 1:
+            self._pending = flags
+        elif self.device.type == "cuda":
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                votes = torch.zeros(2, dtype=torch.int32, device=self.device)
+                for i, flag in enumerate(flags):
+                    if flag:
+                        votes[i] = 1  # a fill kernel: no copy from pageable host memory
+                work = dist.all_reduce(votes, op=dist.ReduceOp.MAX, async_op=True)
+                work.wait()  # the side stream waits for the collective; the host does not
+                self._host.copy_(votes, non_blocking=True)
+                self._copied.record(self._stream)
+            self._pending = (votes, work)
+        else:
+            votes = torch.tensor(flags, dtype=torch.int32)
+            work = dist.all_reduce(votes, op=dist.ReduceOp.MAX, async_op=True)
+            self._pending = (votes, work)
+
+    def collect(self) -> bool:
+        """Whether any rank was preempted, as of the last `cast()` (False if none pending);
+        the agreed write flag is kept for `any_write_running`."""
+        pending, self._pending = self._pending, None
+        self._running_here = True  # unknown until this boundary's commit check says
+        if pending is None:
+            self._agreed_running = True
+            return False
+        if self.world_size == 1:
+            flags = pending
+        elif self.device.type == "cuda":
+            self._copied.synchronize()  # the device is done with the previous step by now
+            flags = self._host.tolist()
+        else:
+            votes, work = pending
+            work.wait()
+            flags = votes.tolist()
+        self._agreed_running = bool(flags[1])
+        return bool(flags[0])
+
+    def any_write_running(self, running_here: bool) -> bool:
+        """`Checkpointer.commit_if_written`'s agreement: notes this rank's flag for the next
+        vote and answers with the last vote's result, which still holds (a write that had
+        finished on every rank then has finished now)."""
+        self._running_here = running_here
+        return self._agreed_running
+
+    def write_started(self) -> None:
+        """A checkpoint write began after this boundary's commit check: the vote must not
+        report it finished."""
+        self._running_here = True
 
 
 class Watchdog:

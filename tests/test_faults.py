@@ -4,6 +4,7 @@ non-finite steps. Every recovery must reproduce the uninterrupted run bit for bi
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -234,3 +235,49 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(
         "the last good checkpoint is step_00000003"
     ) in r.stderr
     assert sorted(p.name for p in (stop / "checkpoints").glob("step_*")) == ["step_00000003"]
+
+
+def test_step_vote_answers_one_step_late_in_one_process():
+    from pretrain.resilience import StepVote
+
+    vote = StepVote(torch.device("cpu"), world_size=1)
+    assert vote.collect() is False  # nothing cast yet
+    assert vote.any_write_running(False) is True  # no vote yet: a write may still run
+    vote.cast(preempted=True)
+    assert vote.collect() is True and vote.any_write_running(True) is False  # last vote's
+    vote.write_started()  # a save began after the commit check: not reported finished
+    vote.cast(preempted=False)
+    assert vote.collect() is False and vote.any_write_running(False) is True
+
+
+VOTE_RANKS = """
+import json, os, sys
+import torch, torch.distributed as dist
+from pretrain.resilience import StepVote
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+vote = StepVote(torch.device("cpu"), dist.get_world_size())
+seen = []
+for step in range(1, 7):
+    preempted = vote.collect()
+    running = vote.any_write_running(rank == 1 and step < 4)  # rank 1's write ends at step 4
+    seen.append([step, preempted, running])
+    vote.cast(preempted=rank == 1 and step >= 3)  # a signal on rank 1 only, at step 3
+vote.collect()
+dist.destroy_process_group()
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump(seen, f)
+"""
+
+
+def test_step_vote_gives_every_rank_the_same_answer_at_the_same_step(tmp_path):
+    script = tmp_path / "vote.py"
+    script.write_text(VOTE_RANKS)
+    run_torchrun(2, script, tmp_path)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1]  # the same decisions on every rank at every step
+    preempted = [step for step, p, _ in seen[0] if p]
+    writing = [step for step, _, w in seen[0] if w]
+    assert preempted == [4, 5, 6]  # seen at step 3 on rank 1, acted on everywhere at 4
+    assert writing == [1, 2, 3, 4]  # before any vote, then rank 1's flag one step late

@@ -2,8 +2,11 @@
 
 For each strategy (ddp, fsdp, DeepSpeed ZeRO stages 1-3), 2 ranks under torchrun build a
 ~100M-parameter fp32 model through the trainer's own strategy code, take two real
-training steps on the demo data, and count the bytes each rank holds. The ratio
-sharded/ddp of the largest rank is the point.
+training steps of 2 micro-batches per rank on the demo data, and count the bytes each
+rank holds. The ratio sharded/ddp of the largest rank is the point. Two variants show
+what the cluster-scale fixes changed: `fsdp-defer` reduce-scatters gradients once per
+step (parallel.fsdp_defer_grad_sync, fsdp's default before), `zero-3-whole` builds the
+whole model on each rank and lets DeepSpeed partition it (zero-3's setup before).
 
 How the bytes are counted. Each rank takes a census of tensor storages twice, right after
 backward and right after the optimizer step. Every storage is counted once, at its full
@@ -14,8 +17,9 @@ these categories that reaches it:
           shard (fsdp: each DTensor's local tensor), or DeepSpeed's partition `ds_tensor`
           plus any parameter it keeps gathered (zero-3: small "persistent" ones);
   grads   each parameter's `.grad` (the local shard for fsdp) and `.grad_accum`, and
-          where DeepSpeed's ZeRO optimizer keeps gradients: `averaged_gradients` and
-          `grads_in_partition` (stages 1/2), `grad_partitions_flat_buffer` and its
+          where DeepSpeed's ZeRO optimizer keeps gradients: `averaged_gradients`,
+          `all_grad_tensors` and `grads_in_partition` (stages 1/2),
+          `grad_partitions_flat_buffer` and its
           per-parameter views (stage 3), and the `.grad` of its fp32 partitions;
   master  tensors the torch optimizer updates (its param_groups and state keys) that
           are not the model's own: DeepSpeed's flat fp32 partitions
@@ -30,6 +34,14 @@ these categories that reaches it:
           sized by `reduce_bucket_size`), RoPE tables; for ddp, its C++ reducer's
           gradient buckets, which Python cannot reach, are taken from
           `_get_ddp_logging_data()["bucket_sizes"]`.
+A third census, between the two micro-batches of a step, gives "grads between": the
+gradients a rank holds while it accumulates (for fsdp also the unsharded gradients FSDP
+keeps on its unsharded parameters when the reduce-scatter is deferred). "build peak" is
+the rank's peak resident memory (Linux VmHWM, reset first) while the strategy builds the
+model, above what it held before; workers run with MALLOC_MMAP_THRESHOLD_=65536, so that
+a freed tensor's memory goes back to the system instead of staying resident in malloc's
+heap (this model's tensors are small enough for that), and ZeRO's first collectives run
+before the measurement (their buffers are not the model's).
 Each category's figure is the larger of its two censuses; "state" = params + grads +
 master + optim is what the ratio compares; buffers are shown apart, since their size is a
 setting, not model state. Tensors allocated and freed inside backward or step (fsdp's
@@ -43,13 +55,14 @@ tensors and are in no figure. `torch.empty` on CPU commits pages only when writt
 large, partly used buffer adds less to the peak RSS (printed for reference) than to the
 counts.
 
-    python bench/memory.py [--strategies ddp fsdp zero-1 zero-2 zero-3] [--layers 14]
+    python bench/memory.py [--strategies ddp fsdp ... zero-3-whole] [--layers 14]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import tempfile
 from pathlib import Path
@@ -60,13 +73,20 @@ from multirank import REPO, STRATEGIES, ensure_demo_data, torchrun
 MODEL = [
     "model.d_model=768", "model.n_layers={layers}", "model.n_heads=12", "model.n_kv_heads=null",
     "model.vocab_size=4096", "model.max_seq_len=256", "data.seq_len=256",
-    "train.global_batch_size=2", "train.micro_batch_size=1", "train.eval_batches=1",
+    "train.global_batch_size=4", "train.micro_batch_size=1", "train.eval_batches=1",
 ]  # fmt: skip
+# The strategies, and the two "before" variants (see the docstring).
+VARIANTS = {
+    **STRATEGIES,
+    "fsdp-defer": [*STRATEGIES["fsdp"], "parallel.fsdp_defer_grad_sync=true"],
+    "zero-3-whole": STRATEGIES["zero-3"],
+}
 CATEGORIES = ("params", "grads", "master", "optim", "buffers")
 # Where DeepSpeed's ZeRO optimizers (0.19: DeepSpeedZeroOptimizer for stages 1/2,
 # DeepSpeedZeroOptimizer_Stage3) keep gradients.
 DEEPSPEED_GRADS = (
     "averaged_gradients",
+    "all_grad_tensors",  # stage 2: this rank's gradients between micro-batches
     "grads_in_partition",
     "grad_partitions_flat_buffer",
     "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
@@ -156,6 +176,12 @@ def census(strategy) -> StorageCensus:
     c.add("master", masters, "optimizer")
     c.add("optim", list(optimizer.state.values()), "optimizer.state")
     fsdp_states = [m._get_fsdp_state() for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+    for i, state in enumerate(fsdp_states):  # gradients kept unsharded between micro-batches
+        group = state._fsdp_param_group
+        for j, fp in enumerate(group.fsdp_params if group is not None else []):
+            c.add("grads", fp.unsharded_accumulated_grad, f"fsdp{i}.{j}.unsharded_accumulated_grad")
+            unsharded = getattr(fp, "_unsharded_param", None)
+            c.add("grads", getattr(unsharded, "grad", None), f"fsdp{i}.{j}.unsharded.grad")
     c.add("buffers", wrapper, "optimizer", deep=True)
     c.add("buffers", model, "model", deep=True)
     c.add("buffers", fsdp_states, "fsdp_states", deep=True)
@@ -181,6 +207,42 @@ def allocation_peak(fn) -> int:
     return peak
 
 
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure_build(strategy: str, build_peak: dict) -> None:
+    """Record in `build_peak` the peak resident memory while the strategy builds its model,
+    above what the rank held before (Linux clear_refs 5 restarts the VmHWM high-water
+    mark). For zero-3-whole, build as zero-3 did before: the whole model on every rank
+    (DeepSpeed partitions it afterwards)."""
+    from pretrain.parallel import DDPStrategy, FSDPStrategy, ZeroStrategy
+    from pretrain.parallel.base import new_transformer
+
+    def measured(build):
+        def build_model(self):
+            if isinstance(self, ZeroStrategy):  # buffers of the first collectives: not the model's
+                import deepspeed.comm
+
+                deepspeed.comm.broadcast(torch.zeros(1 << 20), 0)
+                deepspeed.comm.barrier()
+            Path("/proc/self/clear_refs").write_text("5")
+            before = _status_bytes("VmRSS")
+            model = build(self)
+            build_peak["bytes"] = _status_bytes("VmHWM") - before
+            return model
+
+        return build_model
+
+    if strategy == "zero-3-whole":
+        ZeroStrategy.build_model = lambda self: new_transformer(self.cfg, self.device)
+    for cls in (DDPStrategy, FSDPStrategy, ZeroStrategy):
+        cls.build_model = measured(cls.build_model)
+
+
 def worker(strategy: str, layers: int, out: Path) -> None:
     from pretrain.config import load_config
     from pretrain.model import count_params
@@ -189,20 +251,27 @@ def worker(strategy: str, layers: int, out: Path) -> None:
     overrides = [o.format(layers=layers) for o in MODEL]
     cfg = load_config(
         REPO / "configs/tiny.yaml",
-        [*overrides, *STRATEGIES[strategy], f"run.dir={out / strategy}"],
+        [*overrides, *VARIANTS[strategy], f"run.dir={out / strategy}"],
     )
+    build_peak = {"bytes": 0}
+    measure_build(strategy, build_peak)
     trainer = Trainer(cfg)
     s = trainer.strategy
+    accum = s.accum_steps
 
-    def forward_backward() -> None:
+    def forward_backward(last: bool) -> None:
         tokens = trainer.train_data.next().to(s.device)
-        s.backward(trainer.loss(tokens), last=True)
+        s.backward(trainer.loss(tokens) / accum, last=last)
 
     def train_step() -> None:
-        forward_backward()
+        for i in range(accum):
+            forward_backward(last=i == accum - 1)
         s.step(cfg.optim.grad_clip)
 
-    forward_backward()
+    for _ in range(accum - 1):
+        forward_backward(last=False)
+    between = census(s)  # while the step's gradients accumulate
+    forward_backward(last=True)
     after_backward = census(s)
     s.step(cfg.optim.grad_clip)
     after_step = census(s)
@@ -213,6 +282,8 @@ def worker(strategy: str, layers: int, out: Path) -> None:
         "rank": s.rank,
         "params_m": count_params(cfg.model) / 1e6,
         **{c: max(after_backward.bytes(c), after_step.bytes(c)) for c in CATEGORIES},
+        "grads_between": between.bytes("grads"),
+        "build_peak": build_peak["bytes"],
         "largest_buffers": max(
             after_backward, after_step, key=lambda x: x.bytes("buffers")
         ).largest("buffers"),
@@ -232,7 +303,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--layers", type=int, default=14)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -242,6 +313,7 @@ def main() -> None:
         return
     ensure_demo_data()
     rows = {}
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # for the workers (see the docstring)
     with tempfile.TemporaryDirectory() as tmp:
         for strategy in args.strategies:
             worker_args = ["--worker", strategy, "--layers", str(args.layers), "--out", tmp]
@@ -255,35 +327,53 @@ def main() -> None:
 def report(rows: dict[str, list[dict]]) -> None:
     """The per-rank table, the largest buffers, and each strategy's ratios to ddp."""
     first = next(iter(rows.values()))[0]
-    print(f"model: {first['params_m']:.1f}M parameters, fp32, AdamW, 2 ranks")
     print(
-        f"{'strategy':>8} {'rank':>4} {'params MB':>10} {'grads MB':>9} {'master MB':>10} "
-        f"{'optim MB':>9} {'state MB':>9} {'buffers MB':>11} {'step peak MB':>13} "
-        f"{'peak RSS MB':>12}"
+        f"model: {first['params_m']:.1f}M parameters ({first['params_m'] * 4:.0f} MB), fp32, "
+        "AdamW, 2 ranks, 2 micro-batches per rank per step"
     )
-    state, everything, peak = {}, {}, {}
+    print(
+        f"{'strategy':>12} {'rank':>4} {'params MB':>10} {'grads MB':>9} {'master MB':>10} "
+        f"{'optim MB':>9} {'state MB':>9} {'buffers MB':>11} {'step peak MB':>13} "
+        f"{'peak RSS MB':>12} {'grads between MB':>17} {'build peak MB':>14}"
+    )
+    state, everything, peak, between, build = {}, {}, {}, {}, {}
     for strategy, ranks in rows.items():
         for r in ranks:
             total = state_bytes(r)
             state[strategy] = max(state.get(strategy, 0), total)
             everything[strategy] = max(everything.get(strategy, 0), total + r["buffers"])
             peak[strategy] = max(peak.get(strategy, 0), r["peak"])
+            between[strategy] = max(between.get(strategy, 0), r["grads_between"])
+            build[strategy] = max(build.get(strategy, 0), r["build_peak"])
             print(
-                f"{strategy:>8} {r['rank']:>4} {r['params'] / 1e6:10.1f} {r['grads'] / 1e6:9.1f} "
-                f"{r['master'] / 1e6:10.1f} {r['optim'] / 1e6:9.1f} {total / 1e6:9.1f} "
-                f"{r['buffers'] / 1e6:11.1f} {r['peak'] / 1e6:13.1f} {r['rss'] / 1e6:12.0f}"
+                f"{strategy:>12} {r['rank']:>4} {r['params'] / 1e6:10.1f} "
+                f"{r['grads'] / 1e6:9.1f} {r['master'] / 1e6:10.1f} {r['optim'] / 1e6:9.1f} "
+                f"{total / 1e6:9.1f} {r['buffers'] / 1e6:11.1f} {r['peak'] / 1e6:13.1f} "
+                f"{r['rss'] / 1e6:12.0f} {r['grads_between'] / 1e6:17.1f} "
+                f"{r['build_peak'] / 1e6:14.1f}"
             )
     print("largest buffers (rank 0):")
     for strategy, ranks in rows.items():
         found = ", ".join(f"{p} {b / 1e6:.1f} MB" for b, p in ranks[0]["largest_buffers"])
-        print(f"{strategy:>8}: {found}")
+        print(f"{strategy:>12}: {found}")
+    whole = first["params_m"] * 4e6  # the whole model's fp32 bytes
+    for new, old, what, figure in (
+        ("fsdp", "fsdp-defer", "gradients held between micro-batches", between),
+        ("zero-3", "zero-3-whole", "peak resident memory while the model is built", build),
+    ):
+        if new in figure and old in figure:
+            print(
+                f"{what}, largest rank: {new} {figure[new] / 1e6:.0f} MB "
+                f"({figure[new] / whole:.2f} of the whole model), before ({old}) "
+                f"{figure[old] / 1e6:.0f} MB ({figure[old] / whole:.2f})"
+            )
     if "ddp" in state:
         print("ratio to ddp, largest rank: state = params+grads+master+optimizer state")
         for strategy in state:
-            if strategy != "ddp":
+            if strategy != "ddp" and strategy in STRATEGIES:
                 target = " (target <= 0.55)" if strategy in ("fsdp", "zero-3") else ""
                 print(
-                    f"{strategy:>8}/ddp: state {state[strategy] / state['ddp']:.3f}{target}, "
+                    f"{strategy:>12}/ddp: state {state[strategy] / state['ddp']:.3f}{target}, "
                     f"state+buffers {everything[strategy] / everything['ddp']:.3f}, "
                     f"step peak {peak[strategy] / peak['ddp']:.3f}"
                 )

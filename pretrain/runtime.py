@@ -7,6 +7,7 @@ like the original one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain import lockfile
+from pretrain import data_order, lockfile
 from pretrain.checkpoint import has_checkpoint
 from pretrain.config import Config, ConfigError, from_dict, to_dict, to_yaml
 
@@ -58,17 +59,19 @@ def start(cfg: Config, rank: int = 0) -> Path:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     seed_everything(cfg.run.seed)
-    scope_temp_files(run_dir)
+    scope_temp_files(scratch_dir(cfg))
     return run_dir
 
 
-def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+def init_distributed(timeout_s: float = 600.0, device: str = "auto") -> tuple[int, int]:
     """Join the process group torchrun describes; (rank, world_size). (0, 1) without torchrun.
 
-    NCCL on CUDA, gloo on CPU. The group is built on a store prefixed by the restart
-    attempt: after `torchrun --max-restarts` restarts the workers, the new attempt must not
-    read the addresses the old one left in the reused rendezvous store (pytorch#135712),
-    and every collective has a timeout so a dead peer ends in an error, not a hang.
+    The backend follows the device every rank agreed on (`agree_on_device`): NCCL on
+    CUDA, gloo on CPU, so one node whose CUDA failed cannot quietly pick gloo while the
+    others pick NCCL. The group is built on a store prefixed by the restart attempt: after
+    `torchrun --max-restarts` restarts the workers, the new attempt must not read the
+    addresses the old one left in the reused rendezvous store (pytorch#135712), and every
+    collective has a timeout so a dead peer ends in an error, not a hang.
     """
     import datetime
 
@@ -76,6 +79,8 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or dist.is_initialized():
+        if not dist.is_initialized():
+            choose_device(device, cuda_usable())  # a one-process run checks alone
         return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     rank = int(os.environ["RANK"])
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -87,11 +92,76 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
         timeout=timeout,
     )
     store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kind = agree_on_device(device, store, rank, world)
+    backend = "nccl" if kind == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    log.info("process group: %d ranks, %s on %s (parallel.device=%s)", world, backend, kind, device)
     return rank, world
+
+
+# Test-only fault injection: "RANK:0|1[,RANK:0|1...]" makes those ranks report CUDA as
+# (un)usable whatever the truth, so a test on a machine without GPUs can make ranks disagree.
+FAULT_CUDA_ENV = "PRETRAIN_FAULT_CUDA_USABLE"
+
+
+def cuda_usable(rank: int | None = None) -> bool:
+    """Whether this process can run on CUDA: a device is visible and initialises."""
+    forced = dict(item.split(":") for item in os.environ.get(FAULT_CUDA_ENV, "").split(",") if item)
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    if str(rank) in forced:
+        return forced[str(rank)] == "1"
+    try:
+        return torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except RuntimeError:  # a driver that fails to initialise
+        return False
+
+
+def choose_device(requested: str, usable: bool, where: str = "this process") -> str:
+    """The device kind, cuda or cpu, for `parallel.device` (auto|cuda|cpu), given whether
+    CUDA is usable (`where`: the processes that verdict is about, for the error)."""
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda" and not usable:
+        raise ConfigError(
+            f"parallel.device=cuda, but CUDA is not usable in {where}: check the GPU and "
+            "driver (nvidia-smi), or set parallel.device=cpu to train on CPU"
+        )
+    return "cuda" if usable else "cpu"
+
+
+def agree_on_device(requested: str, store, rank: int, world: int) -> str:
+    """The device kind every rank uses, decided together before any backend is chosen.
+
+    Each rank adds its verdict (is CUDA usable here?) to counters in the rendezvous store
+    and waits until all have; a constant number of store calls per rank. All usable: cuda
+    (unless cpu was asked for), none: cpu; a mix is an error on every rank naming a rank
+    without CUDA, never a silent CPU run on some nodes or a hang in NCCL init.
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    here = f"rank {rank} ({socket.gethostname()})"
+    usable = requested != "cpu" and cuda_usable(rank)
+    votes = dist.PrefixStore("device", store)
+    if requested != "cpu" and not usable:
+        votes.compare_set("without", "", here)  # the first rank to say so is named
+    votes.add("usable", int(usable))
+    if votes.add("arrived", 1) == world:
+        votes.set("done", "1")
+    votes.wait(["done"])
+    count = votes.add("usable", 0)
+    if 0 < count < world:
+        without = votes.get("without").decode()
+        raise ConfigError(
+            f"parallel.device={requested}: CUDA is usable on {count} of {world} ranks but not "
+            f"on {without} (this is {here}); fix that node's GPU or driver, or set "
+            "parallel.device=cpu"
+        )
+    return choose_device(requested, count == world, f"any of the {world} ranks")
 
 
 def die_with_launcher() -> None:
@@ -119,19 +189,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def scope_temp_files(run_dir: Path) -> None:
-    """Keep streaming's lock files inside the run, and drop those a killed run left.
+SCRATCH_ENV = "PRETRAIN_SCRATCH"
 
-    mosaicml-streaming puts `*_filelock` files in the temp dir; with TMPDIR inside the run,
-    every one there belongs to an earlier process of this run (the run lock says none is
-    alive), and a stale one would make streaming skip or wait on its prefix. The folder is
-    per host: those locks coordinate the processes of one node, and a run directory on a
-    shared filesystem is seen by every node.
+
+def scratch_dir(cfg: Config) -> Path:
+    """This run's folder on node-local scratch: streaming's cache and the temp dir.
+
+    `run.scratch`, else $PRETRAIN_SCRATCH, else /tmp, plus `pretrain-` and 10 hex digits
+    of the run directory's absolute path: the same on every node and every restart of the
+    run, distinct between runs, and short, because DataLoader workers pass tensors over
+    AF_UNIX sockets in the temp dir, whose paths may not exceed 107 bytes.
     """
-    import socket
+    base = cfg.run.scratch or os.environ.get(SCRATCH_ENV) or "/tmp"
+    tag = hashlib.sha1(os.path.abspath(cfg.run.dir).encode()).hexdigest()[:10]
+    return Path(os.path.abspath(os.path.expanduser(base))) / f"pretrain-{tag}"
 
-    tmp = run_dir / "tmp" / socket.gethostname()
-    tmp.mkdir(parents=True, exist_ok=True)
+
+def scope_temp_files(scratch: Path) -> None:
+    """Point TMPDIR at SCRATCH/tmp (node-local, short), dropping lock files a killed run left.
+
+    Temp files (DataLoader sockets, compile caches, streaming's `*_filelock` files) belong
+    on the node, not on the shared filesystem. The folder is this run's own, so every lock
+    file there belongs to an earlier process of this run (the run lock says none is alive),
+    and a stale one would make streaming skip or wait on its prefix.
+    """
+    tmp = scratch / "tmp"
+    try:
+        tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owner = scratch.stat().st_uid
+    except OSError as e:
+        raise ConfigError(
+            f"run.scratch: cannot use {scratch} ({e.strerror}); set run.scratch or "
+            f"${SCRATCH_ENV} to a writable node-local folder"
+        ) from None
+    if hasattr(os, "getuid") and owner != os.getuid():  # e.g. planted in a shared /tmp
+        raise ConfigError(
+            f"run.scratch: {scratch} belongs to another user; set run.scratch or ${SCRATCH_ENV}"
+        )
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         for stale in tmp.glob("*_filelock"):
             stale.unlink(missing_ok=True)
@@ -157,6 +251,10 @@ def prepare_run_dir(cfg: Config, write: bool = True) -> Path:
     saved = run_dir / "config.yaml"
     if saved.exists() and has_checkpoint(run_dir):  # before any checkpoint, nothing to protect
         check_same_experiment(cfg, saved)
+        if write:  # a run from before data_order.json keeps the order its config.yaml fixed
+            import yaml
+
+            data_order.keep_legacy(run_dir, yaml.safe_load(saved.read_text()))
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = saved.with_name("config.yaml.tmp")
@@ -185,6 +283,9 @@ def check_same_experiment(cfg: Config, saved: Path) -> None:
                 stream.pop("remote"), stream.pop("local")
         for key in OPERATIONAL_DATA_KEYS:
             config["data"].pop(key)
+    if None in (before["data"]["num_canonical_nodes"], now["data"]["num_canonical_nodes"]):
+        for config in (before, now):  # None: the value recorded in data_order.json is used
+            config["data"].pop("num_canonical_nodes")
     for section in FROZEN_SECTIONS:
         diff = _first_difference(before[section], now[section], section)
         if diff:

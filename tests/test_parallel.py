@@ -3,7 +3,9 @@ single-process run on the same global batch, and resumes exactly."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +184,158 @@ def test_activation_checkpointing_wraps_the_chosen_blocks(mode, expected):
     assert (
         get_model_state_dict(model).keys() == get_model_state_dict(plain).keys()
     )  # checkpoints interchange
+
+
+# ---------------------------------------------------------------- checks inside the ranks
+# A small model for tests/parallel_ranks.py (random tokens, no data): 2 micro-batches per
+# rank per step on 2 ranks.
+SMALL = [
+    "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+    "model.n_kv_heads=2", "model.max_seq_len=64", "data.seq_len=64",
+    "train.global_batch_size=8", "train.micro_batch_size=2",
+]  # fmt: skip
+
+
+def run_parallel_ranks(
+    out: Path, checks: list[str], *overrides: str, env: dict | None = None, timeout: float = 300
+) -> list[dict]:
+    """Run tests/parallel_ranks.py on 2 ranks; each rank's results."""
+    run_torchrun(
+        2, "tests/parallel_ranks.py", out, ",".join(checks), *overrides,
+        env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout,
+    )  # fmt: skip
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_fsdp_keeps_only_sharded_gradients_between_micro_batches(tmp_path):
+    ranks = run_parallel_ranks(
+        tmp_path, ["accum", "init", "backend"], "parallel.strategy=fsdp", *SMALL
+    )
+    for r in ranks:
+        accum = r["accum"]
+        # reduce-scattered after every micro-batch: each rank holds its half, in fp32
+        assert accum["default"] <= 0.55 * accum["param_bytes"], accum
+        # parallel.fsdp_defer_grad_sync (the old default): every unsharded gradient
+        assert accum["deferred"] >= accum["param_bytes"], accum
+        assert r["init"] is True  # sharded, the model starts as one process's does
+        assert r["backend"] == {"backend": "gloo", "device": "cpu"}  # device=auto, no GPU
+
+
+@pytest.mark.parametrize("name", ["fsdp", "zero2", "zero3"])
+def test_gradient_accumulation_matches_one_process(tiny_overrides, reference, name):
+    """2 micro-batches per rank per step (1 in the other tests): the losses of one process
+    on the same global batch, with gradients reduce-scattered after every micro-batch (fsdp)
+    or reduced in overlap with backward and accumulated in DeepSpeed's partitions (zero)."""
+    overrides = [*STRATEGIES[name], *REF, "train.micro_batch_size=4"]
+    torchrun_train(2, *with_overrides(tiny_overrides, *overrides))
+    # training losses only: evaluation reads micro-batches, here of another size
+    one = losses_by_step(reference("single", tiny_overrides))
+    two = losses_by_step(with_run_dir(tiny_overrides))
+    assert one.keys() == two.keys() and len(one) == REF_STEPS
+    assert all(two[s] == pytest.approx(one[s], rel=1e-5, abs=1e-5) for s in one), (one, two)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_bf16_accumulates_and_reduces_gradients_in_fp32(tmp_path, stage):
+    checks = ["grads", "init", "dropout"] if stage == 3 else ["grads"]
+    zero = ["parallel.strategy=zero", f"parallel.zero_stage={stage}"]
+    ranks = run_parallel_ranks(tmp_path, checks, *zero, "parallel.mixed_precision=bf16", *SMALL)
+    for r in ranks:
+        grads = r["grads"]  # after the first of two micro-batches
+        assert grads["param_dtype"] == "torch.bfloat16", grads
+        assert grads["communication_data_type"] == "torch.float32", grads
+        assert grads["buffers"], grads  # the accumulated gradients were found...
+        assert all(d == ["torch.float32"] for d in grads["buffers"].values()), grads  # fp32
+    if stage == 3:
+        # Built partitioned, never whole, yet with a single process's initial weights (cast
+        # to bf16 as the engine casts a whole model); dropout differs between ranks.
+        assert all(r["init"] is True for r in ranks)
+        assert ranks[0]["dropout"]["weights"] == ranks[1]["dropout"]["weights"]
+        assert ranks[0]["dropout"]["mask"] != ranks[1]["dropout"]["mask"]
+
+
+def test_ddp_async_save_copies_each_tensor_on_one_rank(tmp_path):
+    overrides = ["parallel.strategy=ddp", "parallel.device=cpu", "checkpoint.async_save=true"]
+    checks = ["dropout", "stage", "backend"]
+    ranks = run_parallel_ranks(tmp_path, checks, *overrides, "model.dropout=0.1", *SMALL)
+    whole = ranks[0]["stage"]["whole"]  # bytes of the replicated model + optimizer state
+    first, second = zip(*(r["stage"]["staged"] for r in ranks), strict=True)
+    assert all(n <= 0.6 * whole for n in first), (first, whole)  # was: all of it on each rank
+    assert sum(first) >= 0.9 * whole, (first, whole)  # between them, all of it
+    assert all(n <= 0.05 * whole for n in second), second  # the next save reuses the buffers
+    assert all(r["stage"]["reloaded_exactly"] for r in ranks)  # 2 ranks load the shares back
+    # ... and so does one process without a process group: every tensor is in the files
+    import torch.distributed.checkpoint as dcp
+
+    from pretrain.config import load_config
+    from pretrain.model import Transformer
+
+    model = Transformer(load_config(REPO / "configs/tiny.yaml", SMALL).model)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt1"), no_dist=True)
+    model.load_state_dict(state["model"])
+    digest = float(sum(p.detach().double().sum() for p in model.parameters()))
+    assert digest == ranks[0]["dropout"]["weights"]
+    # Same weights on both ranks, different dropout masks; gloo on CPU as asked.
+    assert ranks[0]["dropout"]["weights"] == ranks[1]["dropout"]["weights"]
+    assert ranks[0]["dropout"]["mask"] != ranks[1]["dropout"]["mask"]
+    assert all(r["backend"] == {"backend": "gloo", "device": "cpu"} for r in ranks)
+
+
+def test_replica_share_gives_each_tensor_to_one_rank():
+    import torch
+
+    from pretrain.parallel.base import replica_share
+
+    msd = {f"w{i}": torch.zeros(n) for i, n in enumerate([100, 10, 50, 40, 1])}
+    osd = {
+        "state": {k: {"exp_avg": torch.zeros_like(v), "step": torch.tensor(1.0)} for k, v in msd.items()},
+        "param_groups": [{"lr": 1.0, "params": list(msd)}],
+    }  # fmt: skip
+    shares = [replica_share(msd, osd, rank, 3) for rank in range(3)]
+    keys = [set(model) for model, _ in shares]
+    assert set().union(*keys) == set(msd) and sum(map(len, keys)) == len(msd)
+    assert all(set(optim["state"]) == k for (_, optim), k in zip(shares, keys, strict=True))
+    assert all(optim["param_groups"] == osd["param_groups"] for _, optim in shares)
+    assert keys[0] == {"w0"}  # the largest alone; the rest balanced over the others
+
+
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tiny_overrides, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from pretrain.__main__ import main
+
+    args = ["train", str(REPO / "configs/tiny.yaml"), *tiny_overrides, "parallel.device=cuda"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "config error: parallel.device=cuda, but CUDA is not usable in this process: check "
+        "the GPU and driver (nvidia-smi), or set parallel.device=cpu to train on CPU"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("device", "verdicts", "message"),
+    [
+        # rank 0 claims a GPU (test-only fault injection), rank 1 has none
+        ("auto", "0:1", "parallel.device=auto: CUDA is usable on 1 of 2 ranks but not on rank 1"),
+        ("cuda", "", "parallel.device=cuda, but CUDA is not usable in any of the 2 ranks"),
+    ],
+)
+def test_ranks_that_disagree_on_cuda_all_stop_with_the_reason(
+    tiny_overrides, device, verdicts, message
+):
+    import torch
+
+    from pretrain.runtime import FAULT_CUDA_ENV
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    overrides = with_overrides(tiny_overrides, "parallel.strategy=ddp", f"parallel.device={device}")
+    r = run_torchrun(
+        2, "-m", "pretrain", "train", "configs/tiny.yaml", *overrides,
+        env={FAULT_CUDA_ENV: verdicts}, timeout=120, check=False,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert r.stderr.count(f"config error: {message}") == 2, r.stderr  # every rank, no hang

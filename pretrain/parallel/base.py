@@ -3,6 +3,10 @@
 A strategy builds the model where it must live (device, sharding), owns the optimizer
 step, reduces metrics across ranks, and writes/reads its part of a checkpoint folder. The
 trainer calls only these methods, so adding DDP, FSDP or ZeRO adds a class, not branches.
+
+Every rank builds the model from the same seed (same initial weights), then reseeds torch
+from (seed, rank), so what must differ between ranks (dropout masks) does; each rank's RNG
+state is saved in checkpoints, so a resume continues each rank's own stream.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from pretrain.config import ConfigError
@@ -54,6 +59,7 @@ class Strategy(ABC):
         torch.manual_seed(self.cfg.run.seed)
         self.model = self.build_model()
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        seed_rank(self.cfg.run.seed, self.rank)
 
     @abstractmethod
     def build_model(self) -> nn.Module: ...
@@ -69,9 +75,10 @@ class Strategy(ABC):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """The model's forward (whatever it takes: tokens, targets, ...) under autocast."""
         with self.autocast():
-            return self.model(tokens)
+            return self.model(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         """Backward of one micro-batch; `last` says whether the step's gradients are complete
@@ -80,11 +87,30 @@ class Strategy(ABC):
 
     def step(self, max_norm: float) -> torch.Tensor:
         """Clip gradients to `max_norm` (0: no clipping), take the optimizer step, clear the
-        gradients; returns the global gradient norm before clipping. When that norm is not
-        finite the update is skipped (the same on every rank: the norm is global)."""
+        gradients; returns the global gradient norm before clipping, a tensor on the device.
+
+        When that norm is not finite the update is skipped: weights, AdamW moments and step
+        count stay as they were (the same on every rank: the norm is global). A fused AdamW
+        skips on the device, from a `found_inf` flag as GradScaler hands it, so the host
+        need not wait for the norm; other optimizers read it on the host (a sync per step).
+        `host_sync_skip = True` on the strategy forces that path (bench/throughput.py's
+        comparison with the per-step syncs of earlier versions).
+        """
+        from torch.distributed.tensor import DTensor
+
         limit = max_norm if max_norm > 0 else float("inf")
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
-        if math.isfinite(float(norm)):  # a NaN/inf gradient anywhere: skip the update
+        if isinstance(norm, DTensor):  # FSDP2: a partial norm; reduced on the device
+            norm = norm.full_tensor()
+        fused = self.optimizer.defaults.get("fused")
+        if fused and not getattr(self, "host_sync_skip", False):
+            # Fused AdamW returns early when found_inf is 1 and undoes its step count.
+            self.optimizer.found_inf = (~torch.isfinite(norm)).to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif math.isfinite(float(norm)):  # a NaN/inf gradient anywhere: skip the update
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -99,21 +125,37 @@ class Strategy(ABC):
     def barrier(self) -> None:  # one process has nothing to wait for
         return None
 
-    def close(self) -> None:  # no process group to leave
-        return None
+    def close(self) -> None:
+        """Free what the strategy holds beyond the model (staging buffers, process group)."""
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     # ------------------------------------------------------------ checkpoints
     # The process group background checkpoint writes use (None: the default one).
     checkpoint_group = None
+    # Whether every rank holds the same whole state (ddp): then each rank saves a share.
+    replicated = False
+    _stager: DefaultStager | None = None
+
+    def checkpoint_state(self) -> dict:
+        """What this rank hands to DCP to save: its shards, or of a replicated state its
+        share (`replica_share`), so each tensor is copied and written by one rank only."""
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        if self.replicated and self.world_size > 1:
+            msd, osd = replica_share(msd, osd, self.rank, self.world_size)
+        return {"model": msd, "optim": osd}
 
     def save(self, folder: Path) -> Future | None:
         """Write model and optimizer state into `folder` (sharded: each rank its part).
 
         With `checkpoint.async_save` the state is copied to CPU memory here and written by
-        a background thread; the returned Future completes when the files are written.
+        a background thread; the returned Future completes when the files are written. The
+        copies go into buffers kept from one save to the next (pinned on CUDA, so the
+        device-to-host copy is fast), not new ones each time; the checkpointer waits for the
+        previous write before the next save, so a buffer is never overwritten mid-write.
         """
-        msd, osd = get_state_dict(self.model, self.optimizer)
-        state = {"model": msd, "optim": osd}
+        state = self.checkpoint_state()
         with _quiet_dcp():
             if self.cfg.checkpoint.async_save:
                 return dcp.async_save(
@@ -121,9 +163,24 @@ class Strategy(ABC):
                     checkpoint_id=folder,
                     process_group=self.checkpoint_group,
                     no_dist=not dist.is_initialized(),
+                    async_stager=self.stager(),
                 )
             dcp.save(state, checkpoint_id=folder)
         return None
+
+    def stager(self) -> DefaultStager:
+        """The staging buffers of background saves, made at the first one."""
+        if self._stager is None:
+            cuda = self.device.type == "cuda"
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=cuda,
+                    use_shared_memory=False,
+                    use_async_staging=False,  # the next optimizer step would race the copy
+                    use_non_blocking_copy=cuda,
+                )
+            )
+        return self._stager
 
     def load(self, folder: Path) -> None:
         msd, osd = get_state_dict(self.model, self.optimizer)
@@ -136,6 +193,36 @@ class Strategy(ABC):
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
         )
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed torch (CPU and every GPU) with a seed derived from (seed, rank): different on
+    every rank, the same on every run."""
+    import numpy as np
+
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
+def replica_share(msd: dict, osd: dict, rank: int, world: int) -> tuple[dict, dict]:
+    """This rank's share of a state every rank holds whole (DDP): each parameter, with its
+    optimizer state, goes to one rank, balanced by bytes; every rank computes the same
+    split. DCP merges the shares into one checkpoint that loads like any other, on any
+    number of ranks; non-tensor entries (param_groups) are kept everywhere (DCP writes
+    those once)."""
+    state = osd.get("state", {})
+
+    def nbytes(name: str) -> int:
+        tensors = [msd[name], *state.get(name, {}).values()]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    load, owner = [0] * world, {}
+    for name in sorted(msd, key=lambda n: (-nbytes(n), n)):
+        least = min(range(world), key=lambda r: (load[r], r))
+        owner[name] = least
+        load[least] += nbytes(name)
+    model = {n: v for n, v in msd.items() if owner[n] == rank}
+    optim = {**osd, "state": {n: v for n, v in state.items() if owner.get(n, 0) == rank}}
+    return model, optim
 
 
 @contextlib.contextmanager

@@ -1,9 +1,10 @@
 """Data parallel: every rank holds the whole model; gradients are averaged across ranks.
 
-Started by torchrun (one process per device); NCCL on CUDA, gloo on CPU. Gradient
-communication is skipped for all but the last micro-batch of a step (`no_sync`), so
-accumulation costs one all-reduce per step. Checkpoints go through DCP, which writes the
-replicated state once.
+Started by torchrun (one process per device); NCCL on CUDA, gloo on CPU, as all ranks
+agreed (`parallel.device`, see `runtime.init_distributed`). Gradient communication is
+skipped for all but the last micro-batch of a step (`no_sync`), so accumulation costs one
+all-reduce per step. Checkpoints go through DCP; each rank saves a disjoint share of the
+replicated state, so it is copied (async save) and written once, not once per rank.
 """
 
 from __future__ import annotations
@@ -17,17 +18,28 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pretrain.parallel.base import Strategy, new_transformer
-from pretrain.runtime import init_distributed
+from pretrain.runtime import choose_device, cuda_usable, init_distributed
+
+
+def local_device(kind: str) -> torch.device:
+    """This process's device of `kind` (cuda: the GPU of its LOCAL_RANK)."""
+    if kind == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 class DDPStrategy(Strategy):
+    replicated = True
+
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.rank, self.world_size = init_distributed(cfg.fault.collective_timeout_s)
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = (
-            torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-        )
+        requested = cfg.parallel.device
+        self.rank, self.world_size = init_distributed(cfg.fault.collective_timeout_s, requested)
+        if dist.is_initialized():  # the backend is the device all ranks agreed on
+            kind = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        else:
+            kind = choose_device(requested, cuda_usable())
+        self.device = local_device(kind)
 
     def setup(self) -> None:
         super().setup()
@@ -66,5 +78,6 @@ class DDPStrategy(Strategy):
             dist.barrier()
 
     def close(self) -> None:
+        super().close()
         if dist.is_initialized():
             dist.destroy_process_group()

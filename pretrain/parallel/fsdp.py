@@ -7,12 +7,19 @@ initialised, so no rank ever holds the whole model. `Transformer.init_weights` d
 each full tensor in turn and keeps the local slice, so the sharded model starts exactly
 like a single-process one. Checkpoints are DCP-sharded (each rank writes its part) and
 load onto any number of ranks.
+
+Gradient accumulation reduce-scatters after every micro-batch by default: each rank then
+only ever keeps its shard of the (fp32) gradients, accumulated across micro-batches.
+Deferring the reduce-scatter to the last micro-batch (`parallel.fsdp_defer_grad_sync`)
+communicates less but holds every parameter's unsharded gradient between micro-batches
+(+4 bytes per parameter per rank, the size of the whole model): for small models only.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from pretrain.model import Transformer
@@ -21,6 +28,8 @@ from pretrain.parallel.ddp import DDPStrategy
 
 
 class FSDPStrategy(DDPStrategy):
+    replicated = False  # each rank saves its own shards
+
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         if self.autocast_dtype is not None:  # FSDP2 casts parameters itself: no autocast
@@ -36,10 +45,15 @@ class FSDPStrategy(DDPStrategy):
             model = Transformer(self.cfg.model)
         p = self.cfg.parallel
         prepare_blocks(model, p)
-        reshard = p.reshard_after_forward
+        # The mesh on the agreed device (fully_shard's default would pick CUDA whenever a
+        # GPU is visible, even with parallel.device=cpu).
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        shard = dict(
+            mesh=mesh, mp_policy=self.mp_policy, reshard_after_forward=p.reshard_after_forward
+        )
         for block in model.layers:  # one all-gather per block, freed after use
-            fully_shard(block, mp_policy=self.mp_policy, reshard_after_forward=reshard)
-        fully_shard(model, mp_policy=self.mp_policy, reshard_after_forward=reshard)
+            fully_shard(block, **shard)
+        fully_shard(model, **shard)
         model.to_empty(device=self.device)
         model.init_weights()
         return model
@@ -49,6 +63,6 @@ class FSDPStrategy(DDPStrategy):
         return self.model
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
-        # Reduce-scatter gradients once per step, after the last micro-batch.
-        self.model.set_requires_gradient_sync(last)
+        if self.cfg.parallel.fsdp_defer_grad_sync:  # reduce-scatter once, after the last
+            self.model.set_requires_gradient_sync(last)
         loss.backward()

@@ -6,12 +6,13 @@ import torch
 from torch import nn
 
 from pretrain.parallel.base import Strategy, new_transformer
+from pretrain.runtime import choose_device, cuda_usable
 
 
 class SingleStrategy(Strategy):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(choose_device(cfg.parallel.device, cuda_usable()))
 
     def build_model(self) -> nn.Module:
         return new_transformer(self.cfg, self.device)

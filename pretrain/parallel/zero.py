@@ -6,6 +6,12 @@ JIT-compiled; DeepSpeed's CPU communication op (`shm_comm`) is built once into
 TORCH_EXTENSIONS_DIR (about a minute, the first time on a machine). `parallel.deepspeed`
 passes any further DeepSpeed keys through. DeepSpeed writes its own checkpoint files
 inside our atomic checkpoint folder; they resume on the same number of ranks only.
+
+Under stage 3 no rank ever holds the whole model: it is built on the meta device and each
+module is materialised, initialised and partitioned in turn (`build_partitioned`), with the
+same initial weights as a single process. In bf16, gradients are still accumulated and
+reduced in fp32 (DeepSpeed's default would do both in bf16), as FSDP's reduce_dtype does;
+gradient reduction overlaps backward (`overlap_comm`) at every stage.
 """
 
 from __future__ import annotations
@@ -13,13 +19,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 
 import torch
 from torch import nn
 
 from pretrain.config import ConfigError
+from pretrain.model import Transformer
 from pretrain.optim import build_optimizer
-from pretrain.parallel.base import new_transformer
+from pretrain.parallel.base import new_transformer, prepare_blocks, seed_rank
 from pretrain.parallel.ddp import DDPStrategy
 from pretrain.resilience import TrainingStopped
 
@@ -31,6 +39,8 @@ class ZeroStrategy(DDPStrategy):
         super().__init__(cfg)
         self.bf16 = self.autocast_dtype is not None
         self.autocast_dtype = None  # DeepSpeed keeps bf16 weights itself: no autocast
+        if self.device.type == "cpu":  # as agreed (parallel.device), even where GPUs exist
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     def ds_config(self) -> dict:
         cfg = self.cfg
@@ -41,6 +51,11 @@ class ZeroStrategy(DDPStrategy):
             "zero_optimization": self.zero_optimization(),
             "gradient_clipping": cfg.optim.grad_clip,
             "bf16": {"enabled": self.bf16},
+            # fp32 gradients whatever the weights: accumulated across micro-batches and
+            # reduced across ranks without bf16 rounding (with bf16, stage 1 becomes
+            # DeepSpeed's BF16_Optimizer, which shards the optimizer state the same way).
+            "data_types": {"grad_accum_dtype": "fp32"},
+            "communication_data_type": "fp32",
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
         }
@@ -52,7 +67,13 @@ class ZeroStrategy(DDPStrategy):
         `parallel.deepspeed.zero_optimization` overrides any of them."""
         stage, d = self.cfg.parallel.zero_stage, self.cfg.model.d_model
         bucket = max(d * d, 1 << 20)
-        zero = {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+        zero = {
+            "stage": stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+            # Reduce gradients while backward goes on (DeepSpeed's default: stage 3 only).
+            "overlap_comm": True,
+        }
         if stage == 3:
             zero["stage3_prefetch_bucket_size"] = int(0.9 * bucket)
             zero["stage3_param_persistence_threshold"] = 10 * d
@@ -62,16 +83,25 @@ class ZeroStrategy(DDPStrategy):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # DeepSpeed's communication wraps the process group built already (its batch-size
+        # checks need the world size before the model is built and partitioned).
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(self.cfg.run.seed)
-        model = new_transformer(self.cfg, self.device)
+        model = self.build_model()
         optimizer = build_optimizer(model, self.cfg.optim)
         with _device_names_equal_devices():
             self.model, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=self.ds_config()
             )
+        seed_rank(self.cfg.run.seed, self.rank)
 
-    def build_model(self) -> nn.Module:  # setup() builds model and engine together
-        raise NotImplementedError
+    def build_model(self) -> nn.Module:
+        """The model the engine wraps: whole on every rank for stages 1/2 (they replicate
+        parameters), already partitioned for stage 3."""
+        if self.cfg.parallel.zero_stage == 3:
+            dtype = torch.bfloat16 if self.bf16 else torch.float32
+            return build_partitioned(self.cfg, self.device, self.ds_config(), dtype)
+        return new_transformer(self.cfg, self.device)
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -110,6 +140,53 @@ class ZeroStrategy(DDPStrategy):
         path, _ = self.model.load_checkpoint(str(folder), tag=TAG, load_lr_scheduler_states=False)
         if path is None:
             raise ConfigError(f"{folder}: DeepSpeed found no checkpoint under tag '{TAG}'")
+
+
+def build_partitioned(cfg, device: torch.device, ds_config: dict, dtype: torch.dtype) -> nn.Module:
+    """The model of `cfg` with ZeRO-3 partitioned parameters, never whole on any rank.
+
+    Built on the meta device; then `init_weights` runs once over the model while each
+    module is materialised just before its turn and partitioned just after (DeepSpeed's own
+    conversion, as `deepspeed.zero.Init(module=...)` does it: rank 0's values broadcast,
+    each rank keeps its slice, cast to `dtype` first as the engine would). Every parameter
+    gets the values a whole-model init gives, from the same random draws in the same order,
+    and a rank holds its partitions plus one module's full weights at most.
+    """
+    import deepspeed
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    # Set up as the engine would for a whole model (incl. its memory-efficient linear);
+    # the empty module has nothing to convert yet.
+    zero = deepspeed.zero.Init(module=nn.Module(), config_dict_or_path=ds_config)
+    materialised: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta) -> (meta, real)
+
+    def one_module_at_a_time():
+        for module in nn.Module.modules(model):
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in materialised:  # tied to a parameter materialised before
+                    setattr(module, name, materialised[id(p)][1])
+            meta = {n: p for n, p in module.named_parameters(recurse=False) if p.is_meta}
+            if meta or any(b.is_meta for b in module.buffers(recurse=False)):
+                module.to_empty(device=device, recurse=False)
+            for name, p in meta.items():
+                materialised[id(p)] = (p, getattr(module, name))
+            yield module  # init_weights initialises it now
+            fresh = [p for p in module.parameters(recurse=False) if not hasattr(p, "ds_id")]
+            for p in fresh:
+                p.data = p.data.to(dtype)
+            zero._convert_to_zero_parameters(fresh)
+
+    model.modules = one_module_at_a_time  # what init_weights iterates over
+    try:
+        model.init_weights()
+    finally:
+        del model.modules
+    whole = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
+    if whole:
+        raise RuntimeError(f"ZeRO-3 build left parameters unpartitioned: {whole[:3]}")
+    prepare_blocks(model, cfg.parallel)
+    return model
 
 
 class _DeviceName(str):

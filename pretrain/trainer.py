@@ -13,14 +13,22 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pretrain import runtime
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config, to_dict, to_yaml
 from pretrain.data import TrainBatches, ValBatches
 from pretrain.data_check import check_tokenizer
-from pretrain.metrics import MetricsSink, memory_gb, peak_flops, read_metrics, train_line
+from pretrain.metrics import (
+    MetricsSink,
+    PendingStep,
+    StepClock,
+    memory_gb,
+    peak_flops,
+    read_metrics,
+    read_pending,
+    train_line,
+)
 from pretrain.mirror import CheckpointMirror
 from pretrain.model import count_params, flops_per_token
 from pretrain.optim import lr_at, set_lr
@@ -28,6 +36,7 @@ from pretrain.parallel import build_strategy
 from pretrain.resilience import (
     Faults,
     Preemption,
+    StepVote,
     TrainingStopped,
     Watchdog,
     restart_count,
@@ -44,17 +53,17 @@ class Trainer:
         self.run_dir = runtime.start(cfg, rank=self.strategy.rank)
         # Data first: anything wrong with it is reported before a model is built.
         self.tokenizer = check_tokenizer(cfg)
-        self.train_data = TrainBatches(cfg, self.run_dir)
-        self.val_data = ValBatches(cfg, self.run_dir)
+        self.train_data = TrainBatches(cfg, self.run_dir, self.strategy.device)
+        self.val_data = ValBatches(cfg, self.run_dir, self.strategy.device)
         self.strategy.setup()
         self.device = self.strategy.device
         c = cfg.checkpoint
-        self.checkpointer = Checkpointer(
+        self.checkpointer = Checkpointer(  # on the strategy's process group, if any
             self.run_dir / "checkpoints",
             c.keep_last,
-            self.strategy.rank,
-            self.strategy.barrier,
-            CheckpointMirror(c.remote, c.keep_last) if c.remote else None,
+            mirror=CheckpointMirror(c.remote, c.keep_last, c.remote_min_mb_per_s)
+            if c.remote
+            else None,
         )
         self.sink = MetricsSink(
             self.run_dir, cfg, enabled=self.strategy.rank == 0, config_dict=to_dict(cfg)
@@ -66,6 +75,10 @@ class Trainer:
         self.peak_flops, self.peak_source = peak_flops(self.device, cfg.parallel.mixed_precision)
         f = cfg.fault
         self.bad_steps = 0  # non-finite steps in a row
+        self.pending: list[PendingStep] = []  # steps whose numbers are still on the device
+        self.clock = StepClock(self.device)
+        self.mean_step_s: float | None = None  # moving average, for the ETA
+        self.sync_every_step = False  # True: read every step at once (bench/throughput.py)
         self.preempted = False
         self.faults = Faults.from_env(self.strategy.rank)
         self.preemption = Preemption(f.preempt_signals)
@@ -83,8 +96,8 @@ class Trainer:
         """Load the latest complete checkpoint in the run directory, if there is one."""
         if not self.cfg.checkpoint.resume:
             return False
-        self.checkpointer.fetch()  # a newer checkpoint in checkpoint.remote, if any
-        path = self.checkpointer.latest()
+        # Rank 0 picks (fetching a newer one from checkpoint.remote, if any); all load it.
+        path = self.checkpointer.resume_point()
         if path is None:
             return False
         if self.strategy.rank == 0:  # e.g. one fetched onto a fresh node: same experiment?
@@ -129,8 +142,18 @@ class Trainer:
 
     # ------------------------------------------------------------ steps
     def train_step(self) -> dict:
+        """One optimizer step; returns its metrics record. Reading it is a host sync: `fit`
+        queues steps (`_step`) and reads them in batches (`_read_steps`) instead."""
+        self._step()
+        records, stop = self._read_steps()
+        if stop is not None:
+            raise stop
+        return records[-1]
+
+    def _step(self) -> None:
+        """One optimizer step, queued: its loss and gradient norm stay on the device."""
         s, cfg = self.strategy, self.cfg
-        start = time.perf_counter()
+        started = self.clock.mark()
         self.faults.maybe_hang(self.step + 1)
         lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
         set_lr(s.optimizer, lr)
@@ -147,53 +170,86 @@ class Trainer:
         grad_norm = s.step(cfg.optim.grad_clip)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        loss = s.reduce_mean(loss_sum / accum).item()
-        elapsed = time.perf_counter() - start
-        tokens_per_s = self.tokens_per_step / elapsed
-        record = {
-            "step": self.step,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm.item(),
-            "tokens": self.tokens_seen,
-            "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * s.world_size),
-            "mem_gb": memory_gb(self.device),
-            "step_s": elapsed,
-            "data_s": data_s,
-        }
-        self._check_finite(record)
-        return record
+        loss = s.reduce_mean(loss_sum / accum)  # a scalar all-reduce, queued on the device
+        ended = self.clock.mark()
+        self.pending.append(
+            PendingStep(
+                step=self.step,
+                lr=lr,
+                tokens=self.tokens_seen,
+                data_s=data_s,
+                mem_gb=memory_gb(self.device),
+                time=time.time(),
+                loss=loss,
+                grad_norm=grad_norm,
+                started=started,
+                ended=ended,
+            )
+        )
 
-    def _check_finite(self, record: dict) -> None:
+    def _read_steps(self) -> tuple[list[dict], TrainingStopped | None]:
+        """The pending steps' records, read off the device in one sync, in step order; up
+        to the step at which too many non-finite steps stop the run, and then that stop."""
+        steps, self.pending = self.pending, []
+        records, max_steps = [], self.cfg.train.max_steps
+        for p, (loss, grad_norm, step_s) in zip(steps, read_pending(steps), strict=True):
+            tokens_per_s = self.tokens_per_step / step_s
+            flops = self.flops_per_token * tokens_per_s
+            record = {
+                "step": p.step,
+                "loss": loss,
+                "lr": p.lr,
+                "grad_norm": grad_norm,
+                "tokens": p.tokens,
+                "tokens_per_s": tokens_per_s,
+                "mfu": flops / (self.peak_flops * self.strategy.world_size),
+                "mem_gb": p.mem_gb,
+                "step_s": step_s,
+                "data_s": p.data_s,
+            }
+            stop = self._check_finite(record)
+            m = self.mean_step_s
+            self.mean_step_s = step_s if m is None else 0.9 * m + 0.1 * step_s
+            record["eta_s"] = self.mean_step_s * (max_steps - p.step)
+            record["time"] = p.time
+            records.append(record)
+            if stop is not None:
+                return records, stop
+        return records, None
+
+    def _check_finite(self, record: dict) -> TrainingStopped | None:
         """A non-finite loss or gradient norm means the update was skipped (every strategy
-        skips it; every rank sees the same reduced values). Too many in a row stop the run."""
+        skips it; every rank reads the same reduced values, so all count alike). Too many in
+        a row stop the run: returns the error to raise once the record is written."""
         if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
             self.bad_steps = 0
-            return
+            return None
         self.bad_steps += 1
         record["skipped"] = True
         log.warning(
             "step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
-            self.step,
+            record["step"],
             record["loss"],
             record["grad_norm"],
             self.bad_steps,
         )
         limit = self.cfg.fault.max_bad_steps
-        if self.bad_steps > limit:
-            self.sink.write(record)
-            last = self.checkpointer.latest()
-            raise TrainingStopped(
-                f"{self.bad_steps} non-finite steps in a row at step {self.step} "
-                f"(fault.max_bad_steps={limit}); the last good checkpoint is "
-                f"{last.name if last else 'none'}; lower optim.lr or check the data, then rerun"
-            )
+        if self.bad_steps <= limit:
+            return None
+        last = self.checkpointer.latest()
+        return TrainingStopped(
+            f"{self.bad_steps} non-finite steps in a row at step {record['step']} "
+            f"(fault.max_bad_steps={limit}); the last good checkpoint is "
+            f"{last.name if last else 'none'}; lower optim.lr or check the data, then rerun"
+        )
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of a (B, T + 1) micro-batch, taken by the model
+        itself (so a sharded wrapper has the output projection whole) from logits of at most
+        parallel.loss_chunk_tokens tokens at a time: never B*T*V of them in fp32."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
-        logits = self.strategy.forward(inputs)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        chunk = self.cfg.parallel.loss_chunk_tokens
+        return self.strategy.forward(inputs, targets, loss_chunk_tokens=chunk)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -212,6 +268,16 @@ class Trainer:
 
     # ------------------------------------------------------------ the job
     def fit(self) -> dict:
+        """Resume, then train to train.max_steps with evaluations, logs and checkpoints on
+        the way; returns the last step's record.
+
+        The host reads numbers off the device only at sync points (every train.log_every
+        steps, the first and last, evaluations, checkpoints, a preemption); in between,
+        steps queue up and the device never waits for the host. Sync points depend only on
+        the step, so every rank reads, counts non-finite steps and stops at the same step,
+        and a checkpoint is only saved after its steps were checked. Preemption and the
+        commit of a background save are agreed one step late by a `StepVote`.
+        """
         cfg, t = self.cfg, self.cfg.train
         self.resume()
         self.sink.write({"event": "start", "step": self.step, "restart": restart_count()})
@@ -228,38 +294,57 @@ class Trainer:
         if self.step >= t.max_steps:
             log.info("run already complete at step %d (train.max_steps=%d)", self.step, t.max_steps)
             return {}
-        record: dict = {}
-        mean_step_s = None
+        vote = StepVote(self.device, self.strategy.world_size)
+        every, record = cfg.checkpoint.every, {}
         while self.step < t.max_steps:
-            record = self.train_step()
+            self._step()
             self.watchdog.beat()
-            self.checkpointer.commit_if_written(self.strategy.any_rank)
-            mean_step_s = (
-                record["step_s"]
-                if mean_step_s is None
-                else 0.9 * mean_step_s + 0.1 * record["step_s"]
-            )
-            record["eta_s"] = mean_step_s * (t.max_steps - self.step)
-            self.sink.write(record)
-            if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
-                self.sink.console(train_line(record, t.max_steps))
-            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+            step = self.step
+            if self.sync_every_step:  # as before deferred syncs: agree at once, every step
+                self.checkpointer.commit_if_written(self.strategy.any_rank)
+                preempted = self.strategy.any_rank(self.preemption.requested)
+            else:
+                preempted = vote.collect()  # cast at the previous step
+                self.checkpointer.commit_if_written(vote.any_write_running)
+            evaluate = step % t.eval_every == 0 or step == t.max_steps
+            save = bool(every and step % every == 0) or step == t.max_steps
+            log_step = step % t.log_every == 0 or step == 1
+            if log_step or evaluate or save or preempted or self.sync_every_step:
+                record = self._log_steps()
+            if evaluate:
                 start = time.perf_counter()
                 val = self.evaluate()
                 record["val_loss"] = val
                 self.sink.write(
-                    {"step": self.step, "val_loss": val, "eval_s": time.perf_counter() - start}
+                    {"step": step, "val_loss": val, "eval_s": time.perf_counter() - start}
                 )
-                self.sink.console(f"step {self.step:>6}/{t.max_steps} | val_loss {val:.4f}")
-            every = cfg.checkpoint.every
-            if self.strategy.any_rank(self.preemption.requested):
+                self.sink.console(f"step {step:>6}/{t.max_steps} | val_loss {val:.4f}")
+            if preempted:
                 self._save_for_preemption()
                 return record
-            if (every and self.step % every == 0) or self.step == t.max_steps:
+            if save:
                 self.save()
+                vote.write_started()
                 self.watchdog.beat()
+            if not self.sync_every_step:
+                vote.cast(self.preemption.requested)
+        vote.collect()  # the last step's vote, which every rank cast
         self.checkpointer.wait()  # commit a background save still in flight
         return record
+
+    def _log_steps(self) -> dict:
+        """Read the pending steps (one sync), write their records (console: log steps) and
+        return the last; after the record of a step that stops the run, raise the stop."""
+        t = self.cfg.train
+        records, stop = self._read_steps()
+        for r in records:
+            self.sink.write(r, flush=False)
+            if r["step"] % t.log_every == 0 or r["step"] in (1, t.max_steps):
+                self.sink.console(train_line(r, t.max_steps))
+        self.sink.flush()
+        if stop is not None:
+            raise stop
+        return records[-1]
 
     def _save_for_preemption(self) -> None:
         p = self.preemption
@@ -284,11 +369,13 @@ class Trainer:
         self.strategy.close()
 
     def _announce(self) -> None:
-        cfg = self.cfg
+        cfg, s = self.cfg, self.strategy
+        peak = self.peak_flops
+        peak_text = f"{peak / 1e12:.1f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.1f} GFLOP/s"
         self.sink.console(
             f"run {cfg.run.name} in {self.run_dir} | {count_params(cfg.model) / 1e6:.2f}M params | "
-            f"{self.flops_per_token / 1e6:.1f} MFLOP/token | peak {self.peak_flops / 1e9:.1f} GFLOP/s "
-            f"({self.peak_source}) | {self.strategy.accum_steps} micro-batches/step x {self.strategy.world_size} ranks | "
+            f"{self.flops_per_token / 1e6:.1f} MFLOP/token | peak {peak_text} per rank "
+            f"({self.peak_source}) | {s.accum_steps} micro-batches/step x {s.world_size} ranks | "
             f"from step {self.step}"
         )
 

@@ -251,3 +251,56 @@ def test_two_runs_on_the_same_data_at_once_do_not_disturb_each_other(tiny_overri
         assert proc.returncode == 0, err
         assert "leaked shared_memory" not in err
     assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "solo")
+
+
+# Counts, in a training process, the ops that copy a tensor's value to the host (`.item()`,
+# `float()`, `bool()` of a tensor): on a GPU each makes the host wait for the device.
+SYNC_PROBE = """
+import json, sys
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from pretrain.config import load_config
+from pretrain.trainer import Trainer
+
+READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+class CountReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func in READS
+        return func(*args, **(kwargs or {}))
+
+trainer = Trainer(load_config("configs/tiny.yaml", sys.argv[1:]))
+trainer.train_step()  # warm-up: the data loader seeds its first iterator with an .item()
+out = {}
+for mode in ("deferred", "per-step"):
+    trainer.sync_every_step = trainer.strategy.host_sync_skip = mode == "per-step"
+    with CountReads() as probe:
+        for _ in range(3):
+            trainer._step()
+    records, stop = trainer._read_steps()
+    out[mode] = {"reads": probe.reads, "steps": [r["step"] for r in records],
+                 "keys": sorted(records[0]), "stop": stop is not None}
+trainer.close()
+print(json.dumps(out))
+"""
+
+
+def test_training_steps_never_wait_for_the_device_between_reads(tiny_overrides):
+    """Three steps queue without one value read back (before: float(norm) before the update,
+    then loss and norm .item(), every step); `_read_steps` then reads all three at once."""
+    r = subprocess.run(
+        [sys.executable, "-c", SYNC_PROBE, *tiny_overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["deferred"]["reads"] == 0
+    assert out["per-step"]["reads"] >= 3  # the probe sees the old path's float(norm)
+    assert out["deferred"]["steps"] == [2, 3, 4] and out["per-step"]["steps"] == [5, 6, 7]
+    keys = ["data_s", "eta_s", "grad_norm", "loss", "lr", "mem_gb", "mfu", "step", "step_s"]
+    assert out["deferred"]["keys"] == sorted([*keys, "time", "tokens", "tokens_per_s"])
+    assert not out["deferred"]["stop"]

@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from launch.spec import LaunchSpec, read_spec, require_positive, require_run
+from launch.spec import LaunchSpec, node_range, read_spec, require_positive, require_run
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -38,22 +38,35 @@ def _launch(argv: list[str]) -> int:
 
     parser = _parser("launch")
     _ranks_args(parser, max_restarts=0)
-    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument(
+        "--nnodes", default="1", metavar="N|MIN:MAX",
+        help="nodes of the job; a range MIN:MAX is elastic: when a node is lost the others "
+        "restart from the last checkpoint with the nodes left (at least MIN, same global "
+        "batch and sample order), and a node that (re)joins is taken in at the next restart",
+    )  # fmt: skip
     parser.add_argument("--node-rank", type=int, default=int(os.environ.get("SLURM_NODEID", 0)))
     parser.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0's rendezvous (nnodes > 1)")
     parser.add_argument("--rdzv-id", help="the same on every node (default: from run.dir)")
+    parser.add_argument(
+        "--rdzv-conf", metavar="KEY=V,...",
+        help="torchrun's c10d rendezvous settings, in seconds: join_timeout (600: how long "
+        "nodes wait for each other), last_call_timeout (30: with MIN:MAX, how long to wait "
+        "for more nodes once MIN are there), keep_alive_interval (5) and "
+        "keep_alive_max_attempt (3: a node silent this many intervals is dropped)",
+    )  # fmt: skip
     args = parser.parse_intermixed_args(argv)
-    require_positive(nproc_per_node=args.nproc_per_node or 1, nnodes=args.nnodes)
+    low, high = node_range(args.nnodes)
+    require_positive(nproc_per_node=args.nproc_per_node or 1)
     spec = LaunchSpec(
         config=str(Path(args.config).resolve()),
         overrides=args.overrides,
         cwd=os.getcwd(),
         nproc_per_node=args.nproc_per_node or 1,
-        nnodes=args.nnodes,
+        nnodes=low if low == high else f"{low}:{high}",
         max_restarts=args.max_restarts,
         job_id=_slurm_job_id(),
     )
-    return launch(spec, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
+    return launch(spec, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.rdzv_conf)
 
 
 def _submit(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""`pretrain launch`: torchrun's elastic agent in this process, with three changes.
+"""`pretrain launch`: torchrun's elastic agent in this process, with these changes.
 
 1. Exit codes that a restart cannot fix (a config or data error, a stopped run, a
    preemption) end the launch at once instead of burning through `--max-restarts`, and
@@ -8,9 +8,20 @@
    and the workers get `fault.preempt_grace_s` (+30 s) to checkpoint before SIGKILL.
 3. Every rank's stdout/stderr goes to `RUN_DIR/logs/LAUNCH/attemptK.rankR.{out,err}`
    and is echoed to the console with a `[rankR]` prefix.
+4. The workers' TORCHELASTIC_RESTART_COUNT is the rendezvous round, the same on every
+   node. torchrun counts restarts per agent: after a node is started again (as SLURM
+   restarts a step) or joins an elastic job, its count is 0 while the others' is 1 or
+   more (and a restart for a joining node counts on no agent), and workers that prefix
+   the process group's store with it (ours, and torch's own env:// init) would look for
+   each other under different names and hang.
+5. Every round publishes the address of the workers' store (`SharedStoreAddress`), so a
+   node that joins a running job can start its workers.
+6. The workers get PRETRAIN_NNODES_RANGE=MIN:MAX (`--nnodes 3:4`, or N:N), so the data
+   order can be fixed at the first start for every node count the job may run on.
 
-The agent is torchrun's own `LocalElasticAgent` (rendezvous, restarts, multi-node);
-only its failure handling is extended.
+The agent is torchrun's own `LocalElasticAgent` (c10d rendezvous, restarts, elastic
+node ranges, multi-node); only its failure handling, rendezvous and worker environment
+are extended. tests/test_scale.py runs it on four namespaced "nodes" with kill -9.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.spec import LaunchSpec, prepare, read_spec, record, resolve
+from launch.spec import LaunchSpec, node_range, prepare, read_spec, record, resolve
 from pretrain import lockfile
 from pretrain.config import Config, ConfigError
 
@@ -35,13 +46,15 @@ AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
 def launch(spec: LaunchSpec, node_rank: int = 0, rdzv_endpoint: str | None = None,
-           rdzv_id: str | None = None) -> int:  # fmt: skip
-    """Run the training `spec` describes on this node; returns the training's exit code."""
+           rdzv_id: str | None = None, rdzv_conf: str | None = None) -> int:  # fmt: skip
+    """Run the training `spec` describes on this node; returns the training's exit code.
+    `rdzv_conf` is torchrun's --rdzv-conf (e.g. "last_call_timeout=5")."""
     os.chdir(spec.cwd)
+    min_nodes, max_nodes = node_range(spec.nnodes)
     cfg, overrides = resolve(spec.config, spec.overrides)
     spec.overrides = overrides
     run_dir = Path(cfg.run.dir)
-    if spec.nnodes > 1 and not rdzv_endpoint:
+    if max_nodes > 1 and not rdzv_endpoint:
         raise ConfigError(f"--nnodes {spec.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's)")
     lock = lockfile.hold(run_dir / f".launch-node{node_rank}.lock", "launcher")
     if node_rank == 0 and (pid := lockfile.owner(run_dir / ".lock")):
@@ -65,11 +78,17 @@ def launch(spec: LaunchSpec, node_rank: int = 0, rdzv_endpoint: str | None = Non
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={rdzv_endpoint or 'localhost:0'}",
         f"--rdzv-id={rdzv_id or _default_rdzv_id(run_dir)}",
+        *([f"--rdzv-conf={rdzv_conf}"] if rdzv_conf else []),
         "--module",
         "pretrain", "train", spec.config, *overrides,
     ]  # fmt: skip
+    worker_env = {"PRETRAIN_NNODES_RANGE": f"{min_nodes}:{max_nodes}"}
     try:
-        code, why = run_workers(torchrun_args, cfg, log_dir)
+        code, why = run_workers(torchrun_args, cfg, log_dir, worker_env)
+        # The exit code is decided: a SIGTERM now (srun ending the step because another
+        # node's launcher exited first) must not turn this 75 or 0 into "killed".
+        for name in AGENT_SIGNALS.split(","):
+            signal.signal(signal.Signals[name], signal.SIG_IGN)
     finally:
         lock.close()
     record(run_dir, event="exit", node=node_rank, launch=launch_id, exit_code=code, why=why)
@@ -77,22 +96,26 @@ def launch(spec: LaunchSpec, node_rank: int = 0, rdzv_endpoint: str | None = Non
     return code
 
 
-def run_workers(torchrun_args: list[str], cfg: Config, log_dir: Path) -> tuple[int, str]:
-    """torchrun with `torchrun_args` in this process; (exit code, reason)."""
+def run_workers(
+    torchrun_args: list[str], cfg: Config, log_dir: Path, worker_env: dict[str, str]
+) -> tuple[int, str]:
+    """torchrun with `torchrun_args` in this process, `worker_env` added to the workers'
+    environment; (exit code, reason)."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher import api
 
     config, cmd, cmd_args = torchrun.config_from_args(torchrun.parse_args(torchrun_args))
-    config.logs_specs = _run_logs(log_dir)
+    worker_env = dict(worker_env)  # the agent adds the round of each rendezvous
+    config.logs_specs = _run_logs(log_dir, worker_env)
     config.log_line_prefix_template = "[rank${rank}]:"
     config.signals_to_handle = AGENT_SIGNALS
     config.shutdown_timeout = int(cfg.fault.preempt_grace_s) + 30
     requeue = cfg.fault.requeue_exit_code
     final = {CONFIG_OR_DATA_ERROR, TRAINING_STOPPED, requeue}
     torch_agent = api.LocalElasticAgent
-    api.LocalElasticAgent = _agent_class(torch_agent, final)
+    api.LocalElasticAgent = _agent_class(torch_agent, final, worker_env)
     try:
         api.elastic_launch(config, cmd)(*cmd_args)
         return 0, "training finished"
@@ -125,9 +148,20 @@ def worker_exit_code(codes: dict[int, int], requeue: int) -> tuple[int, str]:
     return (first if first > 0 else 128 - first), f"failed: {why}"
 
 
-def _agent_class(base, final_codes: set[int]):
+def _agent_class(base, final_codes: set[int], worker_env: dict[str, str]):
     class Agent(base):
-        """torchrun's agent that does not restart workers after a final exit code."""
+        """torchrun's agent that does not restart workers after a final exit code, and
+        numbers each start of the workers by the rendezvous round."""
+
+        def __init__(self, spec, *args, **kwargs) -> None:
+            spec.rdzv_handler = SharedStoreAddress(spec.rdzv_handler)
+            super().__init__(spec, *args, **kwargs)
+
+        def _rendezvous(self, worker_group):
+            super()._rendezvous(worker_group)
+            attempt = rendezvous_round(worker_group.spec.rdzv_handler)
+            if attempt is not None:
+                worker_env["TORCHELASTIC_RESTART_COUNT"] = str(attempt)
 
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
@@ -140,11 +174,58 @@ def _agent_class(base, final_codes: set[int]):
     return Agent
 
 
-def _run_logs(log_dir: Path):
+class SharedStoreAddress:
+    """torchrun's rendezvous handler, with every node's workers sent to the store of the
+    current round's rank-0 agent.
+
+    torchrun's c10d rendezvous has the rank-0 agent publish its store's address in a
+    round's keys only when it first becomes rank 0, and every other agent reads it only
+    in its own first round. An agent started again after its node was killed (or joining
+    an elastic job) waits for the keys of the current round, which nobody writes: it
+    times out after 60 s and the job fails. And an agent that kept the address from an
+    earlier round would send its workers to a rank 0 that may be gone. So rank 0
+    publishes the address in every round, and every other agent reads it.
+    """
+
+    def __init__(self, handler) -> None:
+        self._handler = handler
+
+    def __getattr__(self, name: str):
+        return getattr(self._handler, name)
+
+    def next_rendezvous(self):
+        from torch.distributed.elastic.rendezvous.api import RendezvousInfo
+        from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo as Address
+
+        info = self._handler.next_rendezvous()
+        address = info.bootstrap_store_info
+        if address is None:
+            return info
+        keys = Address.MASTER_ADDR_KEY, Address.MASTER_PORT_KEY
+        if info.rank == 0:
+            info.store.set(keys[0], address.master_addr)
+            info.store.set(keys[1], str(address.master_port))
+            return info
+        address = Address(info.store.get(keys[0]).decode(), int(info.store.get(keys[1])))
+        return RendezvousInfo(info.store, info.rank, info.world_size, address)
+
+
+def rendezvous_round(handler) -> int | None:
+    """The round of the rendezvous that `handler` (c10d) has just completed: one number
+    shared by every node of that start of the workers, new for each start. None for a
+    handler without rounds."""
+    state = getattr(getattr(handler, "_state_holder", None), "state", None)
+    number = getattr(state, "round", None)
+    return number if isinstance(number, int) else None
+
+
+def _run_logs(log_dir: Path, worker_env: dict[str, str]):
     from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, Std
 
     class RunLogs(LogsSpecs):
-        """Every rank's output in `log_dir/attemptK.rankR.{out,err}`, also on the console."""
+        """Every rank's output in `log_dir/attemptK.rankR.{out,err}`, also on the console.
+        Also where the workers' environment gets `worker_env`: `reify` is torchrun's one
+        hook between building each worker's environment and starting the worker."""
 
         def __init__(self) -> None:
             super().__init__(str(log_dir), redirects=Std.ALL, tee=Std.ALL)
@@ -157,6 +238,7 @@ def _run_logs(log_dir: Path):
             log_dir.mkdir(parents=True, exist_ok=True)
             dest = LogsDest()
             for local_rank, env in envs.items():
+                env.update(worker_env)
                 base = log_dir / f"attempt{env['TORCHELASTIC_RESTART_COUNT']}.rank{env['RANK']}"
                 dest.stdouts[local_rank] = dest.tee_stdouts[local_rank] = f"{base}.out"
                 dest.stderrs[local_rank] = dest.tee_stderrs[local_rank] = f"{base}.err"

@@ -1,13 +1,16 @@
 """How a run was started, recorded in its directory so that `pretrain resume` can repeat it.
 
 RUN_DIR/launch.json     the launch spec (config, overrides, ranks, SLURM options)
-RUN_DIR/launches.jsonl  one line per launcher start and exit (time, node, exit code)
+RUN_DIR/launches.jsonl  one line per launcher start and exit (time, node, exit code),
+                        appended by every node's launcher at once (see `record`)
 RUN_DIR/config.yaml     the resolved config (written here and by the trainer)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import socket
@@ -27,7 +30,7 @@ class LaunchSpec:
     overrides: list[str] = field(default_factory=list)
     cwd: str = "."  # relative paths in the config (data, tokenizer) are relative to this
     nproc_per_node: int = 1
-    nnodes: int = 1
+    nnodes: int | str = 1  # a node count, or "MIN:MAX" for an elastic range
     max_restarts: int = 0
     slurm: dict | None = None  # `pretrain submit` options, to resubmit on resume
     job_id: str | None = None  # the SLURM job (or array task) that runs it
@@ -77,6 +80,21 @@ def require_positive(**values: int) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
+def node_range(nnodes: int | str) -> tuple[int, int]:
+    """(min, max) nodes of `--nnodes N` or `--nnodes MIN:MAX`, else a one-line error."""
+    text = str(nnodes)
+    parts = text.split(":")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+    except ValueError:
+        low, high = 0, -1
+    if not 1 <= low <= high:
+        raise ConfigError(
+            f"--nnodes {text}: expected a node count N or a range MIN:MAX with 1 <= MIN <= MAX"
+        )
+    return low, high
+
+
 def require_run(run_dir: str | Path) -> Path:
     """`run_dir` if it is a run directory, else a one-line error."""
     path = Path(run_dir)
@@ -91,10 +109,27 @@ def require_run(run_dir: str | Path) -> Path:
 
 
 def record(run_dir: Path, **event) -> None:
-    """Append one launcher event to the run's history (small appends are atomic)."""
-    line = json.dumps({"time": time.time(), "host": socket.gethostname(), **event})
-    with open(Path(run_dir) / HISTORY_FILE, "a") as f:
-        f.write(line + "\n")
+    """Append one launcher event to the run's history, which every node's launcher
+    appends to at the same moments (start, exit).
+
+    One write() of one whole line, under an exclusive flock. O_APPEND alone is atomic
+    only on a local disk: an NFS client appends at the file size it last saw, so two
+    nodes' lines can land on the same offset. The lock makes the client revalidate the
+    size first (and is coherent across NFS clients); where a filesystem has no locks
+    (Lustre mounted without `flock`), the append goes ahead unlocked. A line cut short by
+    a crash is ended before the next one, so readers lose only that line.
+    """
+    line = json.dumps({"time": time.time(), "host": socket.gethostname(), **event}) + "\n"
+    fd = os.open(Path(run_dir) / HISTORY_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # no locks on this filesystem
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = "\n" + line
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)  # also drops the lock
 
 
 def read_history(run_dir: Path) -> list[dict]:

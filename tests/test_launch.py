@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from launch.local import worker_exit_code
+from launch.spec import node_range, read_history, record
 from launch.sweep import parse_grid
 from pretrain.config import ConfigError
 from pretrain.metrics import read_metrics
@@ -60,6 +61,41 @@ def test_exit_codes_of_failed_workers():
     assert worker_exit_code({1: 3}, 75)[0] == 3
     assert worker_exit_code({0: -9}, 75) == (137, "failed: rank 0 killed by SIGKILL")
     assert worker_exit_code({0: 1, 1: -9}, 75)[0] == 1
+
+
+def _record_many(run: str, node: int, n: int) -> None:
+    for i in range(n):
+        record(Path(run), event="launch", node=node, i=i, why="x" * 300)
+
+
+def test_every_node_appends_to_the_launch_record_at_once(tmp_path):
+    """Eight "nodes" append 50 records each at the same time: all 400 arrive whole. A line
+    cut short by a writer killed mid-write costs that line only, not the next one."""
+    import multiprocessing
+
+    procs = [
+        multiprocessing.get_context("spawn").Process(target=_record_many, args=(str(tmp_path), n, 50))
+        for n in range(8)
+    ]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=60)
+    history = read_history(tmp_path)
+    assert len(history) == 400
+    assert {(r["node"], r["i"]) for r in history} == {(n, i) for n in range(8) for i in range(50)}
+
+    with open(tmp_path / "launches.jsonl", "a") as f:
+        f.write('{"event": "exit", "node": 3, "exit_co')  # a writer died here
+    record(tmp_path, event="exit", node=0, exit_code=0)
+    assert read_history(tmp_path)[-1]["event"] == "exit"
+
+
+def test_node_ranges():
+    assert node_range(4) == (4, 4) and node_range("3:4") == (3, 4) and node_range("2") == (2, 2)
+    for bad in ("0", "4:3", "x", "1:2:3", "3:", ""):
+        with pytest.raises(ConfigError, match="expected a node count N or a range MIN:MAX"):
+            node_range(bad)
 
 
 def test_grid_values_split_outside_brackets():
@@ -148,7 +184,9 @@ def test_two_agents_train_together_as_two_nodes(tiny_overrides, tmp_path, refere
         pytest.skip(f"needs root for a private /dev/shm per node: {probe.stderr.decode()}")
     run = tmp_path / "run"
     port = _free_port()
-    overrides = with_overrides(tiny_overrides, *DDP)
+    # The sample order of the one-node reference (chosen from its node count, 1; two nodes
+    # would choose 2).
+    overrides = with_overrides(tiny_overrides, *DDP, "data.num_canonical_nodes=1")
     agents = [
         launch("configs/tiny.yaml", *overrides, "--nnodes=2", "--nproc-per-node=1",
                f"--node-rank={node}", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
@@ -199,6 +237,7 @@ def test_bad_input_is_one_line_and_creates_nothing(tmp_path, tiny_overrides, cap
     refused("sweep", config, *tiny_overrides, "--grid", "optim.lrr=1,2",
             says="unknown key 'optim.lrr'")  # fmt: skip
     refused("launch", config, *tiny_overrides, "--nnodes=2", says="needs --rdzv-endpoint")
+    refused("launch", config, *tiny_overrides, "--nnodes=4:3", says="--nnodes 4:3: expected")
     refused("sweep-status", str(tmp_path), says="not a sweep folder")
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("runs"))
 

@@ -14,6 +14,7 @@ name; batches are random tokens, no data is read):
   grads     the dtypes of DeepSpeed's gradient buffers after the first of two
             micro-batches, its communication dtype and the parameters' dtype
   backend   the process group's backend and the strategy's device
+  buckets   two synchronised backwards of one micro-batch give identical gradients
   memory    peak resident memory (Linux VmHWM) above the start while the model is built
             and during all of the strategy's setup, and the whole model's fp32 size
 """
@@ -192,6 +193,18 @@ DEEPSPEED_GRADS = (
 )
 
 
+def check_buckets(strategy, cfg) -> bool:
+    """Two synchronised backwards of the same micro-batch give bit-identical gradients (DDP's
+    first backward of a start is laid out like every later one)."""
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(100 + strategy.rank)  # the same tokens both times
+        strategy.backward(micro_batch_loss(strategy, cfg), last=True)
+        grads.append([p.grad.clone() for p in strategy.model.parameters()])
+        strategy.model.zero_grad(set_to_none=True)
+    return all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 def check_grads(strategy, cfg) -> dict:
     strategy.backward(micro_batch_loss(strategy, cfg), last=False)
     engine = strategy.model
@@ -248,6 +261,8 @@ def main() -> None:
             results[check] = check_stage(strategy, cfg, out_dir)
         elif check == "grads":
             results[check] = check_grads(strategy, cfg)
+        elif check == "buckets":
+            results[check] = check_buckets(strategy, cfg)
         elif check == "memory":
             pass  # measured around setup, above
         elif check == "backend":

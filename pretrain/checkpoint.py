@@ -283,10 +283,11 @@ class Checkpointer:
             _fsync(self.root)
             self._verified.add(final.name)
             write_json(self.root / "latest", {"checkpoint": final.name, "step": step})
-            self._prune()
             most = max(sum(part.values()) for part in parts)
             info = {"rank_bytes": most, "tag": uuid.uuid4().hex}
         info = self.ranks.broadcast(info)  # every rank: the checkpoint is in place
+        if self.rank == 0:  # after the broadcast: nobody waits in a collective for a slow delete
+            self._prune()
         if self.mirror is not None:
             self.mirror.upload(final, mine, info["rank_bytes"], info["tag"])
         return final

@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import resource
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -138,7 +139,7 @@ def _best_seen(key: str, measured: float) -> float:
         known[key] = best
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(known, indent=1))
             os.replace(tmp, path)
         except OSError:  # a read-only home: measure every time

@@ -34,6 +34,7 @@ import logging
 import shutil
 import threading
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from pretrain import iotrace, objstore
@@ -104,8 +105,9 @@ class CheckpointMirror:
             for name in files:
                 objstore.upload_file(folder / name, objstore.join(prefix, name))
                 iotrace.record(iotrace.UPLOAD, objstore.join(prefix, name))
-        except (StoreError, OSError) as e:
-            error = objstore.redact(str(e))
+        except Exception as e:  # any failure must reach rank 0, or it waits out the timeout
+            known = isinstance(e, (StoreError, OSError))
+            error = objstore.redact(str(e) if known else f"{type(e).__name__}: {e}")
             self._failed(
                 folder.name, error if self.ranks.rank == 0 else f"rank {self.ranks.rank}: {error}"
             )
@@ -202,7 +204,10 @@ class CheckpointMirror:
         tmp = Path(root) / f".tmp-fetch-{name}"
         key = self._key("fetch", plan["tag"])
         n = self.ranks.world_size
-        most = max(sum(s for f, s in files.items() if file_owner(f) % n == r) for r in range(n))
+        per_rank = Counter()  # one pass over the files, not one per rank
+        for f, s in files.items():
+            per_rank[file_owner(f) % n] += s
+        most = max(per_rank.values(), default=0)
         timeout = self.timeout_s(most)
         error = None
         try:

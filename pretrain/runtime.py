@@ -30,6 +30,9 @@ log = logging.getLogger("pretrain")
 # stream is stored (local <-> s3://): data_check compares the datasets themselves.
 FROZEN_SECTIONS = ("model", "data", "optim", "schedule", "parallel")
 # How data is fetched and checked, not what it is: free to change on resume.
+# How a run is executed, not what it computes (beyond float rounding): free to change on
+# resume, e.g. a smaller loss chunk after an out-of-memory error, or device=cuda made strict.
+OPERATIONAL_PARALLEL_KEYS = ("threads", "device", "fsdp_defer_grad_sync", "loss_chunk_tokens")
 OPERATIONAL_DATA_KEYS = (
     "num_workers",
     "validate_hashes",
@@ -283,6 +286,8 @@ def check_same_experiment(cfg: Config, saved: Path) -> None:
                 stream.pop("remote"), stream.pop("local")
         for key in OPERATIONAL_DATA_KEYS:
             config["data"].pop(key)
+        for key in OPERATIONAL_PARALLEL_KEYS:
+            config["parallel"].pop(key, None)  # None: a config from before the key existed
     if None in (before["data"]["num_canonical_nodes"], now["data"]["num_canonical_nodes"]):
         for config in (before, now):  # None: the value recorded in data_order.json is used
             config["data"].pop("num_canonical_nodes")

@@ -16,7 +16,7 @@ import torch
 
 from pretrain import runtime
 from pretrain.checkpoint import Checkpointer
-from pretrain.config import Config, to_dict, to_yaml
+from pretrain.config import Config, ConfigError, to_dict, to_yaml
 from pretrain.data import TrainBatches, ValBatches
 from pretrain.data_check import check_tokenizer
 from pretrain.metrics import (
@@ -100,8 +100,17 @@ class Trainer:
         path = self.checkpointer.resume_point()
         if path is None:
             return False
-        if self.strategy.rank == 0:  # e.g. one fetched onto a fresh node: same experiment?
-            runtime.check_same_experiment(self.cfg, path / "config.yaml")
+        # e.g. one fetched onto a fresh node: same experiment? Rank 0 reads its config; every
+        # rank gets the verdict, so all stop together instead of the others hanging in load.
+        refused = None
+        if self.strategy.rank == 0:
+            try:
+                runtime.check_same_experiment(self.cfg, path / "config.yaml")
+            except ConfigError as e:
+                refused = str(e)
+        refused = self.checkpointer.ranks.broadcast(refused)
+        if refused:
+            raise ConfigError(refused)
         state = self.checkpointer.load(path, self.strategy.load)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.train_data.load_state_dict(state["data"])

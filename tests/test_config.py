@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pretrain.config import Config, ConfigError, from_dict, load_config, to_dict
 from tests.conftest import REPO, run_cli
@@ -132,3 +133,20 @@ def test_cli_missing_file():
         r.returncode == 2
         and r.stderr.strip() == "config error: config file not found: configs/nope.yaml"
     )
+
+
+def test_resume_may_change_how_a_run_executes_but_not_what_it_computes(tmp_path):
+    from pretrain.config import to_yaml
+    from pretrain.runtime import check_same_experiment
+
+    saved = tmp_path / "config.yaml"
+    base = load_config(REPO / "configs/tiny.yaml")
+    old = yaml.safe_load(to_yaml(base))
+    del old["parallel"]["device"]  # a run directory from before the key existed
+    saved.write_text(yaml.safe_dump(old))
+    for key in ("parallel.loss_chunk_tokens=512", "parallel.device=cpu", "parallel.threads=1"):
+        check_same_experiment(load_config(REPO / "configs/tiny.yaml", [key]), saved)
+    with pytest.raises(ConfigError, match=r"parallel\.strategy"):
+        check_same_experiment(
+            load_config(REPO / "configs/tiny.yaml", ["parallel.strategy=ddp"]), saved
+        )

@@ -75,10 +75,10 @@ class StepVote:
     that agreeing never stalls the device: was a preemption signal seen on any rank, is a
     background checkpoint write still running on any rank.
 
-    `cast()` at boundary k starts a MAX all-reduce of this rank's flags (`async_op=True`; on
-    a GPU on a side stream, the result copied to pinned host memory as soon as it is
-    reduced) and returns at once; `collect()` at boundary k+1 returns its result, finished
-    by then, since it ran alongside step k+1. Every rank casts and collects at the same
+    `cast()` at boundary k starts a MAX all-reduce of this rank's flags (on a GPU,
+    `async_op=True` on a side stream, the result copied to pinned host memory as soon as it
+    is reduced, so it returns at once; on CPU it simply reduces); `collect()` at boundary
+    k+1 returns its result, finished by then, since it ran alongside step k+1. Every rank casts and collects at the same
     boundaries and acts on the same result, so all take the same decision at the same step.
     Reading a flag at every step instead (an all-reduce and `.item()`) would make the host
     wait for the device at every step. In one process the flags are their own result.
@@ -114,9 +114,14 @@ class StepVote:
                 self._copied.record(self._stream)
             self._pending = (votes, work)
         else:
+            # On CPU (gloo) nothing runs alongside to overlap with, so the vote is a plain
+            # blocking all-reduce. An async gloo work holding a tensor Python has dropped can
+            # deadlock the process group's teardown: its worker thread needs the GIL to
+            # free the tensor while the main thread, holding the GIL, waits for that worker
+            # in ~ProcessGroupGloo (seen as a rank hanging after its last step).
             votes = torch.tensor(flags, dtype=torch.int32)
-            work = dist.all_reduce(votes, op=dist.ReduceOp.MAX, async_op=True)
-            self._pending = (votes, work)
+            dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+            self._pending = tuple(votes.tolist())
 
     def collect(self) -> bool:
         """Whether any rank was preempted, as of the last `cast()` (False if none pending);
@@ -126,15 +131,11 @@ class StepVote:
         if pending is None:
             self._agreed_running = True
             return False
-        if self.world_size == 1:
-            flags = pending
-        elif self.device.type == "cuda":
+        if self.device.type == "cuda" and self.world_size > 1:
             self._copied.synchronize()  # the device is done with the previous step by now
             flags = self._host.tolist()
         else:
-            votes, work = pending
-            work.wait()
-            flags = votes.tolist()
+            flags = pending  # one process, or CPU: reduced when cast
         self._agreed_running = bool(flags[1])
         return bool(flags[0])
 

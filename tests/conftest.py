@@ -115,6 +115,18 @@ def dataset(tmp_path_factory, corpus) -> dict:
     return {"tokenizer": tok, "mds": mds, "corpus": corpus}
 
 
+# The tiny model of the session dataset (512-piece tokenizer, 64-token sequences).
+TINY_MODEL = [
+    "data.seq_len=64",
+    "model.vocab_size=512",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.max_seq_len=64",
+]
+
+
 @pytest.fixture
 def tiny_overrides(dataset, tmp_path) -> list[str]:
     """A model small enough for a step in tens of milliseconds, on the session dataset."""
@@ -122,13 +134,7 @@ def tiny_overrides(dataset, tmp_path) -> list[str]:
         f"run.dir={tmp_path / 'run'}",
         f"data.tokenizer={dataset['tokenizer']}",
         f"data.streams=[{{remote: {dataset['mds']}}}]",
-        "data.seq_len=64",
-        "model.vocab_size=512",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "model.n_heads=4",
-        "model.n_kv_heads=2",
-        "model.max_seq_len=64",
+        *TINY_MODEL,
         "train.global_batch_size=16",
         "train.micro_batch_size=8",
         "train.max_steps=20",

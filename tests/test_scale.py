@@ -26,7 +26,7 @@ import pytest
 
 from pretrain import iotrace
 from pretrain.metrics import read_metrics
-from tests.conftest import losses_by_step, run_cli, run_torchrun
+from tests.conftest import TINY_MODEL, losses_by_step, run_cli, run_torchrun
 from tests.nodes import Cluster, address, available
 
 pytestmark = pytest.mark.slow
@@ -73,14 +73,8 @@ def scale_overrides(
         f"run.dir={run_dir}",
         f"data.tokenizer={dataset['tokenizer']}",
         f"data.streams=[{{remote: {url}}}]",
-        "data.seq_len=64",
         *([f"data.num_canonical_nodes={canonical}"] if canonical else []),
-        "model.vocab_size=512",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "model.n_heads=4",
-        "model.n_kv_heads=2",
-        "model.max_seq_len=64",
+        *TINY_MODEL,
         f"train.global_batch_size={GLOBAL_BATCH}",
         "train.micro_batch_size=1",
         f"train.max_steps={STEPS}",

@@ -72,7 +72,12 @@ class Trainer:
         self.tokens_seen = 0
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops, self.peak_source = peak_flops(self.device, cfg.parallel.mixed_precision)
+        # Rank 0 looks up or measures the peak (only its MFU is logged) and tells the rest:
+        # 512 ranks each timing matmuls and rewriting one cache file in a shared home would
+        # add work and contention to every start for a figure nobody reads.
+        rank0 = self.strategy.rank == 0
+        peak = peak_flops(self.device, cfg.parallel.mixed_precision) if rank0 else None
+        self.peak_flops, self.peak_source = self.checkpointer.ranks.broadcast(peak)
         f = cfg.fault
         self.bad_steps = 0  # non-finite steps in a row
         self.pending: list[PendingStep] = []  # steps whose numbers are still on the device

@@ -36,9 +36,10 @@ sys.path.insert(0, str(REPO))
 
 from data_prep import cli as prep_cli  # noqa: E402
 from data_prep.workers import default_workers  # noqa: E402
-from pretrain import runtime  # noqa: E402
-from pretrain.config import Config, load_config  # noqa: E402
-from pretrain.data import TrainBatches  # noqa: E402
+from pretrain.config.load import load_config  # noqa: E402
+from pretrain.config.schema import Config  # noqa: E402
+from pretrain.data.loader import TrainBatches  # noqa: E402
+from pretrain.train import process  # noqa: E402
 from tests.s3server import S3Server  # noqa: E402
 
 DATA = REPO / "data" / "shakespeare"
@@ -87,7 +88,7 @@ def tiny_config(remote: str, run_dir: Path, steps: int) -> Config:
 def loader_times(cfg: Config, batches: int) -> tuple[float, list[float]]:
     """(set-up seconds, seconds of each `next()`) of a TrainBatches on a cold cache."""
     start = time.perf_counter()
-    data = TrainBatches(cfg, runtime.start(cfg))  # stream checks + index downloads
+    data = TrainBatches(cfg, process.start(cfg))  # stream checks + index downloads
     setup = time.perf_counter() - start
     times = []
     for _ in range(batches):
@@ -101,7 +102,7 @@ def loader_times(cfg: Config, batches: int) -> tuple[float, list[float]]:
 
 def trainer_records(cfg: Config, steps: int) -> tuple[float, list[dict]]:
     """(set-up seconds, `train_step()` records) of a fresh Trainer on a cold cache."""
-    from pretrain.trainer import Trainer
+    from pretrain.train.trainer import Trainer
 
     start = time.perf_counter()
     trainer = Trainer(cfg)

@@ -36,7 +36,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pretrain.metrics import read_metrics  # noqa: E402
+from pretrain.train.metrics import read_metrics  # noqa: E402
 
 DATA = REPO / "data" / "shakespeare"
 

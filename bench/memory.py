@@ -244,9 +244,9 @@ def measure_build(strategy: str, build_peak: dict) -> None:
 
 
 def worker(strategy: str, layers: int, out: Path) -> None:
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
     from pretrain.model import count_params
-    from pretrain.trainer import Trainer
+    from pretrain.train.trainer import Trainer
 
     overrides = [o.format(layers=layers) for o in MODEL]
     cfg = load_config(

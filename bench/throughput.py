@@ -60,10 +60,10 @@ from multirank import REPO, STRATEGIES, ensure_demo_data, torchrun
 
 sys.path.insert(0, str(REPO))
 
-from pretrain.config import load_config
-from pretrain.metrics import measure_matmul_flops, read_metrics
+from pretrain.config.load import load_config
 from pretrain.model import Transformer, count_params, flops_per_token
-from pretrain.optim import build_optimizer
+from pretrain.train.metrics import measure_matmul_flops, read_metrics
+from pretrain.train.optim import build_optimizer
 
 MODEL = [
     "model.vocab_size=16384", "model.d_model=384", "model.n_layers=6", "model.n_heads=6",
@@ -144,7 +144,7 @@ def wall_tokens_per_s(run_dir: Path, warmup: int) -> float:
 
 def worker(strategy: str, steps: int, out: Path, name: str, sync: str, small: bool) -> None:
     """One rank of a 2-rank trainer run into `out/name`; rank 0 writes its metrics.jsonl."""
-    from pretrain.trainer import Trainer
+    from pretrain.train.trainer import Trainer
 
     overrides = [*run_overrides(out / name, steps), "train.micro_batch_size=4"]
     if small:  # 2 sequences per rank
@@ -186,7 +186,7 @@ def two_rank_runs(strategies: list[str], steps: int, warmup: int, out: Path) -> 
 
 def sync_comparison(args, out: Path) -> dict[str, dict[str, list[float]]]:
     """Per setup, per sync mode: tokens/s (wall clock) of each round."""
-    from pretrain.trainer import Trainer
+    from pretrain.train.trainer import Trainer
 
     def one_process(run_dir: Path, model: list[str], steps: int, mode: str) -> float:
         total = args.warmup + steps
@@ -286,7 +286,7 @@ def main() -> None:
         )
         print_sync_comparison(syncs)
         return
-    from pretrain.trainer import Trainer
+    from pretrain.train.trainer import Trainer
 
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:

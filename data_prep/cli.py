@@ -19,14 +19,15 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from data_prep import PrepError
-from data_prep.inputs import expand_inputs
-from data_prep.remote import check_out_prefix, fetch_inputs, publish
-from data_prep.shards import SPLITS, ShardsResult, split_files, write_shards
+from data_prep.inputs import expand_inputs, fetch_inputs
+from data_prep.remote import check_out_prefix, publish
+from data_prep.shards import ShardsResult, split_files, write_shards
 from data_prep.tokenizer import MODEL_TYPES, train_tokenizer
 from data_prep.workers import default_workers
-from pretrain.objstore import StoreError, is_remote
-from pretrain.tokenizer import Tokenizer
+from pretrain.data.format import SPLITS
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import PrepError, StoreError
+from pretrain.objstore import is_remote
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 

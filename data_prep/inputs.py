@@ -20,7 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep import PrepError
+from pretrain.errors import PrepError
+from pretrain.objstore import is_remote
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -44,7 +45,6 @@ class InputFile:
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
     """Expand glob patterns (`**` allowed) into sorted, deduplicated absolute paths or URLs."""
     from data_prep.remote import expand_remote  # boto3 only when some input is remote
-    from pretrain.objstore import is_remote
 
     if not patterns:
         raise PrepError("--inputs needs at least one file or glob pattern")
@@ -66,6 +66,23 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
                 )
         found.update(names)
     return sorted(found, key=lambda name: name.split("/"))  # folder by folder, like Path
+
+
+def fetch_inputs(names: Sequence[str], folder: Path) -> list[InputFile]:
+    """Local names as they are; every s3:// URL downloaded into `folder` (same order)."""
+    inputs = []
+    for i, name in enumerate(names):
+        if is_remote(name):
+            inputs.append(InputFile(name, folder / f"{i:06d}{Path(name).suffix}"))
+        else:
+            inputs.append(InputFile.local(name))
+    jobs = [(item.name, item.path) for item in inputs if is_remote(item.name)]
+    if jobs:
+        from data_prep.remote import download  # boto3 only when some input is remote
+
+        folder.mkdir(parents=True, exist_ok=True)
+        download(jobs)
+    return inputs
 
 
 def check_readable(inputs: Sequence[InputFile]) -> None:

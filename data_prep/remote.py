@@ -18,11 +18,9 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from data_prep import PrepError
-from data_prep.inputs import InputFile
-from data_prep.shards import META_NAME, is_dataset_key
 from pretrain import objstore
-from pretrain.objstore import StoreError
+from pretrain.data.format import META_NAME, is_dataset_key
+from pretrain.errors import PrepError, StoreError
 from pretrain.progress import Progress
 
 IO_THREADS = 8
@@ -52,20 +50,10 @@ def match_parts(parts: Sequence[str], pattern: Sequence[str]) -> bool:
     return bool(parts) and fnmatchcase(parts[0], pattern[0]) and match_parts(parts[1:], pattern[1:])
 
 
-def fetch_inputs(names: Sequence[str], folder: Path) -> list[InputFile]:
-    """Local names as they are; every s3:// URL downloaded into `folder` (same order)."""
-    inputs = []
-    for i, name in enumerate(names):
-        if objstore.is_remote(name):
-            inputs.append(InputFile(name, folder / f"{i:06d}{Path(name).suffix}"))
-        else:
-            inputs.append(InputFile.local(name))
-    jobs = [(item.name, item.path) for item in inputs if objstore.is_remote(item.name)]
-    if jobs:
-        folder.mkdir(parents=True, exist_ok=True)
-        with Progress("download", len(jobs), "file") as progress:
-            _in_threads(_download, jobs, progress)
-    return inputs
+def download(jobs: Sequence[tuple[str, Path]]) -> None:
+    """Download each (s3:// URL, local path) pair, in threads, with progress."""
+    with Progress("download", len(jobs), "file") as progress:
+        _in_threads(_download, jobs, progress)
 
 
 def check_out_prefix(url: str, overwrite: bool) -> None:

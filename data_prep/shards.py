@@ -32,16 +32,19 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import PrepError, write_atomic
 from data_prep.inputs import InputFile, check_readable, iter_documents
 from data_prep.workers import batches, default_workers, encode_in_order
-from pretrain.data_check import META_FORMAT  # the trainer checks what prep writes
+from pretrain.data.format import (
+    META_FORMAT,  # the trainer checks what prep writes
+    META_NAME,
+    SPLITS,
+)
+from pretrain.data.streaming_compat import streaming_module
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import PrepError
+from pretrain.files import write_atomic
 from pretrain.progress import Progress
-from pretrain.streaming_compat import streaming_module
-from pretrain.tokenizer import Tokenizer
 
-META_NAME = "meta.json"
-SPLITS = ("train", "val")
 SHARD_HASHES = ["xxh64"]  # fast, and what the trainer validates downloaded shards with
 
 
@@ -89,11 +92,6 @@ class BlockPacker:
     def leftover(self) -> int:
         """Ids held back because they do not fill a block (dropped at the end of a split)."""
         return self._pending_len
-
-
-def is_dataset_key(relative: str) -> bool:
-    """Whether a file or object at this path inside a dataset is one that prep writes."""
-    return relative == META_NAME or (relative.partition("/")[0] in SPLITS and "/" in relative)
 
 
 def write_shards(

@@ -24,9 +24,10 @@ from typing import Any
 
 import sentencepiece as spm
 
-from data_prep import PrepError, write_atomic
 from data_prep.inputs import InputFile, check_readable, iter_documents
-from pretrain.tokenizer import Tokenizer
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import PrepError
+from pretrain.files import write_atomic
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 # 4 special pieces + 256 byte pieces + at least one character of the corpus.

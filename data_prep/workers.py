@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import PrepError
-from pretrain.tokenizer import Tokenizer
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import PrepError
 
 BATCH_DOCS = 256
 BATCH_CHARS = 1 << 20  # big documents: a batch stays about 1 MB of text

@@ -35,13 +35,12 @@ import time
 from pathlib import Path
 
 from launch.spec import LaunchSpec, node_range, prepare, read_spec, record, resolve
-from pretrain import lockfile
-from pretrain.config import Config, ConfigError
+from pretrain import files
+from pretrain.config.schema import Config
+from pretrain.errors import CONFIG_OR_DATA_ERROR, TRAINING_STOPPED, ConfigError
 
 log = logging.getLogger("pretrain.launch")
 
-CONFIG_OR_DATA_ERROR = 2  # pretrain's exit codes (see pretrain/__main__.py)
-TRAINING_STOPPED = 3
 AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
@@ -56,8 +55,8 @@ def launch(spec: LaunchSpec, node_rank: int = 0, rdzv_endpoint: str | None = Non
     run_dir = Path(cfg.run.dir)
     if max_nodes > 1 and not rdzv_endpoint:
         raise ConfigError(f"--nnodes {spec.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's)")
-    lock = lockfile.hold(run_dir / f".launch-node{node_rank}.lock", "launcher")
-    if node_rank == 0 and (pid := lockfile.owner(run_dir / ".lock")):
+    lock = files.hold(run_dir / f".launch-node{node_rank}.lock", "launcher")
+    if node_rank == 0 and (pid := files.owner(run_dir / ".lock")):
         lock.close()
         raise ConfigError(f"{run_dir} is in use by another training process (pid {pid})")
     if node_rank == 0:

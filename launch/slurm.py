@@ -21,9 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.local import CONFIG_OR_DATA_ERROR, TRAINING_STOPPED
 from launch.spec import LaunchSpec, prepare, record, require_positive, resolve, write_spec
-from pretrain.config import ConfigError
+from pretrain.errors import CONFIG_OR_DATA_ERROR, TRAINING_STOPPED, ConfigError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "pretrain.sbatch"
 # sbatch options passed through as they are: (flag, argparse dest)

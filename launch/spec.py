@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, load_config
+from pretrain.config.load import load_config
+from pretrain.config.schema import Config
+from pretrain.errors import ConfigError
 
 LAUNCH_FILE = "launch.json"
 HISTORY_FILE = "launches.jsonl"
@@ -49,7 +51,7 @@ def resolve(config: str | Path, overrides: list[str]) -> tuple[Config, list[str]
 def prepare(cfg: Config, spec: LaunchSpec) -> Path:
     """Create the run directory with its resolved config and launch spec; a directory
     that holds another experiment's checkpoints is refused, before anything starts."""
-    from pretrain.runtime import prepare_run_dir
+    from pretrain.rundir import prepare_run_dir
 
     run_dir = prepare_run_dir(cfg)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -133,7 +135,7 @@ def record(run_dir: Path, **event) -> None:
 
 
 def read_history(run_dir: Path) -> list[dict]:
-    from pretrain.metrics import read_jsonl
+    from pretrain.train.metrics import read_jsonl
 
     return read_jsonl(Path(run_dir) / HISTORY_FILE)
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import yaml
 
 from launch.spec import read_history, read_spec, require_run
-from pretrain import lockfile
-from pretrain.checkpoint import checkpoint_step, complete_checkpoints
-from pretrain.metrics import read_jsonl
+from pretrain import files
+from pretrain.checkpoint.checkpointer import checkpoint_step, complete_checkpoints
+from pretrain.errors import REQUEUE_EXIT_CODE
+from pretrain.train.metrics import read_jsonl
 
 
 @dataclass
@@ -122,7 +123,7 @@ def table(rows: list[dict]) -> str:
 
 def _running(run_dir: Path) -> bool:
     locks = [run_dir / ".lock", *run_dir.glob(".launch-node*.lock")]
-    return any(lockfile.owner(path) for path in locks)
+    return any(files.owner(path) for path in locks)
 
 
 def _slurm_state(job_id: str) -> str | None:
@@ -134,7 +135,7 @@ def _slurm_state(job_id: str) -> str | None:
 
 
 def _requeue(cfg: dict) -> int:
-    return int(cfg.get("fault", {}).get("requeue_exit_code", 75))
+    return int(cfg.get("fault", {}).get("requeue_exit_code", REQUEUE_EXIT_CODE))
 
 
 def _fmt(x: float | None) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from launch.spec import LaunchSpec, prepare, resolve, write_spec
 from launch.status import run_status, table
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 
 def parse_grid(grid: list[str]) -> dict[str, list[str]]:

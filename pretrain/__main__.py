@@ -6,10 +6,15 @@ import argparse
 import os
 import sys
 
-from pretrain.config import ConfigError
-from pretrain.data_check import DataError
-from pretrain.objstore import StoreError
-from pretrain.resilience import TrainingStopped
+from pretrain.errors import (
+    CONFIG_OR_DATA_ERROR,
+    INTERRUPTED,
+    TRAINING_STOPPED,
+    ConfigError,
+    DataError,
+    StoreError,
+    TrainingStopped,
+)
 
 USAGE = """pretrain <command> ...
 
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     commands = {"train": _train, "config": _config, "prep": _prep, "consolidate": _consolidate}
     commands.update(dict.fromkeys(LAUNCH_COMMANDS, _launcher(command)))
-    commands.update({name: _module_main(name) for name in ("export", "generate", "plot", "plan")})
+    commands.update(export=_export, generate=_generate, plot=_plot, plan=_plan)
     if command not in commands:
         print(f"pretrain: unknown command '{command}'\n{USAGE}", end="", file=sys.stderr)
         return 2
@@ -48,15 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         return commands[command](rest)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return CONFIG_OR_DATA_ERROR
     except (DataError, StoreError) as e:
         print(f"data error: {e}", file=sys.stderr)
-        return 2
+        return CONFIG_OR_DATA_ERROR
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
-        return 3
+        return TRAINING_STOPPED
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
 
 
 def _config_args(prog: str, argv: list[str]) -> argparse.Namespace:
@@ -69,7 +74,7 @@ def _config_args(prog: str, argv: list[str]) -> argparse.Namespace:
 
 
 def _config(argv: list[str]) -> int:
-    from pretrain.config import load_config, to_yaml
+    from pretrain.config.load import load_config, to_yaml
 
     args = _config_args("config", argv)
     print(to_yaml(load_config(args.config, args.overrides)), end="")
@@ -77,14 +82,14 @@ def _config(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from pretrain.config import load_config
-    from pretrain.runtime import die_with_launcher, setup_logging
+    from pretrain.config.load import load_config
+    from pretrain.train.process import die_with_launcher, setup_logging
 
     die_with_launcher()
     args = _config_args("train", argv)
     cfg = load_config(args.config, args.overrides)
     setup_logging(int(os.environ.get("RANK", "0")))
-    from pretrain.trainer import Trainer
+    from pretrain.train.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:
@@ -97,7 +102,7 @@ def _train(argv: list[str]) -> int:
 def _consolidate(argv: list[str]) -> int:
     from pathlib import Path
 
-    from pretrain.consolidate import consolidate
+    from pretrain.tools.consolidate import consolidate
 
     parser = argparse.ArgumentParser(prog="pretrain consolidate")
     parser.add_argument(
@@ -114,13 +119,30 @@ def _consolidate(argv: list[str]) -> int:
     return 0
 
 
-def _module_main(name: str):
-    def run(argv: list[str]) -> int:
-        import importlib
+# The tools import torch, transformers or matplotlib: each is imported when its command runs,
+# so `pretrain status` or `pretrain config` starts in a fraction of a second.
+def _export(argv: list[str]) -> int:
+    from pretrain.tools import export
 
-        return importlib.import_module(f"pretrain.{name}").main(argv)
+    return export.main(argv)
 
-    return run
+
+def _generate(argv: list[str]) -> int:
+    from pretrain.tools import generate
+
+    return generate.main(argv)
+
+
+def _plot(argv: list[str]) -> int:
+    from pretrain.tools import plot
+
+    return plot.main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    from pretrain.tools import plan
+
+    return plan.main(argv)
 
 
 def _launcher(command: str):

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
+from pretrain.errors import StoreError
+
 SCHEME = "s3://"
 SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 # Attempts per request, with botocore's exponential backoff (capped at 20 s a wait): rides
@@ -32,10 +34,6 @@ _DENIED = {
     "ExpiredToken",
 }
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-
-
-class StoreError(Exception):
-    """An object-store failure; the message is one line, safe to print."""
 
 
 def is_remote(path: str | Path) -> bool:

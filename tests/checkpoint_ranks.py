@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import Checkpointer
-from pretrain.objstore import StoreError
+from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.errors import StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 COLLECTIVE_TIMEOUT_S = 5
@@ -67,7 +67,7 @@ class Writes:
 
 
 def strategies(out: dict, root: Path, names: list[str]) -> None:
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
     from pretrain.parallel import build_strategy
 
     writes = Writes()
@@ -108,7 +108,7 @@ def _writer(rank: int, step: int):
 
 def s3(out: dict, root: Path, url: str, slow_endpoint: str) -> None:
     from pretrain import objstore
-    from pretrain.mirror import CheckpointMirror
+    from pretrain.checkpoint.mirror import CheckpointMirror
 
     rank, endpoint = dist.get_rank(), os.environ["S3_ENDPOINT_URL"]
     mirror = CheckpointMirror(url, keep_last=2, min_mb_per_s=10.0)

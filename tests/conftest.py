@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.metrics import read_metrics
+from pretrain.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_FIELD = "body"

@@ -20,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain import runtime
-from pretrain.config import load_config
-from pretrain.data import TrainBatches
+from pretrain.config.load import load_config
+from pretrain.data.loader import TrainBatches
+from pretrain.parallel import device
+from pretrain.train import process
 
 
 def row_hashes(batch) -> list[str]:
@@ -42,9 +43,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    rank, world = runtime.init_distributed(timeout_s=120)
+    rank, world = device.init_distributed(timeout_s=120)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", args.overrides)
-    run_dir = runtime.start(cfg, rank=rank)
+    run_dir = process.start(cfg, rank=rank)
     data = TrainBatches(cfg, run_dir)
     if args.resume:
         data.load_state_dict(json.loads(args.resume.read_text()))

@@ -227,7 +227,7 @@ def check_grads(strategy, cfg) -> dict:
 
 def main() -> None:
     out_dir, checks, overrides = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
     from pretrain.parallel import build_strategy
 
     cfg = load_config(REPO / "configs/tiny.yaml", overrides)

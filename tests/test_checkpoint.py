@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
-from pretrain.checkpoint import Checkpointer, file_owner
+from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.checkpoint.ranks import file_owner
 from tests.conftest import REPO
 
 
@@ -142,7 +143,7 @@ def test_a_single_process_checkpoint_lists_every_file_once_made_durable(tmp_path
     """The single strategy's real DCP files, and a file no naming rule knows: all in the
     manifest with their sizes, each fsynced once."""
     from pretrain import iotrace
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
     from pretrain.parallel import build_strategy
 
     monkeypatch.setenv(iotrace.ENV, str(tmp_path))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pretrain import iotrace
-from pretrain.checkpoint import Checkpointer, file_owner, rng_state
+from pretrain.checkpoint.checkpointer import Checkpointer, rng_state
+from pretrain.checkpoint.ranks import file_owner
 from tests.checkpoint_ranks import COLLECTIVE_TIMEOUT_S
 from tests.conftest import run_torchrun
 from tests.s3server import SlowProxy

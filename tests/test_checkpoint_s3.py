@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from pretrain.checkpoint import Checkpointer
-from pretrain.mirror import CheckpointMirror
+from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.checkpoint.mirror import CheckpointMirror
 from tests.conftest import (
     REF,
     REF_STEPS,

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.config import Config, ConfigError, from_dict, load_config, to_dict
+from pretrain.config.load import from_dict, load_config, to_dict
+from pretrain.config.schema import Config
+from pretrain.errors import ConfigError
 from tests.conftest import REPO, run_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -136,8 +138,8 @@ def test_cli_missing_file():
 
 
 def test_resume_may_change_how_a_run_executes_but_not_what_it_computes(tmp_path):
-    from pretrain.config import to_yaml
-    from pretrain.runtime import check_same_experiment
+    from pretrain.config.load import to_yaml
+    from pretrain.rundir import check_same_experiment
 
     saved = tmp_path / "config.yaml"
     base = load_config(REPO / "configs/tiny.yaml")

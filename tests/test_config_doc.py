@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pretrain import config_doc
-from pretrain.config import CHOICES, Config
+from pretrain.config import doc as config_doc
+from pretrain.config.schema import CHOICES, Config
 from tests.conftest import REPO
 
 STALE = config_doc.STALE

@@ -38,7 +38,7 @@ def global_batches(out: Path) -> dict[int, list[str]]:
 
 def all_samples(mds: Path, split: str = "train") -> Counter:
     """Hash of every sample in the dataset, read straight from the shards."""
-    from pretrain.streaming_compat import streaming_module
+    from pretrain.data.streaming_compat import streaming_module
 
     dataset = streaming_module().LocalDataset(local=str(mds), split=split)
     return Counter(

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pretrain import iotrace
-from pretrain.metrics import read_metrics
+from pretrain.train.metrics import read_metrics
 from tests.conftest import REPO, losses_by_step, run_cli, with_overrides
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 from tests.test_data_dist import all_samples, assert_one_epoch

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import data_order, iotrace
+from pretrain import iotrace
+from pretrain.data import order as data_order
 from tests.conftest import REPO, run_cli, with_overrides
 from tests.test_data_dist import torchrun
 
@@ -91,7 +92,7 @@ def test_the_sample_order_is_chosen_once_and_recorded(tmp_path):
 @pytest.mark.parametrize(("low", "high"), [(3, 4), (1, 8), (2, 6), (7, 8), (30, 40)])
 def test_an_elastic_range_gives_a_value_every_node_count_starts_with(low, high):
     """Checked against streaming's own partitioning, which refuses any other value."""
-    from pretrain.streaming_compat import streaming_module
+    from pretrain.data.streaming_compat import streaming_module
 
     streaming_module()
     from streaming.base.partition import get_partitions
@@ -170,8 +171,8 @@ def test_a_long_run_directory_path_trains_with_workers(tiny_overrides, tmp_path)
     ],
 )
 def test_batches_are_pinned_for_cuda_only(tiny_overrides, tmp_path, device):
-    from pretrain.config import load_config
-    from pretrain.data import TrainBatches
+    from pretrain.config.load import load_config
+    from pretrain.data.loader import TrainBatches
 
     cfg = load_config(
         REPO / "configs/tiny.yaml",

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.config import ConfigError
-from pretrain.export import export_hf, hf_config
-from pretrain.generate import load_model
+from pretrain.errors import ConfigError
 from pretrain.model.config import ModelConfig
+from pretrain.tools.export import export_hf, hf_config
+from pretrain.tools.generate import load_model
 from tests.conftest import run_cli, with_overrides
 
 transformers = pytest.importorskip("transformers")
@@ -53,7 +53,7 @@ def test_the_demo_model_exports_and_transformers_reproduces_its_logits(
     assert_same_logits(run, out)
 
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    from pretrain.tokenizer import Tokenizer
+    from pretrain.data.tokenizer import Tokenizer
 
     ours = Tokenizer(dataset["tokenizer"])
     text = "  To be, or not to be: that is the question.\n\tWhat's 1234 + ünïcödé? 🙂"

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from pretrain.metrics import read_metrics
+from pretrain.train.metrics import read_metrics
 from tests.conftest import (
     REF,
     REF_STEPS,
@@ -89,7 +89,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
         return torch.load(deepspeed, weights_only=False)["module"]
     import torch.distributed.checkpoint as dcp
 
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
     from pretrain.model import Transformer
 
     model = Transformer(load_config(ckpt / "config.yaml").model)
@@ -238,7 +238,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(
 
 
 def test_step_vote_answers_one_step_late_in_one_process():
-    from pretrain.resilience import StepVote
+    from pretrain.train.resilience import StepVote
 
     vote = StepVote(torch.device("cpu"), world_size=1)
     assert vote.collect() is False  # nothing cast yet
@@ -253,7 +253,7 @@ def test_step_vote_answers_one_step_late_in_one_process():
 VOTE_RANKS = """
 import json, os, sys
 import torch, torch.distributed as dist
-from pretrain.resilience import StepVote
+from pretrain.train.resilience import StepVote
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.generate import KVCache, forward_cached, generate, sample
 from pretrain.model.config import ModelConfig
 from pretrain.model.transformer import Transformer
+from pretrain.tools.generate import KVCache, forward_cached, generate, sample
 
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
 VARIANTS = {

@@ -18,8 +18,8 @@ import pytest
 from launch.local import worker_exit_code
 from launch.spec import node_range, read_history, record
 from launch.sweep import parse_grid
-from pretrain.config import ConfigError
-from pretrain.metrics import read_metrics
+from pretrain.errors import ConfigError
+from pretrain.train.metrics import read_metrics
 from tests.conftest import REF, REPO, STRATEGIES, losses_by_step, run_cli, with_overrides
 
 DDP = [*STRATEGIES["ddp"], *REF]

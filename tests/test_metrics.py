@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from pretrain.metrics import (
+from pretrain.train.metrics import (
     PendingStep,
     StepClock,
     gpu_peak_flops,
@@ -113,7 +113,8 @@ def _spelled(pattern: str) -> str:
 
 
 def test_plan_and_mfu_read_the_same_table():
-    from pretrain import hardware, plan
+    from pretrain import hardware
+    from pretrain.tools import plan
 
     table = {c.name: c.tensor16 for c in hardware.ACCELERATORS}
     assert table == plan.PEAK_FLOPS
@@ -186,7 +187,7 @@ def test_pending_steps_are_read_exactly_in_one_go():
 
 
 def _strategy(impl: str, **extra):
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
     from pretrain.parallel import SingleStrategy
 
     cfg = load_config(

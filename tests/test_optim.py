@@ -8,9 +8,9 @@ import math
 import pytest
 from torch import nn
 
-from pretrain.config import OptimConfig, ScheduleConfig
+from pretrain.config.schema import OptimConfig, ScheduleConfig
 from pretrain.model import ModelConfig, Transformer
-from pretrain.optim import build_optimizer, lr_at, param_groups
+from pretrain.train.optim import build_optimizer, lr_at, param_groups
 
 
 def test_warmup_is_linear_to_the_peak():

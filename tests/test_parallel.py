@@ -73,7 +73,7 @@ def test_fsdp_checkpoint_of_2_ranks_resumes_on_1(tiny_overrides, tmp_path, refer
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
     from pretrain.model import Transformer
 
     ckpt = ref / "checkpoints" / f"step_{REF_STEPS:08d}"
@@ -168,7 +168,7 @@ def test_activation_checkpointing_wraps_the_chosen_blocks(mode, expected):
     import torch
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
     from pretrain.parallel.base import new_transformer
 
     overrides = [
@@ -279,7 +279,7 @@ def test_ddp_async_save_copies_each_tensor_on_one_rank(tmp_path):
     # ... and so does one process without a process group: every tensor is in the files
     import torch.distributed.checkpoint as dcp
 
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
     from pretrain.model import Transformer
 
     model = Transformer(load_config(REPO / "configs/tiny.yaml", SMALL).model)
@@ -340,7 +340,7 @@ def test_ranks_that_disagree_on_cuda_all_stop_with_the_reason(
 ):
     import torch
 
-    from pretrain.runtime import FAULT_CUDA_ENV
+    from pretrain.parallel.device import FAULT_CUDA_ENV
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from pretrain.config import ConfigError
-from pretrain.plan import (
+from pretrain.errors import ConfigError
+from pretrain.tools.plan import (
     CHINCHILLA,
     CHINCHILLA_PRINTED,
     PEAK_FLOPS,

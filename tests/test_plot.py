@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain.config import ConfigError
-from pretrain.plot import main, plot_runs
+from pretrain.errors import ConfigError
+from pretrain.tools.plot import main, plot_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

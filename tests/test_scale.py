@@ -25,7 +25,7 @@ from unittest.mock import ANY
 import pytest
 
 from pretrain import iotrace
-from pretrain.metrics import read_metrics
+from pretrain.train.metrics import read_metrics
 from tests.conftest import TINY_MODEL, losses_by_step, run_cli, run_torchrun
 from tests.nodes import Cluster, address, available
 

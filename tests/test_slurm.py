@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.metrics import read_metrics
+from pretrain.train.metrics import read_metrics
 from tests.conftest import (
     REF,
     REPO,

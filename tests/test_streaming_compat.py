@@ -1,4 +1,4 @@
-"""`pretrain.streaming_compat`: streaming 0.13 imports without transformers or torchvision,
+"""`pretrain.data.streaming_compat`: streaming 0.13 imports without transformers or torchvision,
 its data loader still saves and resumes the exact position, and real transformers still
 imports beside it.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.streaming_compat import _dataloader_module
+from pretrain.data.streaming_compat import _dataloader_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def run_python(code: str, tmp_path: Path, *args: str, pythonpath: Path | None = 
 RESUME = """
 import gc, sys
 import numpy as np
-from pretrain.streaming_compat import streaming_module
+from pretrain.data.streaming_compat import streaming_module
 
 streaming = streaming_module()
 assert "transformers" not in sys.modules, "importing streaming imported transformers"
@@ -102,7 +102,7 @@ def test_real_transformers_imports_after_streaming(tmp_path: Path) -> None:
     code = """
 import sys
 from collections.abc import Mapping
-from pretrain.streaming_compat import streaming_module
+from pretrain.data.streaming_compat import streaming_module
 
 streaming = streaming_module()
 assert "transformers" not in sys.modules
@@ -126,7 +126,7 @@ def test_transformers_already_imported_keeps_streamings_own_modules(tmp_path: Pa
     code = """
 import sys
 import transformers  # noqa: F401
-from pretrain.streaming_compat import streaming_module
+from pretrain.data.streaming_compat import streaming_module
 
 streaming = streaming_module()
 print(streaming.base.dataloader.__file__, hasattr(streaming.text, "StreamingC4"))
@@ -160,7 +160,7 @@ def test_only_streaming_0_13_is_patched(tmp_path: Path, version: str, stubbed: s
     (package / "_version.py").write_text(f"__version__ = '{version}'\n")
     code = """
 import sys
-from pretrain.streaming_compat import streaming_module
+from pretrain.data.streaming_compat import streaming_module
 
 streaming = streaming_module()
 print(streaming.__version__, ",".join(streaming.PRELOADED), "transformers" in sys.modules)

@@ -260,7 +260,7 @@ import json, sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from pretrain.config import load_config
-from pretrain.trainer import Trainer
+from pretrain.train.trainer import Trainer
 
 READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
 

@@ -11,7 +11,7 @@ def build_strategy(cfg) -> Strategy:
     """The strategy named by `parallel.strategy` (validated by the config schema)."""
     import os
 
-    from pretrain.config import ConfigError
+    from pretrain.errors import ConfigError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.parallel.strategy == "single" and world > 1:

@@ -25,9 +25,9 @@ from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 from pretrain.model import Transformer
-from pretrain.optim import build_optimizer
+from pretrain.train.optim import build_optimizer
 
 
 class Strategy(ABC):

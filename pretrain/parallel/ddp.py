@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pretrain.parallel.base import Strategy, new_transformer
-from pretrain.runtime import choose_device, cuda_usable, init_distributed
+from pretrain.parallel.device import choose_device, cuda_usable, init_distributed
 
 
 def local_device(kind: str) -> torch.device:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pretrain.parallel.base import Strategy, new_transformer
-from pretrain.runtime import choose_device, cuda_usable
+from pretrain.parallel.device import choose_device, cuda_usable
 
 
 class SingleStrategy(Strategy):

@@ -24,12 +24,11 @@ import os
 import torch
 from torch import nn
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError, TrainingStopped
 from pretrain.model import Transformer
-from pretrain.optim import build_optimizer
 from pretrain.parallel.base import new_transformer, prepare_blocks, seed_rank
 from pretrain.parallel.ddp import DDPStrategy
-from pretrain.resilience import TrainingStopped
+from pretrain.train.optim import build_optimizer
 
 TAG = "zero"
 

@@ -21,8 +21,8 @@ import math
 import os
 from pathlib import Path
 
-from pretrain.config import ConfigError
-from pretrain.metrics import read_metrics
+from pretrain.errors import ConfigError
+from pretrain.train.metrics import read_metrics
 
 FORMATS = (".png", ".pdf", ".svg")
 X_AXES = ("step", "tokens")

@@ -53,7 +53,7 @@ def streaming_module() -> types.ModuleType:
 def _stub(name: str, why: str) -> None:
     if name not in sys.modules:
         stub = types.ModuleType(name)
-        stub.__doc__ = f"Left empty by pretrain.streaming_compat: {why}."
+        stub.__doc__ = f"Left empty by pretrain.data.streaming_compat: {why}."
         sys.modules[name] = stub
 
 
@@ -93,7 +93,7 @@ def _dataloader_module() -> types.ModuleType:
     from torch.utils.data import DataLoader
 
     module = types.ModuleType("streaming.base.dataloader")
-    module.__doc__ = "Streaming DataLoader (pretrain.streaming_compat's copy of 0.13's)."
+    module.__doc__ = "Streaming DataLoader (pretrain.data.streaming_compat's copy of 0.13's)."
 
     class StreamingDataLoader(DataLoader):
         """A DataLoader that can save and restore its StreamingDataset's position."""

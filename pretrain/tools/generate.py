@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import Config, ConfigError
+from pretrain.config.schema import Config
+from pretrain.errors import ConfigError
 from pretrain.model.attention import build_attention_bias, sdpa_attention
 from pretrain.model.positions import apply_rope
 from pretrain.model.transformer import Transformer
@@ -23,8 +24,8 @@ from pretrain.model.transformer import Transformer
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Config]:
     """The model of a checkpoint (or of a run directory's latest), whole, in eval mode."""
-    from pretrain.consolidate import load_tensor, model_tensors
-    from pretrain.export import checkpoint_config, resolve_checkpoint
+    from pretrain.tools.consolidate import load_tensor, model_tensors
+    from pretrain.tools.export import checkpoint_config, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(path)
     cfg = checkpoint_config(checkpoint)
@@ -165,8 +166,8 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--top-k {args.top_k}: must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1]")
-    from pretrain.export import find_tokenizer, resolve_checkpoint
-    from pretrain.tokenizer import Tokenizer
+    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.tools.export import find_tokenizer, resolve_checkpoint
 
     model, cfg = load_model(args.path, args.device)
     tok = Tokenizer(

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain import hardware
-from pretrain.config import ConfigError, load_config
+from pretrain.config.load import load_config
+from pretrain.errors import ConfigError
 
 # Dense 16-bit tensor peak FLOP/s per accelerator (bf16; fp16 on V100, which has no bf16),
 # from the one table in pretrain.hardware, which the MFU of training runs also uses.
@@ -162,7 +163,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help=f"one of {', '.join(hardware.known_names())} (case-insensitive)",
     )
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (0, 1]")
-    p.add_argument("--configs", type=Path, default=Path(__file__).parents[1] / "configs")
+    p.add_argument("--configs", type=Path, default=Path(__file__).parents[2] / "configs")
     args = p.parse_args(argv)
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")

@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from pretrain.checkpoint import complete_checkpoints
-from pretrain.config import Config, ConfigError, from_dict
-from pretrain.consolidate import Entry, load_tensor, model_tensors, write_safetensors
+from pretrain.checkpoint.checkpointer import complete_checkpoints
+from pretrain.config.load import from_dict
+from pretrain.config.schema import Config
+from pretrain.errors import ConfigError
 from pretrain.model.config import ModelConfig
+from pretrain.tools.consolidate import Entry, load_tensor, model_tensors, write_safetensors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -163,7 +165,7 @@ def export_hf(
     cfg = checkpoint_config(checkpoint)
     torch_dtype = DTYPES[dtype]
     tok_path = find_tokenizer(tokenizer or cfg.data.tokenizer, checkpoint)
-    from pretrain.tokenizer import Tokenizer
+    from pretrain.data.tokenizer import Tokenizer
 
     tok = Tokenizer(tok_path)
     config = hf_config(cfg.model, torch_dtype, tok.bos_id, tok.eos_id, tok.pad_id)

@@ -38,8 +38,9 @@ from collections import Counter
 from pathlib import Path
 
 from pretrain import iotrace, objstore
-from pretrain.checkpoint import Ranks, file_owner, sync_files, sync_folders, write_json
-from pretrain.objstore import StoreError
+from pretrain.checkpoint.ranks import Ranks, file_owner
+from pretrain.errors import StoreError
+from pretrain.files import sync_files, sync_folders, write_json
 
 log = logging.getLogger("pretrain")
 MANIFEST = "manifest.json"

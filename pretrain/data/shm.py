@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.streaming_compat import streaming_module
+from pretrain.data.streaming_compat import streaming_module
 
 log = logging.getLogger("pretrain")
 SHM_DIR = Path("/dev/shm")

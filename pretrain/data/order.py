@@ -76,7 +76,7 @@ def recorded(run_dir: Path) -> int | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        from pretrain.data_check import DataError
+        from pretrain.errors import DataError
 
         raise DataError(
             f"{Path(run_dir) / ORDER_FILE}: unreadable ({e}); restore it, or delete it to choose again"

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from pretrain.config import OptimConfig, ScheduleConfig
+from pretrain.config.schema import OptimConfig, ScheduleConfig
 from pretrain.model import LayerNorm, RMSNorm
 
 

@@ -7,7 +7,8 @@ import difflib
 import math
 from typing import Any
 
-from pretrain.config import CHOICES, Config, ConfigError
+from pretrain.config.schema import CHOICES, Config
+from pretrain.errors import ConfigError
 
 
 def validate(cfg: Config) -> None:

@@ -32,14 +32,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pretrain.errors import HANG_EXIT_CODE, REQUEUE_EXIT_CODE
+
 log = logging.getLogger("pretrain")
-# The watchdog's exit status: distinct from errors (1), bad input (2) and requeue (75).
-HANG_EXIT_CODE = 124
 LINGER_S = 3.0
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot usefully go on (e.g. repeated non-finite steps); one-line message."""
 
 
 def restart_count() -> int:
@@ -162,7 +158,7 @@ class Watchdog:
         rank: int,
         preemption: Preemption | None = None,
         grace_s: float = 0.0,
-        requeue_exit_code: int = 75,
+        requeue_exit_code: int = REQUEUE_EXIT_CODE,
     ) -> None:
         self.timeout_s = timeout_s
         self.stack_dir = Path(stack_dir)

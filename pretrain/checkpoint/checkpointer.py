@@ -37,7 +37,6 @@ import random
 import re
 import shutil
 import stat
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -46,25 +45,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pretrain import iotrace
-from pretrain.objstore import StoreError
+from pretrain.checkpoint.ranks import Ranks
+from pretrain.errors import StoreError
+from pretrain.files import fsync_path, sync_files, sync_folders, write_json
 
 if TYPE_CHECKING:
-    from pretrain.mirror import CheckpointMirror
+    from pretrain.checkpoint.mirror import CheckpointMirror
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
-# Files only rank r writes: DCP's `__{r}_{n}.distcp`, DeepSpeed's `zero_pp_rank_{r}_...pt`
-# (ZeRO optimizer state; with stage 3 model state too), our `rng_rank{r}.pt`. Everything
-# else is rank 0's (DCP `.metadata`, DeepSpeed `mp_rank_00_model_states.pt` and recovery
-# scripts, train_state.json, config.yaml, zero.json).
-RANK_FILE = re.compile(
-    r"(?:^|/)(?:__(\d+)_\d+\.distcp|rng_rank(\d+)\.pt|(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_\w+\.pt)$"
-)
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -74,12 +67,6 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def file_owner(name: str) -> int:
-    """The rank that writes checkpoint file `name` (relative to the checkpoint folder)."""
-    match = RANK_FILE.search(name)
-    return 0 if match is None else int(next(g for g in match.groups() if g is not None))
 
 
 def rng_state() -> dict[str, Any]:
@@ -99,82 +86,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Ranks:
-    """How the ranks of a checkpoint agree: small collectives for decisions (which files,
-    which checkpoint), and the c10d key-value store for waiting on each other's transfers,
-    which may take far longer than a collective may wait. In one process (no process
-    group) the collectives return at once and an in-memory store stands in."""
-
-    def __init__(self, rank: int = 0, world_size: int = 1, store: Any = None) -> None:
-        self.rank, self.world_size = rank, world_size
-        self.store = store if store is not None else dist.HashStore()
-
-    @classmethod
-    def current(cls) -> Ranks:
-        """The default process group's ranks, or one process when there is none."""
-        if dist.is_available() and dist.is_initialized():
-            from torch.distributed.distributed_c10d import _get_default_store
-
-            return cls(dist.get_rank(), dist.get_world_size(), _get_default_store())
-        return cls()
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def gather(self, obj: Any) -> list[Any] | None:
-        """Every rank's `obj`, on rank 0 (None elsewhere)."""
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj`, on every rank."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    # Waiting outside collectives: keys in the store, polled until a deadline.
-    def report(self, key: str, error: str | None = None) -> None:
-        """This rank's part of `key` has ended, with `error` (one line) when it failed."""
-        if error is not None:
-            self.store.set(f"{key}/error", f"rank {self.rank}: {error}")
-        self.store.add(f"{key}/done", 1)
-
-    def wait_reports(self, key: str, timeout_s: float) -> str | None:
-        """Wait until every rank reported `key`; the error one reported, or None."""
-        done = _poll(lambda: self.store.add(f"{key}/done", 0) >= self.world_size, timeout_s)
-        if not done:
-            n = self.store.add(f"{key}/done", 0)
-            return f"{self.world_size - n} of {self.world_size} ranks did not finish within {timeout_s:.0f} s"
-        if self.store.check([f"{key}/error"]):
-            return self.store.get(f"{key}/error").decode()
-        return None
-
-    def announce(self, key: str, value: str) -> None:
-        self.store.set(f"{key}/end", value)
-
-    def wait_announced(self, key: str, timeout_s: float) -> str | None:
-        """What was announced for `key`, or None when nothing was within `timeout_s`."""
-        if not _poll(lambda: self.store.check([f"{key}/end"]), timeout_s):
-            return None
-        return self.store.get(f"{key}/end").decode()
-
-
-def _poll(ready: Callable[[], bool], timeout_s: float) -> bool:
-    deadline, pause = time.monotonic() + timeout_s, 0.02
-    while not ready():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(pause)
-        pause = min(pause * 2, 1.0)  # a few store requests a second per rank at most
-    return True
 
 
 class Checkpointer:
@@ -280,7 +191,7 @@ class Checkpointer:
             if final.exists():  # re-saving a step (e.g. after a resume): replace atomically
                 _trash(final)
             os.rename(tmp, final)
-            _fsync(self.root)
+            fsync_path(self.root)
             self._verified.add(final.name)
             write_json(self.root / "latest", {"checkpoint": final.name, "step": step})
             most = max(sum(part.values()) for part in parts)
@@ -396,6 +307,13 @@ def _verify(path: Path) -> bool:
     return True
 
 
+def _trash(path: Path) -> None:
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _list_files(folder: Path) -> list[str]:
     """Every file under `folder`, relative, from directory listings only (no stat)."""
     names = []
@@ -426,57 +344,3 @@ def sync_own_files(folder: Path, rank: int, extra: list[str] = ()) -> dict[str, 
             break
         sizes.update(shard)
     return sizes
-
-
-def sync_files(folder: Path, names: list[str], missing_ok: bool = False) -> dict[str, int]:
-    """fsync each named file under `folder`; name -> size (read from the open file)."""
-    sizes = {}
-    for name in names:
-        try:
-            fd = os.open(folder / name, os.O_RDONLY)
-        except FileNotFoundError:
-            if missing_ok:
-                continue
-            raise
-        try:
-            os.fsync(fd)
-            sizes[name] = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        iotrace.record(iotrace.FSYNC, folder / name)
-        iotrace.record(iotrace.STAT, folder / name)
-    return sizes
-
-
-def sync_folders(folder: Path, names) -> None:
-    """fsync `folder` and the subfolders holding `names` (their entries must be durable
-    before the folder is renamed into place)."""
-    for sub in sorted({str(Path(n).parent) for n in names} - {"."}):
-        _fsync(folder / sub)
-    _fsync(folder)
-
-
-def _trash(path: Path) -> None:
-    trash = path.with_name(f".trash-{path.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    iotrace.record(iotrace.FSYNC, path)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    iotrace.record(iotrace.FSYNC, path)

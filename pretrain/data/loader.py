@@ -3,13 +3,13 @@
 `pretrain prep shards` writes a dataset root (a local folder or an `s3://` prefix) holding
 `meta.json` and one MDS folder per split. Each rank reads its part of every stream with
 `StreamingDataset`: weighted mixtures come from the streams' `proportion`/`repeat`;
-`shuffle_seed` and `num_canonical_nodes` (pretrain.data_order: chosen at the run's first
+`shuffle_seed` and `num_canonical_nodes` (pretrain.data.order: chosen at the run's first
 start and recorded in the run directory) fix the global sample order, so it does not
 depend on the number of ranks and a run can resume on a different number of them.
 `TrainBatches.state_dict()` is the loader's exact position (epoch and sample within it)
 and goes into every checkpoint.
 
-At start-up global rank 0 checks the data (`pretrain.data_check`) and sends its verdict to
+At start-up global rank 0 checks the data (`pretrain.data.check`) and sends its verdict to
 every rank (`from_rank0`); each node's local leader then prepares the node's own cache
 folder on node-local scratch. Remote shards are downloaded into that cache, with retries
 and backoff, and checked against their xxh64 hash on arrival. DataLoader workers ignore
@@ -35,18 +35,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain import data_order, runtime, shm
-from pretrain.config import Config, ConfigError
-from pretrain.data_check import (
+from pretrain.config.schema import Config
+from pretrain.data import order as data_order
+from pretrain.data import shm
+from pretrain.data.check import (
     CheckedStream,
-    DataError,
     StreamSource,
     check_streams,
     prepare_cache,
     stream_sources,
 )
-from pretrain.objstore import StoreError
-from pretrain.streaming_compat import streaming_module
+from pretrain.data.streaming_compat import streaming_module
+from pretrain.errors import ConfigError, DataError, StoreError
+from pretrain.train import process
 
 log = logging.getLogger("pretrain")
 T = TypeVar("T")
@@ -138,12 +139,12 @@ def _sources(
             time.perf_counter() - start,
             canonical,
             why,
-            runtime.scratch_dir(cfg),
+            process.scratch_dir(cfg),
         )
         return checked, canonical, why
 
     checked, canonical, _ = from_rank0(check, cfg.fault.collective_timeout_s)
-    sources = stream_sources(checked, runtime.scratch_dir(cfg))
+    sources = stream_sources(checked, process.scratch_dir(cfg))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         for source, stream in zip(sources, checked, strict=True):
             prepare_cache(source, stream)

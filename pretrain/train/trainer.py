@@ -14,12 +14,18 @@ from pathlib import Path
 
 import torch
 
-from pretrain import runtime
-from pretrain.checkpoint import Checkpointer
-from pretrain.config import Config, ConfigError, to_dict, to_yaml
-from pretrain.data import TrainBatches, ValBatches
-from pretrain.data_check import check_tokenizer
-from pretrain.metrics import (
+from pretrain import rundir
+from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.checkpoint.mirror import CheckpointMirror
+from pretrain.config.load import to_dict, to_yaml
+from pretrain.config.schema import Config
+from pretrain.data.check import check_tokenizer
+from pretrain.data.loader import TrainBatches, ValBatches
+from pretrain.errors import ConfigError, TrainingStopped
+from pretrain.model import count_params, flops_per_token
+from pretrain.parallel import build_strategy
+from pretrain.train import process
+from pretrain.train.metrics import (
     MetricsSink,
     PendingStep,
     StepClock,
@@ -29,18 +35,8 @@ from pretrain.metrics import (
     read_pending,
     train_line,
 )
-from pretrain.mirror import CheckpointMirror
-from pretrain.model import count_params, flops_per_token
-from pretrain.optim import lr_at, set_lr
-from pretrain.parallel import build_strategy
-from pretrain.resilience import (
-    Faults,
-    Preemption,
-    StepVote,
-    TrainingStopped,
-    Watchdog,
-    restart_count,
-)
+from pretrain.train.optim import lr_at, set_lr
+from pretrain.train.resilience import Faults, Preemption, StepVote, Watchdog, restart_count
 
 log = logging.getLogger("pretrain")
 
@@ -50,7 +46,7 @@ class Trainer:
         self.cfg = cfg
         self.strategy = build_strategy(cfg)
         self.strategy.accum_steps  # noqa: B018 - checks the batch sizes against the ranks now
-        self.run_dir = runtime.start(cfg, rank=self.strategy.rank)
+        self.run_dir = process.start(cfg, rank=self.strategy.rank)
         # Data first: anything wrong with it is reported before a model is built.
         self.tokenizer = check_tokenizer(cfg)
         self.train_data = TrainBatches(cfg, self.run_dir, self.strategy.device)
@@ -110,7 +106,7 @@ class Trainer:
         refused = None
         if self.strategy.rank == 0:
             try:
-                runtime.check_same_experiment(self.cfg, path / "config.yaml")
+                rundir.check_same_experiment(self.cfg, path / "config.yaml")
             except ConfigError as e:
                 refused = str(e)
         refused = self.checkpointer.ranks.broadcast(refused)

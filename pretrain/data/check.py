@@ -11,7 +11,7 @@ Who does the work, and how often: at 1,000 ranks, every rank reading every index
 every prefix and hashing every shard on every start and requeue would be O(ranks x data)
 against one shared filesystem or store. So only global rank 0 runs `check_streams`; its
 verdict (`CheckedStream`: the checked index, fingerprint, how to read it) goes to every
-rank (pretrain.data). Hashes of local shards are kept in RUN_DIR/data_hashes.json by path,
+rank (pretrain.data.loader). Hashes of local shards are kept in RUN_DIR/data_hashes.json by path,
 size and mtime, so a restart re-hashes only shards that changed: the first start costs one
 pass over the data, later ones a listing. Hashing and listing are counted by
 `pretrain.iotrace`.
@@ -35,18 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain import iotrace, objstore
-from pretrain.checkpoint import has_checkpoint
-from pretrain.config import Config, ConfigError, StreamConfig
-from pretrain.tokenizer import Tokenizer
+from pretrain.checkpoint.checkpointer import has_checkpoint
+from pretrain.config.schema import Config, StreamConfig
+from pretrain.data.format import META_FORMAT
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import ConfigError, DataError
 
 log = logging.getLogger("pretrain")
-META_FORMAT = "pretrain-mds-v1"
 HASH = "xxh64"
 HASH_CACHE = "data_hashes.json"  # in the run directory, written by global rank 0
-
-
-class DataError(ValueError):
-    """Data that cannot be trained on; the message is one line naming the stream."""
 
 
 @dataclass(frozen=True)

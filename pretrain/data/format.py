@@ -1,0 +1,16 @@
+"""The dataset format `pretrain prep shards` writes and the trainer checks: one module both import."""
+
+from __future__ import annotations
+
+META_FORMAT = "pretrain-mds-v1"
+
+
+META_NAME = "meta.json"
+
+
+def is_dataset_key(relative: str) -> bool:
+    """Whether a file or object at this path inside a dataset is one that prep writes."""
+    return relative == META_NAME or (relative.partition("/")[0] in SPLITS and "/" in relative)
+
+
+SPLITS = ("train", "val")

@@ -79,7 +79,7 @@ def time_prep(texts: str, out: str, compression: str) -> float:
 
 def tiny_config(remote: str, run_dir: Path, steps: int) -> Config:
     overrides = [
-        f"data.streams=[{{remote: '{remote}'}}]", f"run.dir={run_dir}",
+        f"data.streams=[{{path: '{remote}'}}]", f"run.dir={run_dir}",
         f"train.max_steps={steps}", "schedule.warmup_steps=2", "checkpoint.every=0",
     ]  # fmt: skip
     return load_config(REPO / "configs/tiny.yaml", overrides)

@@ -81,7 +81,7 @@ def check_same_experiment(cfg: Config, saved: Path) -> None:
     for config in (before, now):  # where the data lives may change; what it is may not
         for key in ("streams", "val_streams"):
             for stream in config["data"][key]:
-                stream.pop("remote"), stream.pop("local")
+                stream.pop("path"), stream.pop("local")
         for key in OPERATIONAL_DATA_KEYS:
             config["data"].pop(key)
         for key in OPERATIONAL_PARALLEL_KEYS:

@@ -116,7 +116,7 @@ def s3(out: dict, root: Path, url: str, slow_endpoint: str) -> None:
     for step in (1, 2, 3):
         ck.save(step, {"step": step}, _writer(rank, step))
     mirror.wait()
-    out["store"] = mirror.complete()
+    out["store"] = mirror.complete_checkpoints()
     out["upload_failures"] = mirror.failures
 
     # Rank 1 cannot upload (a wrong secret): rank 0 hears of it, no manifest goes up.
@@ -127,7 +127,7 @@ def s3(out: dict, root: Path, url: str, slow_endpoint: str) -> None:
     ck.save(4, {"step": 4}, _writer(rank, 4))
     mirror.wait()
     out["failures_after_denied"] = mirror.failures
-    out["store_after_denied"] = mirror.complete() if rank == 0 else None
+    out["store_after_denied"] = mirror.complete_checkpoints() if rank == 0 else None
     out["local_after_denied"] = ck.latest().name
     os.environ["AWS_SECRET_ACCESS_KEY"] = good
     objstore._client.cache_clear()

@@ -133,7 +133,7 @@ def tiny_overrides(dataset, tmp_path) -> list[str]:
     return [
         f"run.dir={tmp_path / 'run'}",
         f"data.tokenizer={dataset['tokenizer']}",
-        f"data.streams=[{{remote: {dataset['mds']}}}]",
+        f"data.streams=[{{path: {dataset['mds']}}}]",
         *TINY_MODEL,
         "train.global_batch_size=16",
         "train.micro_batch_size=8",

@@ -51,7 +51,7 @@ def test_keep_last_prunes_oldest_complete(tmp_path):
     ck = Checkpointer(tmp_path, keep_last=2)
     for step in (5, 10, 15):
         ck.save(step, {"step": step}, _writer(step))
-    assert [p.name for p in ck.complete()] == ["step_00000015", "step_00000010"]
+    assert [p.name for p in ck.complete_checkpoints()] == ["step_00000015", "step_00000010"]
     assert not list(tmp_path.glob(".t*"))
 
 
@@ -113,7 +113,7 @@ def test_a_failed_background_write_is_never_committed(tmp_path):
     future.set_exception(OSError("disk full"))
     with pytest.raises(OSError, match="disk full"):
         ck.wait()
-    assert [p.name for p in ck.complete()] == ["step_00000005"]
+    assert [p.name for p in ck.complete_checkpoints()] == ["step_00000005"]
     Checkpointer(tmp_path, keep_last=3)  # the next start clears the half-written folder
     assert not list(tmp_path.glob(".tmp-*"))
 

@@ -40,7 +40,7 @@ def test_mirror_uploads_complete_checkpoints_and_prunes_the_store(s3, tmp_path):
     for step in (2, 4, 6):
         ck.save(step, {"step": step}, _writer(step))
     mirror.wait()
-    assert mirror.complete() == ["step_00000006", "step_00000004"]
+    assert mirror.complete_checkpoints() == ["step_00000006", "step_00000004"]
     assert _names(s3, bucket, "run/step_00000006/") == {
         "model.pt",
         "rng_rank0.pt",
@@ -53,12 +53,12 @@ def test_mirror_uploads_complete_checkpoints_and_prunes_the_store(s3, tmp_path):
     s3.client().delete_object(Bucket=bucket, Key="run/step_00000006/manifest.json")
     fresh = Checkpointer(tmp_path / "b", keep_last=2, mirror=mirror)
     path = fresh.resume_point()
-    assert [p.name for p in fresh.complete()] == [path.name] == ["step_00000004"]
+    assert [p.name for p in fresh.complete_checkpoints()] == [path.name] == ["step_00000004"]
     box: dict = {}
     assert fresh.load(path, lambda f: box.update(torch.load(f / "model.pt"))) == {"step": 4}
     assert torch.equal(box["w"], torch.full((64,), 4.0))
     assert fresh.resume_point() == path  # nothing newer in the store: nothing downloaded again
-    assert [p.name for p in fresh.complete()] == ["step_00000004"]
+    assert [p.name for p in fresh.complete_checkpoints()] == ["step_00000004"]
 
 
 def test_a_failed_upload_is_logged_and_training_goes_on(s3, tmp_path, caplog, monkeypatch):

@@ -152,3 +152,21 @@ def test_resume_may_change_how_a_run_executes_but_not_what_it_computes(tmp_path)
         check_same_experiment(
             load_config(REPO / "configs/tiny.yaml", ["parallel.strategy=ddp"]), saved
         )
+
+
+def test_renamed_stream_key_still_loads_with_a_warning(tmp_path, caplog):
+    """`data.streams[].remote` became `path`: old YAML, overrides and saved run configs load."""
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  tokenizer: t.model\n  streams:\n    - remote: data/mds\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(old)
+    assert cfg.data.streams[0].path == "data/mds"
+    assert "'data.streams[0].remote' is deprecated: call it 'data.streams[0].path'" in caplog.text
+    assert load_config(None, ["data.tokenizer=t", "data.val_streams=[{remote: v}]"]).data.val_streams[0].path == "v"  # fmt: skip
+    saved = to_dict(cfg)
+    saved["data"]["streams"][0] = {"remote": "data/mds", "local": None}  # a pre-rename config.yaml
+    assert from_dict(saved) == cfg
+    both = tmp_path / "both.yaml"
+    both.write_text("data:\n  tokenizer: t.model\n  streams:\n    - {remote: a, path: b}\n")
+    with pytest.raises(ConfigError, match=r"'data.streams\[0\].remote' and 'data.streams\[0\].path' both given"):  # fmt: skip
+        load_config(both)

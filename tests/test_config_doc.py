@@ -63,7 +63,7 @@ def test_every_accepted_key_appears_exactly_once(rows):
     counts = Counter(key for key, *_ in rows)
     assert {k for k, n in counts.items() if n > 1} == set()
     assert set(counts) == set(expected)
-    assert "data.streams[].remote" in counts and "optim.lr" in counts
+    assert "data.streams[].path" in counts and "optim.lr" in counts
 
 
 def test_one_section_per_top_level_field_in_order(markdown):

@@ -33,7 +33,7 @@ def _train(tiny_overrides, mds, *extra):
     return run_cli(
         "train",
         "configs/tiny.yaml",
-        *with_overrides(tiny_overrides, f"data.streams=[{{remote: {mds}}}]", *extra),
+        *with_overrides(tiny_overrides, f"data.streams=[{{path: {mds}}}]", *extra),
     )
 
 
@@ -73,12 +73,12 @@ def test_val_streams_are_read_for_validation(tiny_overrides, dataset, damaged):
     mds, _ = damaged
     for shard in (mds / "val").glob("shard.*"):
         shard.unlink()
-    r = _train(tiny_overrides, dataset["mds"], f"data.val_streams=[{{remote: {mds}}}]")
+    r = _train(tiny_overrides, dataset["mds"], f"data.val_streams=[{{path: {mds}}}]")
     assert r.returncode == 2 and "data.val_streams[0]" in r.stderr and "val/shard." in r.stderr
 
 
 def test_repeat_weights_show_up_exactly_in_an_epoch(tiny_overrides, dataset, dataset_b, tmp_path):
-    streams = f"data.streams=[{{remote: {dataset['mds']}, repeat: 2}}, {{remote: {dataset_b}}}]"
+    streams = f"data.streams=[{{path: {dataset['mds']}, repeat: 2}}, {{path: {dataset_b}}}]"
     out = tmp_path / "out"
     torchrun(1, "--epoch", out, 0, *with_overrides(tiny_overrides, streams))
     got = Counter(h for record in seen(out) for h in record["rows"])
@@ -90,7 +90,7 @@ def test_repeat_weights_show_up_exactly_in_an_epoch(tiny_overrides, dataset, dat
 
 
 def test_proportions_set_the_mix(tiny_overrides, dataset, dataset_b, tmp_path):
-    streams = f"data.streams=[{{remote: {dataset['mds']}, proportion: 0.8}}, {{remote: {dataset_b}, proportion: 0.2}}]"
+    streams = f"data.streams=[{{path: {dataset['mds']}, proportion: 0.8}}, {{path: {dataset_b}, proportion: 0.2}}]"
     out = tmp_path / "out"
     torchrun(1, "--epoch", out, 0, *with_overrides(tiny_overrides, streams))
     a, b = all_samples(dataset["mds"]), all_samples(dataset_b)

@@ -40,7 +40,7 @@ def s3_dataset(s3_server, dataset, tmp_path_factory):
 
 def _train(s3_server, overrides, url, *extra, env=None):
     return run_cli(
-        "train", "configs/tiny.yaml", *with_overrides(overrides, f"data.streams=[{{remote: {url}}}]", *extra),
+        "train", "configs/tiny.yaml", *with_overrides(overrides, f"data.streams=[{{path: {url}}}]", *extra),
         env={**s3_server.env, **(env or {})},
     )  # fmt: skip
 
@@ -62,7 +62,7 @@ def test_training_from_s3_equals_training_from_local_files(
     local = with_overrides(
         tiny_overrides,
         f"run.dir={tmp_path / 'local'}",
-        f"data.streams=[{{remote: {tmp_path / 'mds'}}}]",
+        f"data.streams=[{{path: {tmp_path / 'mds'}}}]",
     )
     assert run_cli("train", "configs/tiny.yaml", *local, *steps[:2]).returncode == 0
     assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "local")
@@ -159,7 +159,7 @@ def test_store_down_mid_epoch_then_back(s3_server, s3_dataset, dataset, tiny_ove
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
         str(REPO / "tests/data_ranks.py"), "--epoch", "--pause-file", str(pause), str(out), "0",
-        *with_overrides(tiny_overrides, f"data.streams=[{{remote: {s3_dataset}}}]"),
+        *with_overrides(tiny_overrides, f"data.streams=[{{path: {s3_dataset}}}]"),
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd,

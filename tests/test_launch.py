@@ -99,10 +99,10 @@ def test_node_ranges():
 
 
 def test_grid_values_split_outside_brackets():
-    grid = parse_grid(["optim.lr=1e-3,3e-3", "data.streams=[{remote: a},{remote: b}],[]"])
+    grid = parse_grid(["optim.lr=1e-3,3e-3", "data.streams=[{path: a},{path: b}],[]"])
     assert grid == {
         "optim.lr": ["1e-3", "3e-3"],
-        "data.streams": ["[{remote: a},{remote: b}]", "[]"],
+        "data.streams": ["[{path: a},{path: b}]", "[]"],
     }
     for bad in (["optim.lr"], ["optim.lr=1,,2"], ["optim.lr=1", "optim.lr=2"]):
         with pytest.raises(ConfigError):

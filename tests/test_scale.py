@@ -72,7 +72,7 @@ def scale_overrides(
     return [
         f"run.dir={run_dir}",
         f"data.tokenizer={dataset['tokenizer']}",
-        f"data.streams=[{{remote: {url}}}]",
+        f"data.streams=[{{path: {url}}}]",
         *([f"data.num_canonical_nodes={canonical}"] if canonical else []),
         *TINY_MODEL,
         f"train.global_batch_size={GLOBAL_BATCH}",

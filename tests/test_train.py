@@ -105,7 +105,7 @@ def test_shipped_demo_config_trains_on_the_test_data(dataset, tmp_path):
     """configs/tiny.yaml's own model (only vocab and data swapped) runs a few steps."""
     r = run_cli(
         "train", "configs/tiny.yaml", f"run.dir={tmp_path / 'demo'}", f"data.tokenizer={dataset['tokenizer']}",
-        f"data.streams=[{{remote: {dataset['mds']}}}]", "data.seq_len=64", "model.vocab_size=512",
+        f"data.streams=[{{path: {dataset['mds']}}}]", "data.seq_len=64", "model.vocab_size=512",
         "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -118,7 +118,7 @@ def test_shipped_demo_config_trains_on_the_test_data(dataset, tmp_path):
         ("model.vocab_size=1000", "does not match the tokenizer"),
         ("data.seq_len=32", "packs sequences of 64 tokens but data.seq_len is 32"),
         ("data.tokenizer=/nonexistent/tok.model", "data.tokenizer:"),
-        ("data.streams=[{remote: /nonexistent}]", "no meta.json"),
+        ("data.streams=[{path: /nonexistent}]", "no meta.json"),
     ],
 )
 def test_data_that_does_not_fit_is_refused_before_training(

@@ -239,7 +239,7 @@ class Checkpointer:
                     log.error("cannot read checkpoint.remote: %s; resuming from %s", e, local.name)
         return plan
 
-    def complete(self) -> list[Path]:
+    def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoints, newest first."""
         return complete_checkpoints(self.root)
 

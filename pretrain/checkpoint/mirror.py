@@ -155,14 +155,14 @@ class CheckpointMirror:
     def _prune(self, keep_up_to: str) -> None:
         """Keep the newest `keep_last` complete checkpoints in the store (none newer than
         the one just uploaded is touched); delete older ones, manifest first."""
-        complete = self.complete()
+        complete = self.complete_checkpoints()
         for name in [n for n in complete if n <= keep_up_to][self.keep_last :]:
             prefix = objstore.join(self.url, name)
             objstore.delete(objstore.join(prefix, MANIFEST))
             objstore.delete_prefix(prefix)
 
     # ------------------------------------------------------------ download
-    def complete(self) -> list[str]:
+    def complete_checkpoints(self) -> list[str]:
         """Names of the complete checkpoints in the store, newest first."""
         iotrace.record(iotrace.LIST, self.url)
         names = set()
@@ -175,7 +175,7 @@ class CheckpointMirror:
     def plan_fetch(self, root: Path, local: str | None) -> dict | None:
         """Rank 0: the store's newest complete checkpoint, when it is newer than `local` (a
         name, or None): {"name", "manifest", "tag"}, for `fetch` on every rank; else None."""
-        complete = self.complete()
+        complete = self.complete_checkpoints()
         if not complete or (local is not None and complete[0] <= local):
             return None
         name = complete[0]

@@ -53,9 +53,9 @@ def validate(cfg: Config) -> None:
                 value = getattr(stream, name)
                 if value is not None and value <= 0:
                     raise ConfigError(f"{key}[{i}].{name} must be > 0 (got {value})")
-            if objstore_like(stream.remote) and not stream.remote.startswith("s3://"):
+            if objstore_like(stream.path) and not stream.path.startswith("s3://"):
                 raise ConfigError(
-                    f"{key}[{i}].remote: only s3:// object stores are supported (got {stream.remote})"
+                    f"{key}[{i}].path: only s3:// object stores are supported (got {stream.path})"
                 )
     if s.decay_steps is not None and s.decay_steps <= s.warmup_steps:
         raise ConfigError(

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from pretrain.config.schema import Config
+from pretrain.config.schema import Config, StreamConfig
 from pretrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Keys renamed in the schema: (dataclass, old name) -> new name. Old configs and run
+# directories keep loading; the old name is read as the new one, with a warning.
+RENAMED: dict[tuple[type, str], str] = {(StreamConfig, "remote"): "path"}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -65,14 +72,19 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"command line: {e}".splitlines()[0]) from None
 
 
-def _check_keys(node: Any, schema: type, prefix: str, source: str) -> None:
-    """Reject keys that are not in the schema, suggesting the closest valid key."""
+def _check_keys(node: Any, schema: type, prefix: str, source: str, strict: bool = True) -> None:
+    """Reject keys that are not in the schema, suggesting the closest valid key (`strict`),
+    and read renamed keys under their new names."""
     if not isinstance(node, DictConfig):
         return
     fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key in node:
+    for key in list(node):
         full = f"{prefix}{key}"
-        if key not in fields:
+        if (schema, key) in RENAMED:
+            key = _rename(node, key, RENAMED[schema, key], prefix, source)
+        elif key not in fields:
+            if not strict:
+                continue
             raise ConfigError(f"{source}: unknown key '{full}'{_suggest(str(key), fields, prefix)}")
         sub = _dataclass_of(schema, key)
         if sub is None:
@@ -80,9 +92,20 @@ def _check_keys(node: Any, schema: type, prefix: str, source: str) -> None:
         value = node._get_node(key)
         if isinstance(value, ListConfig):
             for i, item in enumerate(value):
-                _check_keys(item, sub, f"{full}[{i}].", source)
+                _check_keys(item, sub, f"{prefix}{key}[{i}].", source, strict)
         else:
-            _check_keys(value, sub, f"{full}.", source)
+            _check_keys(value, sub, f"{prefix}{key}.", source, strict)
+
+
+def _rename(node: DictConfig, old: str, new: str, prefix: str, source: str) -> str:
+    if new in node:
+        raise ConfigError(
+            f"{source}: '{prefix}{old}' and '{prefix}{new}' both given: keep only {new}"
+        )
+    log.warning("%s: '%s%s' is deprecated: call it '%s%s'", source, prefix, old, prefix, new)
+    with open_dict(node):
+        node[new] = node.pop(old)
+    return new
 
 
 def _dataclass_of(schema: type, key: str) -> type | None:
@@ -122,5 +145,7 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Rebuild a Config from `to_dict` output (e.g. a run directory's config.yaml)."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    node = OmegaConf.create(data)
+    _check_keys(node, Config, prefix="", source="saved config", strict=False)
+    merged = OmegaConf.merge(OmegaConf.structured(Config), node)
     return OmegaConf.to_object(merged)

@@ -35,7 +35,8 @@ class RunConfig:
 class StreamConfig:
     # Dataset root written by `pretrain prep shards` (meta.json + one folder per split): a
     # local folder or s3://bucket/prefix (endpoint and credentials from the environment).
-    remote: str = "???"
+    # (Called `remote` before; that name still loads, with a warning.)
+    path: str = "???"
     # Local cache for an s3:// dataset (on each node); default SCRATCH/cache/streamsN (see
     # run.scratch). Unused for local data.
     local: str | None = None

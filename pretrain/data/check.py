@@ -96,7 +96,7 @@ def check_streams(
                 cfg,
                 tokenizer,
                 s,
-                f"data.{field}[{i}] ({s.remote})",
+                f"data.{field}[{i}] ({s.path})",
                 f"{field}{i}",
                 split,
                 hashes,
@@ -176,7 +176,7 @@ def _diff(old: dict, new: dict) -> str:
 
 def read_meta(stream: StreamConfig, name: str) -> dict:
     """The dataset's meta.json; its absence means `prep shards` never finished there."""
-    url = _join(stream.remote, "meta.json")
+    url = _join(stream.path, "meta.json")
     missing = f"{name}: no meta.json; is this a dataset written by `pretrain prep shards`?"
     try:
         raw = objstore.read_bytes(url) if objstore.is_remote(url) else Path(url).read_bytes()
@@ -241,11 +241,11 @@ def _check_stream(
     if meta["splits"].get(split, {}).get("samples", 0) == 0:
         raise DataError(f"{name}: split '{split}' has no samples")
 
-    is_remote = objstore.is_remote(stream.remote)
-    raw_index = _read(_join(stream.remote, split, "index.json"), name)
+    is_remote = objstore.is_remote(stream.path)
+    raw_index = _read(_join(stream.path, split, "index.json"), name)
     index = json.loads(raw_index)
     check_hashes = cfg.data.validate_hashes and not is_remote
-    bad = _bad_shards(stream.remote, split, index, is_remote, hashes if check_hashes else None)
+    bad = _bad_shards(stream.path, split, index, is_remote, hashes if check_hashes else None)
     progress()
     if bad:
         listed = ", ".join(f"{split}/{b}" for b in bad[:3]) + (
@@ -267,7 +267,7 @@ def _check_stream(
     return CheckedStream(
         name=name,
         cache_name=cache_name,
-        root=stream.remote,
+        root=stream.path,
         remote=is_remote,
         local=stream.local,
         split=split,

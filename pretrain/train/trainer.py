@@ -25,6 +25,7 @@ from pretrain.errors import ConfigError, TrainingStopped
 from pretrain.model import count_params, flops_per_token
 from pretrain.parallel import build_strategy
 from pretrain.train import process
+from pretrain.train.faults import FaultInjection
 from pretrain.train.metrics import (
     MetricsSink,
     PendingStep,
@@ -36,7 +37,7 @@ from pretrain.train.metrics import (
     train_line,
 )
 from pretrain.train.optim import lr_at, set_lr
-from pretrain.train.resilience import Faults, Preemption, StepVote, Watchdog, restart_count
+from pretrain.train.resilience import Preemption, StepVote, Watchdog, restart_count
 
 log = logging.getLogger("pretrain")
 
@@ -81,7 +82,7 @@ class Trainer:
         self.mean_step_s: float | None = None  # moving average, for the ETA
         self.sync_every_step = False  # True: read every step at once (bench/throughput.py)
         self.preempted = False
-        self.faults = Faults.from_env(self.strategy.rank)
+        self.injected = FaultInjection.from_env(self.strategy.rank)
         self.preemption = Preemption(f.preempt_signals)
         self.watchdog: Watchdog | None = None  # started once resumed (a fetch may be long)
 
@@ -147,7 +148,7 @@ class Trainer:
 
     def _write_model(self, folder: Path):
         pending = self.strategy.save(folder)
-        self.faults.maybe_slow_save(self.step)
+        self.injected.maybe_slow_save(self.step)
         return pending
 
     # ------------------------------------------------------------ steps
@@ -164,7 +165,7 @@ class Trainer:
         """One optimizer step, queued: its loss and gradient norm stay on the device."""
         s, cfg = self.strategy, self.cfg
         started = self.clock.mark()
-        self.faults.maybe_hang(self.step + 1)
+        self.injected.maybe_hang(self.step + 1)
         lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
         set_lr(s.optimizer, lr)
         accum = s.accum_steps
@@ -174,7 +175,7 @@ class Trainer:
             t0 = time.perf_counter()
             tokens = self.train_data.next().to(self.device, non_blocking=True)  # (B, T + 1)
             data_s += time.perf_counter() - t0
-            loss = self.faults.loss(self.step + 1, self.loss(tokens))
+            loss = self.injected.loss(self.step + 1, self.loss(tokens))
             s.backward(loss / accum, last=i == accum - 1)
             loss_sum += loss.detach()
         grad_norm = s.step(cfg.optim.grad_clip)

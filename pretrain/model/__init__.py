@@ -3,6 +3,7 @@
 from pretrain.model.attention import Attention, flash_attn_available
 from pretrain.model.config import ModelConfig
 from pretrain.model.flops import count_params, flops_per_token
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.positions import alibi_slopes, apply_rope, rope_cos_sin
 from pretrain.model.transformer import NORM_CLASSES, Block, LayerNorm, RMSNorm, Transformer
 
@@ -10,6 +11,7 @@ __all__ = [
     "NORM_CLASSES",
     "Attention",
     "Block",
+    "KVCache",
     "LayerNorm",
     "ModelConfig",
     "RMSNorm",

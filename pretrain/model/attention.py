@@ -18,6 +18,14 @@ autocast) and on the GPU:
   layer (and, through autograd, by every layer's backward) in a small cache bounded in
   entries and bytes: an ALiBi bias is (1, H, T, T), a GiB at H=32, T=4096 in bf16.
 - naive: softmax(QK^T / sqrt(D) + mask) V written out; the reference the tests compare to.
+
+Generation runs this same forward with a `KVCache` (`Transformer.set_kv_cache`): the new
+keys and values are written at their positions and the T new queries attend over every key
+so far, i.e. they are the last T rows of a causal (Tk, Tk) attention. All three kernels
+take that from the shapes alone: flash-attn aligns its causal mask, window and ALiBi to
+the bottom right when there are fewer queries than keys (since 2.1; windows and ALiBi need
+2.4 anyway), and the SDPA and naive masks are built for queries starting at position
+Tk - T. Without a cache Tk == T: the training path, unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.positions import alibi_slopes, apply_rope
 
 try:
@@ -227,10 +236,12 @@ def attention_bias(
     seq_len: int,
     device: torch.device,
     dtype: torch.dtype,
+    q_start: int = 0,
 ) -> torch.Tensor:
-    """The (1, H or 1, T, T) mask of a full causal sequence, from BIAS_CACHE; under
+    """The (1, H or 1, T, q_start + T) mask of T = seq_len queries at positions q_start..
+    (0 in training; the cached prefix's length in generation), from BIAS_CACHE; under
     torch.compile it is traced into the graph instead."""
-    args = (n_heads, alibi, window, 0, seq_len, seq_len, device, dtype)
+    args = (n_heads, alibi, window, q_start, seq_len, q_start + seq_len, device, dtype)
     if torch.compiler.is_compiling():
         return build_attention_bias(*args)
     return BIAS_CACHE.get(args, lambda: build_attention_bias(*args))
@@ -273,6 +284,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, qkv_dim, bias=cfg.bias)
         # Writes into the residual stream: gets the scaled init in Transformer.init_weights.
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
+        # Set for generation only (Transformer.set_kv_cache); a plain attribute, not a
+        # submodule, so it is neither in state_dict nor moved or sharded with the weights.
+        self.kv_cache: KVCache | None = None
 
     def backend(self, q: torch.Tensor) -> str:
         """The kernel for query q: 'flash', 'sdpa' or 'naive' (see `select_backend`)."""
@@ -287,9 +301,14 @@ class Attention(nn.Module):
         return backend
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start_pos: int = 0,
     ) -> torch.Tensor:
-        """x (B, T, d_model) -> (B, T, d_model). rope: cos, sin tables (T, D/2) or None."""
+        """x (B, T, d_model) -> (B, T, d_model). rope: cos, sin tables (T, D/2) or None, of
+        x's positions. start_pos: the position of x's first token; with a KV cache, x's keys
+        and values are stored from there and x attends over positions 0..start_pos+T-1."""
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * K, D)
@@ -300,6 +319,8 @@ class Attention(nn.Module):
             # slicing) so the backward is one concatenation instead of zero-fills and adds.
             qk, v = qkv.split([H + K, K], dim=2)
             q, k = apply_rope(qk, *rope).split([H, K], dim=2)  # (B, T, H, D), (B, T, K, D)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)  # (B, start_pos + T, K, D) each
         p = self.dropout_p if self.training else 0.0
 
         backend = self.backend(q)
@@ -319,19 +340,24 @@ class Attention(nn.Module):
             q, k, v, dropout_p=p, causal=True, window_size=window, alibi_slopes=slopes
         )
 
-    def _mask(self, q: torch.Tensor) -> torch.Tensor | None:
-        if not self.alibi and self.window is None:
-            return None
-        return attention_bias(self.n_heads, self.alibi, self.window, q.shape[2], q.device, q.dtype)
-
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        return sdpa_attention(q, k, v, self._mask(q), causal=True, dropout_p=p)
+        T, q_start = q.shape[2], k.shape[2] - q.shape[2]  # q_start > 0 only with a KV cache
+        # Plain causal attention needs no mask when the queries start at 0 (is_causal) or are
+        # one token, which sees every key: SDPA keeps its fused kernels.
+        if not self.alibi and self.window is None and (q_start == 0 or T == 1):
+            return sdpa_attention(q, k, v, None, causal=q_start == 0, dropout_p=p)
+        mask = attention_bias(
+            self.n_heads, self.alibi, self.window, T, q.device, q.dtype, q_start=q_start
+        )
+        return sdpa_attention(q, k, v, mask, causal=True, dropout_p=p)
 
     def _naive(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        k, v = expand_kv(k, self.n_heads), expand_kv(v, self.n_heads)  # (B, H, T, D)
-        T = q.shape[2]
-        mask = attention_bias(self.n_heads, self.alibi, self.window, T, q.device, torch.float32)
-        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # (B, H, T, T)
+        k, v = expand_kv(k, self.n_heads), expand_kv(v, self.n_heads)  # (B, H, Tk, D)
+        T, q_start = q.shape[2], k.shape[2] - q.shape[2]
+        mask = attention_bias(
+            self.n_heads, self.alibi, self.window, T, q.device, torch.float32, q_start=q_start
+        )
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # (B, H, T, Tk)
         probs = torch.softmax(scores + mask, dim=-1).to(v.dtype)
         probs = F.dropout(probs, p)
         return probs @ v  # (B, H, T, D)

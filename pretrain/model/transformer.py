@@ -7,7 +7,10 @@ Design choices, all driven by ModelConfig:
 - MLP: SwiGLU (w1 gate, w3 up, w2 down) or GELU (fc, proj); norm: RMSNorm or LayerNorm;
 - `lm_head` shares its weight with `tok_emb` when tie_embeddings;
 - `forward(tokens, targets)` returns the loss, computed in chunks of tokens inside the
-  model (`loss.py`), so the full fp32 logits never exist during training.
+  model (`loss.py`), so the full fp32 logits never exist during training;
+- generation runs the same forward: `set_kv_cache` gives every attention layer a
+  preallocated cache and `forward(tokens, start_pos=...)` feeds the tokens that follow the
+  first `start_pos` ones (positions, RoPE and masks offset to match).
 
 Initialisation lives in `init_weights`, not in the constructors, so a model can be built on
 the meta device, materialised with `to_empty(device=...)` and then initialised in place. The
@@ -26,6 +29,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from pretrain.model.attention import Attention
 from pretrain.model.config import ATTENTION_IMPLS, MLPS, NORMS, POSITIONS, ModelConfig
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.loss import chunked_cross_entropy
 from pretrain.model.positions import rope_cos_sin
 
@@ -117,9 +121,12 @@ class Block(nn.Module):
         self.dropout = _dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start_pos: int = 0,
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, start_pos))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -205,6 +212,7 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         loss_chunk_tokens: int = 0,
+        start_pos: int = 0,
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size) in float32.
 
@@ -212,8 +220,11 @@ class Transformer(nn.Module):
         logits of at most `loss_chunk_tokens` tokens at a time (0: all at once), never kept
         for backward (see `chunked_cross_entropy`). The loss is taken here, not by the
         caller, so a sharded wrapper has the output projection gathered while it runs.
+
+        start_pos (only with a KV cache, see `set_kv_cache`): the tokens sit at positions
+        start_pos.. and attend over the cached keys and values of every earlier position.
         """
-        x = self.hidden(tokens)  # (B, T, d_model)
+        x = self.hidden(tokens, start_pos)  # (B, T, d_model)
         if targets is None:
             return self.lm_head(x).float()  # (B, T, vocab_size)
         if targets.shape != tokens.shape:
@@ -224,24 +235,61 @@ class Transformer(nn.Module):
             self.lm_head, x.flatten(0, 1), targets.flatten(), loss_chunk_tokens
         )
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> the final norm's output (B, T, d_model), the LM head's input."""
-        seq_len = tokens.shape[1]
-        if seq_len > self.cfg.max_seq_len:
+    def hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos.. -> the final norm's output (B, T, d_model),
+        the LM head's input."""
+        end = start_pos + tokens.shape[1]
+        if end > self.cfg.max_seq_len:
             raise ValueError(
-                f"sequence length {seq_len} exceeds model.max_seq_len {self.cfg.max_seq_len}"
+                f"sequence length {end} exceeds model.max_seq_len {self.cfg.max_seq_len}"
             )
+        if start_pos and not self.kv_caches():  # each layer's cache checks the rest
+            raise ValueError(f"start_pos {start_pos} needs a KV cache (set_kv_cache)")
         x = self.tok_emb(tokens)  # (B, T, d_model)
         if self.pos_emb is not None:
-            positions = torch.arange(seq_len, device=tokens.device)
+            positions = torch.arange(start_pos, end, device=tokens.device)
             x = x + self.pos_emb(positions)  # (T, d_model) broadcasts over the batch
         x = self.emb_dropout(x)
         rope = None
         if self.cfg.position == "rope":
-            rope = (self.rope_cos[:seq_len], self.rope_sin[:seq_len])  # (T, head_dim/2) each
+            rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, D/2) each
         for layer in self.layers:
-            x = layer(x, rope)
+            x = layer(x, rope, start_pos)
         return self.norm(x)
+
+    def attentions(self) -> list[Attention]:
+        """Every attention module, found through any activation-checkpointing wrapper."""
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def kv_caches(self) -> list[KVCache]:
+        return [a.kv_cache for a in self.attentions() if a.kv_cache is not None]
+
+    def set_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Give every attention layer an empty KV cache of `batch_size` rows and `max_len`
+        positions (default model.max_seq_len), on the device and in the dtype of the weights
+        unless given; forward then stores each call's keys and values (see `start_pos`)."""
+        cfg = self.cfg
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(
+                f"KV cache max_len {max_len} must be 1..model.max_seq_len {cfg.max_seq_len}"
+            )
+        weight = self.tok_emb.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        for attn in self.attentions():
+            attn.kv_cache = KVCache(batch_size, max_len, cfg.kv_heads, cfg.head_dim, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        """Drop every layer's KV cache (and its memory): forward is training's again."""
+        for attn in self.attentions():
+            attn.kv_cache = None
 
 
 @torch.no_grad()

@@ -1,10 +1,10 @@
 """`pretrain generate`: sampling from a checkpoint with a KV cache.
 
-The cached forward reuses the model's own modules (embeddings, norms, projections, MLPs)
-and only changes attention: keys and values of earlier positions are kept per layer, so
-each new token costs one position's work. Positions (RoPE, ALiBi, learned), GQA and the
-sliding window behave exactly as in `Transformer.forward`; a test checks the logits of
-every cached step against a full forward.
+Decoding runs the model's own forward, the one training runs: `Transformer.set_kv_cache`
+gives each attention layer a preallocated cache of the keys and values of earlier
+positions, so each new token costs one position's work, and `forward(..., start_pos=n)`
+offsets positions and masks. Nothing of attention is written here; a test checks the
+logits of every cached step against a full forward.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import torch
 
 from pretrain.config.schema import Config
 from pretrain.errors import ConfigError
-from pretrain.model.attention import build_attention_bias, sdpa_attention
-from pretrain.model.positions import apply_rope
 from pretrain.model.transformer import Transformer
 
 
@@ -38,62 +36,6 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Conf
     if missing or unexpected:
         raise ConfigError(f"{checkpoint}: does not match its config (missing {missing[:3]})")
     return model.eval(), cfg
-
-
-class KVCache:
-    def __init__(self, n_layers: int) -> None:
-        self.k: list[torch.Tensor | None] = [None] * n_layers
-        self.v: list[torch.Tensor | None] = [None] * n_layers
-        self.length = 0
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v (B, K, T_new, D): returns all keys and values so far."""
-        if self.k[layer] is not None:
-            k = torch.cat((self.k[layer], k), dim=2)
-            v = torch.cat((self.v[layer], v), dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-
-@torch.no_grad()
-def forward_cached(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Logits (B, T, vocab) of `tokens` (B, T), which follow the `cache.length` cached ones."""
-    cfg = model.cfg
-    B, T = tokens.shape
-    start, end = cache.length, cache.length + T
-    if end > cfg.max_seq_len:
-        raise ValueError(f"{end} positions exceed model.max_seq_len {cfg.max_seq_len}")
-    positions = torch.arange(start, end, device=tokens.device)
-    x = model.tok_emb(tokens)
-    if model.pos_emb is not None:
-        x = x + model.pos_emb(positions)
-    rope = (
-        (model.rope_cos[start:end], model.rope_sin[start:end]) if cfg.position == "rope" else None
-    )
-    H, K, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    alibi = cfg.position == "alibi"
-    # Only the new queries' rows against every key so far: (1, H or 1, T, end), built per
-    # call (one row per decoded token) instead of a cached (end, end) mask per length.
-    # Without ALiBi or a window, the first chunk is plainly causal and one new token sees
-    # every key: no mask at all, so SDPA keeps its fused kernels.
-    plain = not alibi and cfg.sliding_window is None and (start == 0 or T == 1)
-    mask = None
-    if not plain:
-        mask = build_attention_bias(H, alibi, cfg.sliding_window, start, T, end, x.device, x.dtype)
-    for i, layer in enumerate(model.layers):
-        attn = layer.attn
-        qkv = attn.qkv(layer.attn_norm(x)).view(B, T, H + 2 * K, D)
-        if rope is None:
-            q, k, v = qkv.split([H, K, K], dim=2)
-        else:
-            qk, v = qkv.split([H + K, K], dim=2)
-            q, k = apply_rope(qk, *rope).split([H, K], dim=2)
-        k, v = cache.append(i, k.transpose(1, 2), v.transpose(1, 2))  # (B, K, end, D)
-        y = sdpa_attention(q.transpose(1, 2), k, v, mask, causal=start == 0)  # (B, H, T, D)
-        x = x + attn.out_proj(y.transpose(1, 2).reshape(B, T, H * D))
-        x = x + layer.mlp(layer.mlp_norm(x))
-    cache.length = end
-    return model.lm_head(model.norm(x)).float()
 
 
 def sample(
@@ -135,17 +77,22 @@ def generate(
     """New token ids after `prompt` (stopping after `eos_id`, or at model.max_seq_len)."""
     device = model.tok_emb.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.cfg.n_layers)
     room = model.cfg.max_seq_len - len(prompt)
-    logits = forward_cached(model, torch.tensor([prompt], device=device), cache)[:, -1]
-    out: list[int] = []
-    for _ in range(min(max_new_tokens, room)):
-        token = sample(logits, temperature, top_k, top_p, generator)
-        out.append(int(token))
-        if (eos_id is not None and out[-1] == eos_id) or len(out) == room:
-            break
-        logits = forward_cached(model, token[:, None], cache)[:, -1]
-    return out
+    steps = min(max_new_tokens, room)
+    # The last sampled token is never fed back, so len(prompt) + steps - 1 positions suffice.
+    model.set_kv_cache(batch_size=1, max_len=len(prompt) + max(steps - 1, 0))
+    try:
+        logits = model(torch.tensor([prompt], device=device))[:, -1]
+        out: list[int] = []
+        for _ in range(steps):
+            token = sample(logits, temperature, top_k, top_p, generator)
+            out.append(int(token))
+            if (eos_id is not None and out[-1] == eos_id) or len(out) == steps:
+                break
+            logits = model(token[:, None], start_pos=len(prompt) + len(out) - 1)[:, -1]
+        return out
+    finally:
+        model.clear_kv_cache()
 
 
 def main(argv: list[str]) -> int:

@@ -2,6 +2,7 @@
 
 from pretrain.parallel.base import Strategy
 from pretrain.parallel.ddp import DDPStrategy
+from pretrain.parallel.distributed import DistributedStrategy
 from pretrain.parallel.fsdp import FSDPStrategy
 from pretrain.parallel.single import SingleStrategy
 from pretrain.parallel.zero import ZeroStrategy
@@ -30,6 +31,7 @@ def build_strategy(cfg) -> Strategy:
 
 __all__ = [
     "DDPStrategy",
+    "DistributedStrategy",
     "FSDPStrategy",
     "SingleStrategy",
     "Strategy",

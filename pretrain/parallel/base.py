@@ -3,6 +3,8 @@
 A strategy builds the model where it must live (device, sharding), owns the optimizer
 step, reduces metrics across ranks, and writes/reads its part of a checkpoint folder. The
 trainer calls only these methods, so adding DDP, FSDP or ZeRO adds a class, not branches.
+`Strategy` holds the defaults of one process (`SingleStrategy`); the multi-process
+strategies share a process group through `DistributedStrategy` (distributed.py).
 
 Every rank builds the model from the same seed (same initial weights), then reseeds torch
 from (seed, rank), so what must differ between ranks (dropout masks) does; each rank's RNG
@@ -31,15 +33,28 @@ from pretrain.train.optim import build_optimizer
 
 
 class Strategy(ABC):
+    """What the trainer calls, with the defaults of one process on one device.
+
+    A subclass builds the model (`build_model`, the one abstract method) and overrides
+    what its way of holding the model changes.
+    """
+
     rank: int = 0
     world_size: int = 1
     device: torch.device
     model: nn.Module
     optimizer: torch.optim.Optimizer
 
+    # Whether the strategy keeps the weights in `mixed_dtype` itself (FSDP2's policy,
+    # DeepSpeed's bf16 engine): then the forward runs without autocast.
+    casts_weights = False
+    # Forces the host-side check of a skipped step (see `step`).
+    host_sync_skip = False
+
     def __init__(self, cfg) -> None:
         self.cfg = cfg
-        self.autocast_dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else None
+        # parallel.mixed_precision as a dtype; None: fp32 throughout.
+        self.mixed_dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else None
 
     @property
     def accum_steps(self) -> int:
@@ -55,14 +70,22 @@ class Strategy(ABC):
 
     # ------------------------------------------------------------ building
     def setup(self) -> None:
-        """Build the model (seeded, so every rank and every resume starts alike) and optimizer."""
+        """Build the model (seeded, so every rank and every resume starts alike) and
+        optimizer, then reseed torch for this rank (`seed_rank`)."""
         torch.manual_seed(self.cfg.run.seed)
-        self.model = self.build_model()
-        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        model = self.build_model()
+        self.model, self.optimizer = self.wrap(model, build_optimizer(model, self.cfg.optim))
         seed_rank(self.cfg.run.seed, self.rank)
 
     @abstractmethod
     def build_model(self) -> nn.Module: ...
+
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """What trains the built model: the model and optimizer themselves, unless a
+        strategy hands both to an engine that takes over the step (DeepSpeed)."""
+        return model, optimizer
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -71,9 +94,9 @@ class Strategy(ABC):
 
     # ------------------------------------------------------------ the step
     def autocast(self):
-        if self.autocast_dtype is None:
+        if self.mixed_dtype is None or self.casts_weights:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.mixed_dtype)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         """The model's forward (whatever it takes: tokens, targets, ...) under autocast."""
@@ -96,14 +119,9 @@ class Strategy(ABC):
         `host_sync_skip = True` on the strategy forces that path (bench/throughput.py's
         comparison with the per-step syncs of earlier versions).
         """
-        from torch.distributed.tensor import DTensor
-
-        limit = max_norm if max_norm > 0 else float("inf")
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
-        if isinstance(norm, DTensor):  # FSDP2: a partial norm; reduced on the device
-            norm = norm.full_tensor()
+        norm = self.clip_gradients(max_norm)
         fused = self.optimizer.defaults.get("fused")
-        if fused and not getattr(self, "host_sync_skip", False):
+        if fused and not self.host_sync_skip:
             # Fused AdamW returns early when found_inf is 1 and undoes its step count.
             self.optimizer.found_inf = (~torch.isfinite(norm)).to(torch.float32)
             try:
@@ -114,6 +132,11 @@ class Strategy(ABC):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients to `max_norm` (0: no clipping); their norm before clipping."""
+        limit = max_norm if max_norm > 0 else float("inf")
+        return nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value
@@ -134,16 +157,12 @@ class Strategy(ABC):
     # ------------------------------------------------------------ checkpoints
     # The process group background checkpoint writes use (None: the default one).
     checkpoint_group = None
-    # Whether every rank holds the same whole state (ddp): then each rank saves a share.
-    replicated = False
     _stager: DefaultStager | None = None
 
     def checkpoint_state(self) -> dict:
-        """What this rank hands to DCP to save: its shards, or of a replicated state its
-        share (`replica_share`), so each tensor is copied and written by one rank only."""
+        """What this rank hands to DCP to save: the model's and optimizer's state (of a
+        sharded model, this rank's shards)."""
         msd, osd = get_state_dict(self.model, self.optimizer)
-        if self.replicated and self.world_size > 1:
-            msd, osd = replica_share(msd, osd, self.rank, self.world_size)
         return {"model": msd, "optim": osd}
 
     def save(self, folder: Path) -> Future | None:
@@ -201,28 +220,6 @@ def seed_rank(seed: int, rank: int) -> None:
     import numpy as np
 
     torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
-
-
-def replica_share(msd: dict, osd: dict, rank: int, world: int) -> tuple[dict, dict]:
-    """This rank's share of a state every rank holds whole (DDP): each parameter, with its
-    optimizer state, goes to one rank, balanced by bytes; every rank computes the same
-    split. DCP merges the shares into one checkpoint that loads like any other, on any
-    number of ranks; non-tensor entries (param_groups) are kept everywhere (DCP writes
-    those once)."""
-    state = osd.get("state", {})
-
-    def nbytes(name: str) -> int:
-        tensors = [msd[name], *state.get(name, {}).values()]
-        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-    load, owner = [0] * world, {}
-    for name in sorted(msd, key=lambda n: (-nbytes(n), n)):
-        least = min(range(world), key=lambda r: (load[r], r))
-        owner[name] = least
-        load[least] += nbytes(name)
-    model = {n: v for n, v in msd.items() if owner[n] == rank}
-    optim = {**osd, "state": {n: v for n, v in state.items() if owner.get(n, 0) == rank}}
-    return model, optim
 
 
 @contextlib.contextmanager

@@ -1,50 +1,29 @@
 """Data parallel: every rank holds the whole model; gradients are averaged across ranks.
 
 Started by torchrun (one process per device); NCCL on CUDA, gloo on CPU, as all ranks
-agreed (`parallel.device`, see `runtime.init_distributed`). Gradient communication is
+agreed (`parallel.device`, see `device.init_distributed`). Gradient communication is
 skipped for all but the last micro-batch of a step (`no_sync`), so accumulation costs one
 all-reduce per step. Checkpoints go through DCP; each rank saves a disjoint share of the
-replicated state, so it is copied (async save) and written once, not once per rank.
+replicated state (`replica_share`), so it is copied (async save) and written once, not
+once per rank.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pretrain.parallel.base import Strategy, new_transformer
-from pretrain.parallel.device import choose_device, cuda_usable, init_distributed
+from pretrain.parallel.base import new_transformer
+from pretrain.parallel.distributed import DistributedStrategy
 
 
-def local_device(kind: str) -> torch.device:
-    """This process's device of `kind` (cuda: the GPU of its LOCAL_RANK)."""
-    if kind == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-class DDPStrategy(Strategy):
-    replicated = True
-
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        requested = cfg.parallel.device
-        self.rank, self.world_size = init_distributed(cfg.fault.collective_timeout_s, requested)
-        if dist.is_initialized():  # the backend is the device all ranks agreed on
-            kind = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        else:
-            kind = choose_device(requested, cuda_usable())
-        self.device = local_device(kind)
-
-    def setup(self) -> None:
-        super().setup()
-        if self.cfg.checkpoint.async_save:  # background writes talk on their own group
-            self.checkpoint_group = dist.new_group(backend="gloo")
+class DDPStrategy(DistributedStrategy):
+    """The whole model on every rank inside DistributedDataParallel: the simplest way to
+    use several devices, for models whose weights and optimizer state fit on one."""
 
     def build_model(self) -> nn.Module:
         model = new_transformer(self.cfg, self.device)
@@ -62,28 +41,15 @@ class DDPStrategy(Strategy):
         with contextlib.nullcontext() if last else self.model.no_sync():
             loss.backward()
 
-    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return value
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        return value / self.world_size
-
-    def any_rank(self, flag: bool) -> bool:
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-
-    def close(self) -> None:
-        super().close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def checkpoint_state(self) -> dict:
+        """This rank's share of the replicated state (`replica_share`), so each tensor is
+        copied and written by one rank only."""
+        state = super().checkpoint_state()
+        if self.world_size > 1:
+            state["model"], state["optim"] = replica_share(
+                state["model"], state["optim"], self.rank, self.world_size
+            )
+        return state
 
 
 def settle_bucket_order(
@@ -105,3 +71,25 @@ def settle_bucket_order(
     tokens = torch.zeros(shape, dtype=torch.long, device=device)  # (B, T)
     ddp(tokens).float().sum().mul(0).backward()
     ddp.zero_grad(set_to_none=True)
+
+
+def replica_share(msd: dict, osd: dict, rank: int, world: int) -> tuple[dict, dict]:
+    """This rank's share of a state every rank holds whole (DDP): each parameter, with its
+    optimizer state, goes to one rank, balanced by bytes; every rank computes the same
+    split. DCP merges the shares into one checkpoint that loads like any other, on any
+    number of ranks; non-tensor entries (param_groups) are kept everywhere (DCP writes
+    those once)."""
+    state = osd.get("state", {})
+
+    def nbytes(name: str) -> int:
+        tensors = [msd[name], *state.get(name, {}).values()]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    load, owner = [0] * world, {}
+    for name in sorted(msd, key=lambda n: (-nbytes(n), n)):
+        least = min(range(world), key=lambda r: (load[r], r))
+        owner[name] = least
+        load[least] += nbytes(name)
+    model = {n: v for n, v in msd.items() if owner[n] == rank}
+    optim = {**osd, "state": {n: v for n, v in state.items() if owner.get(n, 0) == rank}}
+    return model, optim

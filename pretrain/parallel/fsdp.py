@@ -21,24 +21,24 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from pretrain.model import Transformer
 from pretrain.parallel.base import prepare_blocks
-from pretrain.parallel.ddp import DDPStrategy
+from pretrain.parallel.distributed import DistributedStrategy
 
 
-class FSDPStrategy(DDPStrategy):
-    replicated = False  # each rank saves its own shards
+class FSDPStrategy(DistributedStrategy):
+    """Each rank holds a shard of every parameter, gradient and optimizer state: for
+    models whose training state does not fit on one device. Saves its own shards."""
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        if self.autocast_dtype is not None:  # FSDP2 casts parameters itself: no autocast
-            self.mp_policy = MixedPrecisionPolicy(
-                param_dtype=self.autocast_dtype, reduce_dtype=torch.float32
-            )
-            self.autocast_dtype = None
-        else:
-            self.mp_policy = MixedPrecisionPolicy()
+    casts_weights = True  # FSDP2 casts the parameters to mixed_dtype itself: no autocast
+
+    def mixed_precision_policy(self) -> MixedPrecisionPolicy:
+        """bf16 parameters in forward and backward, gradients reduced in fp32; or fp32."""
+        if self.mixed_dtype is None:
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=self.mixed_dtype, reduce_dtype=torch.float32)
 
     def build_model(self) -> nn.Module:
         with torch.device("meta"):
@@ -49,7 +49,9 @@ class FSDPStrategy(DDPStrategy):
         # GPU is visible, even with parallel.device=cpu).
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         shard = dict(
-            mesh=mesh, mp_policy=self.mp_policy, reshard_after_forward=p.reshard_after_forward
+            mesh=mesh,
+            mp_policy=self.mixed_precision_policy(),
+            reshard_after_forward=p.reshard_after_forward,
         )
         for block in model.layers:  # one all-gather per block, freed after use
             fully_shard(block, **shard)
@@ -58,11 +60,13 @@ class FSDPStrategy(DDPStrategy):
         model.init_weights()
         return model
 
-    @property
-    def unwrapped(self) -> nn.Module:
-        return self.model
-
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         if self.cfg.parallel.fsdp_defer_grad_sync:  # reduce-scatter once, after the last
             self.model.set_requires_gradient_sync(last)
         loss.backward()
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        norm = super().clip_gradients(max_norm)
+        if isinstance(norm, DTensor):  # this rank's part of the norm: reduced on the device
+            norm = norm.full_tensor()
+        return norm

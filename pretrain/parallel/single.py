@@ -10,6 +10,9 @@ from pretrain.parallel.device import choose_device, cuda_usable
 
 
 class SingleStrategy(Strategy):
+    """The interface's defaults on this process's one device (CUDA when usable, as
+    `parallel.device` allows): no process group, nothing to reduce or wait for."""
+
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.device = torch.device(choose_device(cfg.parallel.device, cuda_usable()))

@@ -26,18 +26,21 @@ from torch import nn
 
 from pretrain.errors import ConfigError, TrainingStopped
 from pretrain.model import Transformer
-from pretrain.parallel.base import new_transformer, prepare_blocks, seed_rank
-from pretrain.parallel.ddp import DDPStrategy
-from pretrain.train.optim import build_optimizer
+from pretrain.parallel.base import new_transformer, prepare_blocks
+from pretrain.parallel.distributed import DistributedStrategy
 
 TAG = "zero"
 
 
-class ZeroStrategy(DDPStrategy):
+class ZeroStrategy(DistributedStrategy):
+    """Our model and AdamW inside a DeepSpeed engine, which shards (by stage) optimizer
+    state, gradients and parameters, takes the optimizer step and writes its own
+    checkpoints: for comparison with FSDP, and for runs that want DeepSpeed's stages."""
+
+    casts_weights = True  # DeepSpeed keeps bf16 weights itself: no autocast
+
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.bf16 = self.autocast_dtype is not None
-        self.autocast_dtype = None  # DeepSpeed keeps bf16 weights itself: no autocast
         if self.device.type == "cpu":  # as agreed (parallel.device), even where GPUs exist
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -49,7 +52,7 @@ class ZeroStrategy(DDPStrategy):
             "gradient_accumulation_steps": self.accum_steps,
             "zero_optimization": self.zero_optimization(),
             "gradient_clipping": cfg.optim.grad_clip,
-            "bf16": {"enabled": self.bf16},
+            "bf16": {"enabled": self.mixed_dtype is not None},
             # fp32 gradients whatever the weights: accumulated across micro-batches and
             # reduced across ranks without bf16 rounding (with bf16, stage 1 becomes
             # DeepSpeed's BF16_Optimizer, which shards the optimizer state the same way).
@@ -85,20 +88,26 @@ class ZeroStrategy(DDPStrategy):
         # DeepSpeed's communication wraps the process group built already (its batch-size
         # checks need the world size before the model is built and partitioned).
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-        torch.manual_seed(self.cfg.run.seed)
-        model = self.build_model()
-        optimizer = build_optimizer(model, self.cfg.optim)
+        super().setup()  # the seeded build, with `wrap` making the engine
+
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The DeepSpeed engine around the built model and optimizer (both, as the engine
+        hands them back, are what trains from here on)."""
+        import deepspeed
+
         with _device_names_equal_devices():
-            self.model, self.optimizer, _, _ = deepspeed.initialize(
+            engine, optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=self.ds_config()
             )
-        seed_rank(self.cfg.run.seed, self.rank)
+        return engine, optimizer
 
     def build_model(self) -> nn.Module:
         """The model the engine wraps: whole on every rank for stages 1/2 (they replicate
         parameters), already partitioned for stage 3."""
         if self.cfg.parallel.zero_stage == 3:
-            dtype = torch.bfloat16 if self.bf16 else torch.float32
+            dtype = self.mixed_dtype or torch.float32
             return build_partitioned(self.cfg, self.device, self.ds_config(), dtype)
         return new_transformer(self.cfg, self.device)
 

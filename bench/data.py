@@ -1,7 +1,7 @@
 """Data path throughput: prep, loader delivery from S3, and the trainer's wait for data.
 
 Everything is measured in one process, against a real seaweedfs S3 server on loopback that
-the bench starts (tests/s3server.py) and stops at the end:
+the bench starts (tests/helpers/s3server.py) and stops at the end:
   1. prep: `pretrain prep shards` on the Shakespeare texts (~5 MB, demo tokenizer, seq 256),
      called in-process through `data_prep.cli.main`, so interpreter start-up is not counted
      (its tokenizer workers' start-up is); MB of input text per second to a local folder
@@ -40,7 +40,7 @@ from pretrain.config.load import load_config  # noqa: E402
 from pretrain.config.schema import Config  # noqa: E402
 from pretrain.data.loader import TrainBatches  # noqa: E402
 from pretrain.train import process  # noqa: E402
-from tests.s3server import S3Server  # noqa: E402
+from tests.helpers.s3server import S3Server  # noqa: E402
 
 DATA = REPO / "data" / "shakespeare"
 TOKENIZER = DATA / "tokenizer.model"

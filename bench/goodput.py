@@ -36,6 +36,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pretrain.rundir import RunDir  # noqa: E402
 from pretrain.train.metrics import read_metrics  # noqa: E402
 
 DATA = REPO / "data" / "shakespeare"
@@ -70,7 +71,7 @@ def workers(job: subprocess.Popen) -> list[psutil.Process]:
 
 
 def steps_logged(run: Path) -> int:
-    if not (run / "metrics.jsonl").exists():
+    if not RunDir(run).metrics.exists():
         return 0
     return sum(1 for r in read_metrics(run) if "loss" in r)
 

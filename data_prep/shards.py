@@ -20,7 +20,6 @@ xxh64 is recorded in index.json, so a reader can check every shard it downloads.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from collections import Counter
@@ -42,7 +41,7 @@ from pretrain.data.format import (
 from pretrain.data.streaming_compat import streaming_module
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import PrepError
-from pretrain.files import write_atomic
+from pretrain.files import temp_prefix, write_json
 from pretrain.progress import Progress
 
 SHARD_HASHES = ["xxh64"]  # fast, and what the trainer validates downloaded shards with
@@ -160,7 +159,7 @@ def write_shards(
         "val_fraction": val_fraction,
         "splits": splits,
     }
-    write_atomic(out / META_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    write_json(out / META_NAME, meta, indent=2)
     return ShardsResult(meta, text_bytes, seconds)
 
 
@@ -242,8 +241,8 @@ def _check_samples(splits: dict[str, dict[str, int]], seq_len: int, val_fraction
 
 
 def _ours(name: str) -> bool:
-    """Whether `write_shards` puts this entry in --out (meta.json goes via a .tmp- name)."""
-    return name in (META_NAME, *SPLITS) or name.startswith(f".{META_NAME}.tmp-")
+    """Whether `write_shards` puts this entry in --out (meta.json goes via a temporary name)."""
+    return name in (META_NAME, *SPLITS) or name.startswith(temp_prefix(META_NAME))
 
 
 def _prepare_out_dir(out: Path, overwrite: bool, flag: str) -> None:

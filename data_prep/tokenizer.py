@@ -15,7 +15,6 @@ order and sentencepiece's global random seed is fixed (it drives the sampling be
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -27,7 +26,7 @@ import sentencepiece as spm
 from data_prep.inputs import InputFile, check_readable, iter_documents
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import PrepError
-from pretrain.files import write_atomic
+from pretrain.files import write_atomic, write_json
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 # 4 special pieces + 256 byte pieces + at least one character of the corpus.
@@ -135,7 +134,7 @@ def train_tokenizer(
         "sha256": tokenizer.sha256,
         "inputs": [item.name for item in inputs],
     }
-    write_atomic(out.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+    write_json(out.with_suffix(".json"), sidecar, indent=2)
     return sidecar
 
 

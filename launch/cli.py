@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from launch.spec import LaunchSpec, node_range, read_spec, require_positive, require_run
+from pretrain.rundir import RunDir
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -128,7 +129,7 @@ def _resume(argv: list[str]) -> int:
         print(f"{run_dir} finished at step {status.step}; nothing to resume")
         return 0
     spec = read_spec(run_dir) or LaunchSpec(config="", cwd=os.getcwd())
-    spec.config = str(run_dir / "config.yaml")  # the resolved config, frozen at launch
+    spec.config = str(RunDir(run_dir).config)  # the resolved config, frozen at launch
     spec.overrides = args.overrides
     print(f"resuming {run_dir} ({status.state} at step {status.step})")
     if spec.slurm:

@@ -38,6 +38,7 @@ from launch.spec import LaunchSpec, node_range, prepare, read_spec, record, reso
 from pretrain import files
 from pretrain.config.schema import Config
 from pretrain.errors import CONFIG_OR_DATA_ERROR, TRAINING_STOPPED, ConfigError
+from pretrain.rundir import RunDir
 
 log = logging.getLogger("pretrain.launch")
 
@@ -52,11 +53,12 @@ def launch(spec: LaunchSpec, node_rank: int = 0, rdzv_endpoint: str | None = Non
     min_nodes, max_nodes = node_range(spec.nnodes)
     cfg, overrides = resolve(spec.config, spec.overrides)
     spec.overrides = overrides
-    run_dir = Path(cfg.run.dir)
+    run = RunDir(cfg.run.dir)
+    run_dir = run.path
     if max_nodes > 1 and not rdzv_endpoint:
         raise ConfigError(f"--nnodes {spec.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's)")
-    lock = files.hold(run_dir / f".launch-node{node_rank}.lock", "launcher")
-    if node_rank == 0 and (pid := files.owner(run_dir / ".lock")):
+    lock = files.hold(run.node_lock(node_rank), "launcher")
+    if node_rank == 0 and (pid := files.owner(run.lock)):
         lock.close()
         raise ConfigError(f"{run_dir} is in use by another training process (pid {pid})")
     if node_rank == 0:
@@ -65,7 +67,7 @@ def launch(spec: LaunchSpec, node_rank: int = 0, rdzv_endpoint: str | None = Non
             spec.slurm = earlier.slurm  # a (requeued) SLURM job: `resume` resubmits it
         prepare(cfg, spec)
     launch_id = _launch_id()
-    log_dir = run_dir / "logs" / launch_id
+    log_dir = run.launch_logs(launch_id)
     record(run_dir, event="launch", node=node_rank, launch=launch_id, pid=os.getpid(),
            nproc_per_node=spec.nproc_per_node, nnodes=spec.nnodes, job_id=spec.job_id)  # fmt: skip
     print(f"launch {launch_id}: {spec.nnodes} node(s) x {spec.nproc_per_node} rank(s), "
@@ -83,7 +85,7 @@ def launch(spec: LaunchSpec, node_rank: int = 0, rdzv_endpoint: str | None = Non
     ]  # fmt: skip
     worker_env = {"PRETRAIN_NNODES_RANGE": f"{min_nodes}:{max_nodes}"}
     try:
-        code, why = run_workers(torchrun_args, cfg, log_dir, worker_env)
+        code, why = run_workers(torchrun_args, cfg, run, launch_id, worker_env)
         # The exit code is decided: a SIGTERM now (srun ending the step because another
         # node's launcher exited first) must not turn this 75 or 0 into "killed".
         for name in AGENT_SIGNALS.split(","):
@@ -96,10 +98,10 @@ def launch(spec: LaunchSpec, node_rank: int = 0, rdzv_endpoint: str | None = Non
 
 
 def run_workers(
-    torchrun_args: list[str], cfg: Config, log_dir: Path, worker_env: dict[str, str]
+    torchrun_args: list[str], cfg: Config, run: RunDir, launch_id: str, worker_env: dict[str, str]
 ) -> tuple[int, str]:
     """torchrun with `torchrun_args` in this process, `worker_env` added to the workers'
-    environment; (exit code, reason)."""
+    environment, their output in `run`'s logs of `launch_id`; (exit code, reason)."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -107,7 +109,7 @@ def run_workers(
 
     config, cmd, cmd_args = torchrun.config_from_args(torchrun.parse_args(torchrun_args))
     worker_env = dict(worker_env)  # the agent adds the round of each rendezvous
-    config.logs_specs = _run_logs(log_dir, worker_env)
+    config.logs_specs = _run_logs(run, launch_id, worker_env)
     config.log_line_prefix_template = "[rank${rank}]:"
     config.signals_to_handle = AGENT_SIGNALS
     config.shutdown_timeout = int(cfg.fault.preempt_grace_s) + 30
@@ -218,8 +220,10 @@ def rendezvous_round(handler) -> int | None:
     return number if isinstance(number, int) else None
 
 
-def _run_logs(log_dir: Path, worker_env: dict[str, str]):
+def _run_logs(run: RunDir, launch_id: str, worker_env: dict[str, str]):
     from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, Std
+
+    log_dir = run.launch_logs(launch_id)
 
     class RunLogs(LogsSpecs):
         """Every rank's output in `log_dir/attemptK.rankR.{out,err}`, also on the console.
@@ -238,11 +242,15 @@ def _run_logs(log_dir: Path, worker_env: dict[str, str]):
             dest = LogsDest()
             for local_rank, env in envs.items():
                 env.update(worker_env)
-                base = log_dir / f"attempt{env['TORCHELASTIC_RESTART_COUNT']}.rank{env['RANK']}"
-                dest.stdouts[local_rank] = dest.tee_stdouts[local_rank] = f"{base}.out"
-                dest.stderrs[local_rank] = dest.tee_stderrs[local_rank] = f"{base}.err"
-                dest.error_files[local_rank] = f"{base}.error.json"
-                env["TORCHELASTIC_ERROR_FILE"] = f"{base}.error.json"
+                attempt, rank = env["TORCHELASTIC_RESTART_COUNT"], env["RANK"]
+                out, err, error = (
+                    str(run.rank_log(launch_id, attempt, rank, kind))
+                    for kind in ("out", "err", "error.json")
+                )
+                dest.stdouts[local_rank] = dest.tee_stdouts[local_rank] = out
+                dest.stderrs[local_rank] = dest.tee_stderrs[local_rank] = err
+                dest.error_files[local_rank] = error
+                env["TORCHELASTIC_ERROR_FILE"] = error
             return dest
 
     return RunLogs()

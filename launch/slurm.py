@@ -23,6 +23,7 @@ from pathlib import Path
 
 from launch.spec import LaunchSpec, prepare, record, require_positive, resolve, write_spec
 from pretrain.errors import CONFIG_OR_DATA_ERROR, TRAINING_STOPPED, ConfigError
+from pretrain.rundir import RunDir
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "pretrain.sbatch"
 # sbatch options passed through as they are: (flag, argparse dest)
@@ -101,7 +102,7 @@ def submit_config(config: str, overrides: list[str], opts: dict, dry_run: bool) 
         return 0
     check_cluster(opts, script)  # before the run directory is made
     run_dir = prepare(cfg, spec)
-    spec.config = str(run_dir / "config.yaml")
+    spec.config = str(RunDir(run_dir).config)
     return _submit(spec, script)
 
 
@@ -115,13 +116,13 @@ def submit_spec(spec: LaunchSpec, name: str | None = None) -> int:
 
 
 def _submit(spec: LaunchSpec, script: str) -> int:
-    run_dir = Path(spec.config).parent
-    job = sbatch(script, run_dir / "submit.sbatch")
+    run = RunDir(Path(spec.config).parent)
+    job = sbatch(script, run.submit_script)
     spec.job_id = job
-    write_spec(run_dir, spec)
-    record(run_dir, event="submit", job_id=job)
-    print(f"submitted job {job}: run directory {run_dir}")
-    print(f"  pretrain status {run_dir}    logs: {run_dir}/logs/slurm-{job}.out")
+    write_spec(run.path, spec)
+    record(run.path, event="submit", job_id=job)
+    print(f"submitted job {job}: run directory {run.path}")
+    print(f"  pretrain status {run.path}    logs: {run.slurm_log(job)}")
     return 0
 
 
@@ -136,7 +137,7 @@ def render(run_dirs: list[Path], opts: dict, name: str, workdir: str, output: st
         "nodes": opts["nodes"],
         "resources": "".join(f"#SBATCH {r}\n" for r in resources(opts)),
         "signal_lead": opts["signal_lead"],
-        "output": output or f"{run_dirs[0]}/logs/slurm-%j.out",
+        "output": output or str(RunDir(run_dirs[0]).slurm_log("%j")),
         "workdir": workdir,
         "array": array,
         "run_dirs": " ".join(shlex.quote(str(d)) for d in run_dirs),

@@ -4,6 +4,8 @@ RUN_DIR/launch.json     the launch spec (config, overrides, ranks, SLURM options
 RUN_DIR/launches.jsonl  one line per launcher start and exit (time, node, exit code),
                         appended by every node's launcher at once (see `record`)
 RUN_DIR/config.yaml     the resolved config (written here and by the trainer)
+
+(Every file's name is in pretrain.rundir.)
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain import files
 from pretrain.config.load import load_config
 from pretrain.config.schema import Config
 from pretrain.errors import ConfigError
-
-LAUNCH_FILE = "launch.json"
-HISTORY_FILE = "launches.jsonl"
+from pretrain.rundir import RunDir, prepare_run_dir
 
 
 @dataclass
@@ -51,20 +52,18 @@ def resolve(config: str | Path, overrides: list[str]) -> tuple[Config, list[str]
 def prepare(cfg: Config, spec: LaunchSpec) -> Path:
     """Create the run directory with its resolved config and launch spec; a directory
     that holds another experiment's checkpoints is refused, before anything starts."""
-    from pretrain.rundir import prepare_run_dir
-
     run_dir = prepare_run_dir(cfg)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    RunDir(run_dir).logs.mkdir(parents=True, exist_ok=True)
     write_spec(run_dir, spec)
     return run_dir
 
 
 def write_spec(run_dir: Path, spec: LaunchSpec) -> None:
-    _write_atomic(Path(run_dir) / LAUNCH_FILE, json.dumps(dataclasses.asdict(spec), indent=2))
+    files.write_atomic(RunDir(run_dir).launch_spec, json.dumps(dataclasses.asdict(spec), indent=2))
 
 
 def read_spec(run_dir: Path) -> LaunchSpec | None:
-    path = Path(run_dir) / LAUNCH_FILE
+    path = RunDir(run_dir).launch_spec
     if not path.exists():
         return None
     try:
@@ -102,7 +101,7 @@ def require_run(run_dir: str | Path) -> Path:
     path = Path(run_dir)
     if not path.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
-    if not (path / "config.yaml").is_file():
+    if not RunDir(path).config.is_file():
         raise ConfigError(
             f"{run_dir}: not a run directory (no config.yaml); give the run.dir of a run "
             "started with pretrain train, launch or submit"
@@ -122,7 +121,7 @@ def record(run_dir: Path, **event) -> None:
     a crash is ended before the next one, so readers lose only that line.
     """
     line = json.dumps({"time": time.time(), "host": socket.gethostname(), **event}) + "\n"
-    fd = os.open(Path(run_dir) / HISTORY_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(RunDir(run_dir).launch_history, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         with contextlib.suppress(OSError):  # no locks on this filesystem
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -137,10 +136,4 @@ def record(run_dir: Path, **event) -> None:
 def read_history(run_dir: Path) -> list[dict]:
     from pretrain.train.metrics import read_jsonl
 
-    return read_jsonl(Path(run_dir) / HISTORY_FILE)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return read_jsonl(RunDir(run_dir).launch_history)

@@ -8,13 +8,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from launch.spec import read_history, read_spec, require_run
 from pretrain import files
-from pretrain.checkpoint.checkpointer import checkpoint_step, complete_checkpoints
+from pretrain.checkpoint.checkpointer import checkpoint_step
 from pretrain.errors import REQUEUE_EXIT_CODE
-from pretrain.train.metrics import read_jsonl
+from pretrain.rundir import RunDir
+from pretrain.train.metrics import read_metrics
 
 
 @dataclass
@@ -45,23 +44,24 @@ class RunStatus:
 
 
 def run_status(run_dir: str | Path) -> RunStatus:
-    run_dir = require_run(run_dir)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    run = RunDir(require_run(run_dir))
+    run_dir = run.path
+    cfg = run.read_config()
     max_steps = int(cfg.get("train", {}).get("max_steps", 0))
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    metrics = read_metrics(run_dir)
     losses = [r for r in metrics if "loss" in r]
     vals = [r for r in metrics if "val_loss" in r and "step" in r]
     starts = [r for r in metrics if r.get("event") == "start"]
     history = read_history(run_dir)
     exits = [h for h in history if h.get("event") == "exit"]
     spec = read_spec(run_dir)
-    complete = complete_checkpoints(run_dir / "checkpoints")
+    complete = run.complete_checkpoints()
     checkpoint = complete[0].name if complete else None
     last_saved = checkpoint_step(complete[0]) if complete else 0
     job_state = _slurm_state(spec.job_id) if spec and spec.job_id else None
 
     last_event = next((r.get("event") for r in reversed(metrics) if "event" in r), None)
-    if _running(run_dir):
+    if any(files.owner(lock) for lock in run.locks()):
         state = "running"
     elif job_state in ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD"):
         state = "queued"
@@ -119,11 +119,6 @@ def table(rows: list[dict]) -> str:
     out = ["  ".join(k.ljust(widths[k]) for k in keys)]
     out += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys) for r in rows]
     return "\n".join(line.rstrip() for line in out)
-
-
-def _running(run_dir: Path) -> bool:
-    locks = [run_dir / ".lock", *run_dir.glob(".launch-node*.lock")]
-    return any(files.owner(path) for path in locks)
 
 
 def _slurm_state(job_id: str) -> str | None:

@@ -19,6 +19,8 @@ from pathlib import Path
 from launch.spec import LaunchSpec, prepare, resolve, write_spec
 from launch.status import run_status, table
 from pretrain.errors import ConfigError
+from pretrain.files import write_json
+from pretrain.rundir import RunDir, SweepDir
 
 
 def parse_grid(grid: list[str]) -> dict[str, list[str]]:
@@ -63,13 +65,14 @@ def run_sweep(
 ) -> int:
     axes = parse_grid(grid)
     base, _ = resolve(config, overrides)
-    sweep_dir = Path(out or Path(base.run.dir).parent / f"{base.run.name}-sweep").resolve()
+    sweep = SweepDir(Path(out or Path(base.run.dir).parent / f"{base.run.name}-sweep").resolve())
+    sweep_dir = sweep.path
     points = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     runs = []
     for i, point in enumerate(points):  # every point is checked before anything starts
         name = run_name(i, point)
         extra = [f"{k}={v}" for k, v in point.items()]
-        extra += [f"run.name={base.run.name}-{name}", f"run.dir={sweep_dir / name}"]
+        extra += [f"run.name={base.run.name}-{name}", f"run.dir={sweep.run(name).path}"]
         cfg, _ = resolve(config, [*overrides, *extra])
         runs.append((name, point, cfg))
     if slurm_opts is not None:
@@ -77,7 +80,7 @@ def run_sweep(
 
         slurm_opts = {**slurm_opts, "requeue_code": base.fault.requeue_exit_code}
         run_dirs = [Path(cfg.run.dir) for _, _, cfg in runs]
-        output = f"{sweep_dir}/logs/slurm-%A_%a.out"
+        output = str(sweep.slurm_log())
         script = slurm.render(
             run_dirs, slurm_opts, f"{base.run.name}-sweep", str(Path.cwd()), output
         )
@@ -90,11 +93,11 @@ def run_sweep(
             print(f"{sweep_dir / name}: {' '.join(f'{k}={v}' for k, v in point.items())}")
         return 0
 
-    (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    sweep.logs.mkdir(parents=True, exist_ok=True)
     specs = []
     for _, _, cfg in runs:
         spec = LaunchSpec(
-            config=str(Path(cfg.run.dir) / "config.yaml"),
+            config=str(RunDir(cfg.run.dir).config),
             overrides=[],
             cwd=str(Path.cwd()),
             nproc_per_node=(slurm_opts or {}).get("nproc_per_node") or args.nproc_per_node or 1,
@@ -104,16 +107,16 @@ def run_sweep(
         )
         prepare(cfg, spec)
         specs.append(spec)
-    (sweep_dir / "sweep.json").write_text(json.dumps({
+    write_json(sweep.spec, {
         "config": str(Path(config).resolve()),
         "overrides": overrides,
         "grid": axes,
         "runs": [{"name": name, "values": point} for name, point, _ in runs],
-    }, indent=2))  # fmt: skip
+    }, indent=2)  # fmt: skip
     print(f"sweep of {len(runs)} runs in {sweep_dir}")
 
     if slurm_opts is not None:
-        job = slurm.sbatch(script, sweep_dir / "sweep.sbatch")
+        job = slurm.sbatch(script, sweep.script)
         for i, spec in enumerate(specs):
             spec.job_id = f"{job}_{i}"
             write_spec(Path(spec.config).parent, spec)
@@ -132,12 +135,12 @@ def run_sweep(
 
 
 def sweep_status(sweep_dir: str | Path) -> str:
-    path = Path(sweep_dir) / "sweep.json"
-    if not path.is_file():
+    folder = SweepDir(sweep_dir)
+    if not folder.spec.is_file():
         raise ConfigError(f"{sweep_dir}: not a sweep folder (no sweep.json)")
-    sweep = json.loads(path.read_text())
+    sweep = json.loads(folder.spec.read_text())
     rows = []
     for run in sweep["runs"]:
-        status = run_status(Path(sweep_dir) / run["name"])
+        status = run_status(folder.run(run["name"]).path)
         rows.append({"run": run["name"], **run["values"], **status.row()})
     return table(rows)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from pretrain import iotrace
 from pretrain.errors import ConfigError
@@ -50,18 +53,56 @@ def owner(path: Path) -> str | None:
         return None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary name in the same folder and a rename."""
+@contextmanager
+def atomic_open(path: Path, durable: bool = True) -> Iterator[BinaryIO]:
+    """A binary file to write `path`'s new content into: it replaces `path` when the block
+    ends, so a reader (or a restart after a crash) finds the old content or the new, never
+    a part. On an error the old file stays and the temporary one is removed.
+
+    The temporary name is in the same folder (a rename does not cross filesystems) and
+    carries host and pid: on a shared filesystem two writers never share one. `durable`:
+    fsync before the rename, so the new content is on disk when it has the name; False
+    for a cache that is cheap to rebuild. The folder entry itself is not fsynced.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{temp_prefix(path.name)}{socket.gethostname()}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
+                iotrace.record(iotrace.FSYNC, path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temp_prefix(name: str) -> str:
+    """How the temporary files of `atomic_open(FOLDER/name)` are named: this, then host-pid."""
+    return f".{name}.tmp-"
+
+
+def write_atomic(path: Path, data: bytes | str, durable: bool = True) -> None:
+    """Replace `path` with `data` (str: UTF-8) atomically; see `atomic_open`."""
+    with atomic_open(path, durable) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def write_json(path: Path, obj: Any, indent: int | None = 1, durable: bool = True) -> None:
+    """Replace `path` with `obj` as JSON text (ending in a newline) atomically."""
+    write_atomic(path, json.dumps(obj, indent=indent) + "\n", durable)
+
+
+def write_durable(path: Path, data: bytes | str) -> None:
+    """Write and fsync `path` in place, without a temporary name: for a file in a folder
+    that is renamed into place only after it is written (a checkpoint's manifest), where
+    the folder's rename is the atomic step."""
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    iotrace.record(iotrace.FSYNC, path)
 
 
 def sync_files(folder: Path, names: list[str], missing_ok: bool = False) -> dict[str, int]:
@@ -90,16 +131,6 @@ def sync_folders(folder: Path, names) -> None:
     for sub in sorted({str(Path(n).parent) for n in names} - {"."}):
         fsync_path(folder / sub)
     fsync_path(folder)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    iotrace.record(iotrace.FSYNC, path)
-    os.replace(tmp, path)
 
 
 def fsync_path(path: Path) -> None:

@@ -50,7 +50,7 @@ class Progress:
         if not self.count:
             return "?"
         seconds = time.perf_counter() - self._started
-        return fmt_duration(seconds * (self.total - self.count) / self.count)
+        return fmt_duration(seconds * (self.total - self.count) / self.count, compact=True)
 
     def _rates(self) -> str:
         seconds = max(time.perf_counter() - self._started, 1e-9)
@@ -74,8 +74,20 @@ class Progress:
         self.close()
 
 
-def fmt_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
+def fmt_duration(seconds: float, compact: bool = False) -> str:
+    """A duration in its two largest units: '3d 4h', '5h 12m', '12m 5s', '45s', and past a
+    year '2.0y' (`pretrain plan`). `compact`, for progress and training log lines: hours and
+    minutes or minutes and seconds, zero-padded ('26h05m', '5m03s')."""
+    d, rem = divmod(int(seconds), 86400)
+    h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+    if compact:
+        h += 24 * d
+        return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+    if d >= 365:
+        return f"{seconds / 86400 / 365:.1f}y"
+    if d:
+        return f"{d}d {h}h"
+    if h:
+        return f"{h}h {m}m"
+    return f"{m}m {s}s" if m else f"{seconds:.0f}s"

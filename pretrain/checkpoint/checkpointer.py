@@ -49,7 +49,7 @@ import torch
 from pretrain import iotrace
 from pretrain.checkpoint.ranks import Ranks
 from pretrain.errors import StoreError
-from pretrain.files import fsync_path, sync_files, sync_folders, write_json
+from pretrain.files import fsync_path, sync_files, sync_folders, write_durable, write_json
 
 if TYPE_CHECKING:
     from pretrain.checkpoint.mirror import CheckpointMirror
@@ -58,11 +58,6 @@ log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    """Whether a run directory holds any trained state to protect (even a damaged one)."""
-    return any((Path(run_dir) / "checkpoints").glob("step_*"))
 
 
 def step_dir_name(step: int) -> str:
@@ -186,7 +181,8 @@ class Checkpointer:
             late = sync_files(tmp, [n for n in _list_files(tmp) if n not in files])
             files.update(late)
             mine.update(late)
-            write_json(tmp / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
+            manifest = {"step": step, "files": dict(sorted(files.items()))}
+            write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
             sync_folders(tmp, files)
             if final.exists():  # re-saving a step (e.g. after a resume): replace atomically
                 _trash(final)
@@ -245,7 +241,7 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint: each checked, newest first, until one is."""
-        for path in _step_folders(self.root):
+        for path in step_folders(self.root):
             if _verify(path):
                 self._verified.add(path.name)
                 return path
@@ -262,7 +258,7 @@ class Checkpointer:
         # Checkpoints this process committed or checked count as complete without their
         # files being checked again: that would stat every rank's files at every commit.
         kept = 0
-        for path in _step_folders(self.root):
+        for path in step_folders(self.root):
             if path.name in self._verified or _verify(path):
                 self._verified.add(path.name)
                 kept += 1
@@ -274,14 +270,14 @@ class Checkpointer:
 def complete_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoints under `root` (RUN_DIR/checkpoints), newest first: what a
     resume would load, in order."""
-    return [path for path in _step_folders(root) if _verify(path)]
+    return [path for path in step_folders(root) if _verify(path)]
 
 
 def checkpoint_step(path: Path) -> int:
     return int(STEP_RE.match(path.name).group(1))
 
 
-def _step_folders(root: Path) -> list[Path]:
+def step_folders(root: Path) -> list[Path]:
     """Folders named like checkpoints, newest first (complete or not)."""
     found = [p for p in Path(root).glob("step_*") if STEP_RE.match(p.name) and p.is_dir()]
     return sorted(found, key=checkpoint_step, reverse=True)

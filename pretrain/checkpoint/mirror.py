@@ -40,7 +40,7 @@ from pathlib import Path
 from pretrain import iotrace, objstore
 from pretrain.checkpoint.ranks import Ranks, file_owner
 from pretrain.errors import StoreError
-from pretrain.files import sync_files, sync_folders, write_json
+from pretrain.files import sync_files, sync_folders, write_durable
 
 log = logging.getLogger("pretrain")
 MANIFEST = "manifest.json"
@@ -242,7 +242,7 @@ class CheckpointMirror:
             if failed is not None:
                 outcome = failed
             else:
-                write_json(tmp / MANIFEST, manifest)
+                write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
                 sync_folders(tmp, manifest["files"])
                 shutil.rmtree(final, ignore_errors=True)  # an incomplete local folder of that name
                 tmp.rename(final)

@@ -17,7 +17,7 @@ pass over the data, later ones a listing. Hashing and listing are counted by
 `pretrain.iotrace`.
 
 Every stream is read through a folder of the node's own (`prepare_cache`, by each node's
-local leader): SCRATCH/cache/streamsN on node-local scratch (runtime.scratch_dir), local
+local leader): SCRATCH/cache/streamsN on node-local scratch (train.process.scratch_dir), local
 shards linked into it, holding the index checked here. Nodes never share a streaming
 cache: on a shared filesystem they would download and decompress into one folder. With
 `data.skip_bad_shards`, damaged shards are left out of that index, with a warning,
@@ -34,16 +34,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain import iotrace, objstore
-from pretrain.checkpoint.checkpointer import has_checkpoint
+from pretrain import files, iotrace, objstore
 from pretrain.config.schema import Config, StreamConfig
-from pretrain.data.format import META_FORMAT
+from pretrain.data.format import INDEX_NAME, META_FORMAT, META_NAME
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import ConfigError, DataError
+from pretrain.rundir import RunDir
 
 log = logging.getLogger("pretrain")
 HASH = "xxh64"
-HASH_CACHE = "data_hashes.json"  # in the run directory, written by global rank 0
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def check_streams(
     is done, so that ranks waiting for the verdict can tell slow from stuck."""
     field = "val_streams" if validation and cfg.data.val_streams else "streams"
     tokenizer = Tokenizer(cfg.data.tokenizer)
-    hashes = HashCache(Path(run_dir) / HASH_CACHE, progress)
+    hashes = HashCache(RunDir(run_dir).data_hashes, progress)
     try:
         checked = [
             _check_stream(
@@ -134,7 +133,7 @@ def prepare_cache(source: StreamSource, checked: CheckedStream) -> None:
     index is emptied first; local shards are linked, not copied.
     """
     folder = Path(source.local) / checked.split
-    current = folder / "index.json"
+    current = folder / INDEX_NAME
     if current.exists() and current.read_bytes() != checked.index:
         log.info("%s: the dataset changed since it was cached; emptying %s", checked.root, folder)
         shutil.rmtree(folder)
@@ -143,16 +142,15 @@ def prepare_cache(source: StreamSource, checked: CheckedStream) -> None:
         shards = Path(checked.root).resolve() / checked.split
         for name in checked.shards:
             _link(shards / name, folder / name)
-    tmp = folder / f".index.json.{os.getpid()}"
-    tmp.write_bytes(checked.index)
-    os.replace(tmp, current)
+    files.write_atomic(current, checked.index, durable=False)  # rewritten at every start
 
 
 def check_same_data(run_dir: Path, checked: list[CheckedStream]) -> None:
     """Refuse to resume a run on datasets other than the ones it started with."""
-    path = Path(run_dir) / f"data_{checked[0].split}.json"
+    run = RunDir(run_dir)
+    path = run.data_fingerprints(checked[0].split)
     now = [c.fingerprint for c in checked]
-    if path.exists() and has_checkpoint(run_dir):
+    if path.exists() and run.has_checkpoint():
         before = json.loads(path.read_text())
         for c, old, new in zip(checked, before, now, strict=False):
             if old != new:
@@ -165,8 +163,7 @@ def check_same_data(run_dir: Path, checked: list[CheckedStream]) -> None:
                 f"this run started with {len(before)} {checked[0].split} stream(s), not {len(now)}"
             )
     else:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(now, indent=1))
+        files.write_json(path, now)
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -176,7 +173,7 @@ def _diff(old: dict, new: dict) -> str:
 
 def read_meta(stream: StreamConfig, name: str) -> dict:
     """The dataset's meta.json; its absence means `prep shards` never finished there."""
-    url = _join(stream.path, "meta.json")
+    url = _join(stream.path, META_NAME)
     missing = f"{name}: no meta.json; is this a dataset written by `pretrain prep shards`?"
     try:
         raw = objstore.read_bytes(url) if objstore.is_remote(url) else Path(url).read_bytes()
@@ -242,7 +239,7 @@ def _check_stream(
         raise DataError(f"{name}: split '{split}' has no samples")
 
     is_remote = objstore.is_remote(stream.path)
-    raw_index = _read(_join(stream.path, split, "index.json"), name)
+    raw_index = _read(_join(stream.path, split, INDEX_NAME), name)
     index = json.loads(raw_index)
     check_hashes = cfg.data.validate_hashes and not is_remote
     bad = _bad_shards(stream.path, split, index, is_remote, hashes if check_hashes else None)
@@ -348,10 +345,8 @@ class HashCache:
     def save(self) -> None:
         if not self.changed:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"version": 1, "shards": self.entries}))
-        os.replace(tmp, self.path)
+        doc = {"version": 1, "shards": self.entries}
+        files.write_json(self.path, doc, indent=None, durable=False)  # a cache: no fsync
         self.changed = False
 
 

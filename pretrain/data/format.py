@@ -6,6 +6,7 @@ META_FORMAT = "pretrain-mds-v1"
 
 
 META_NAME = "meta.json"
+INDEX_NAME = "index.json"  # in each split's folder: mosaicml-streaming's list of its shards
 
 
 def is_dataset_key(relative: str) -> bool:

@@ -12,19 +12,21 @@ first start, from the node count (WORLD_SIZE // LOCAL_WORLD_SIZE) or, for an ela
 common multiple of every count in the range, so that the job can lose or regain nodes and
 still start. The choice is written to RUN_DIR/data_order.json, and every later start uses
 it, whatever its node count. An explicit `data.num_canonical_nodes` is used as is (and
-recorded at the first start, so dropping the override later keeps the order).
+recorded at the first start, so dropping the override later keeps the order). The file
+is read and written by `pretrain.rundir.RunDir`, which also keeps the value of a run made
+before the file existed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from pathlib import Path
 
+from pretrain.rundir import RunDir
+
 log = logging.getLogger("pretrain")
-ORDER_FILE = "data_order.json"
 NNODES_RANGE_ENV = "PRETRAIN_NNODES_RANGE"
 # Above this the range's least common multiple is not worth it (it grows like e^MAX):
 # 1 divides every node count, at the cost of every node reading from every shard.
@@ -71,25 +73,7 @@ def choose(nodes: int, elastic: tuple[int, int] | None = None) -> int:
 
 def recorded(run_dir: Path) -> int | None:
     """The value recorded in the run directory, if any."""
-    try:
-        return int(json.loads((Path(run_dir) / ORDER_FILE).read_text())["num_canonical_nodes"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        from pretrain.errors import DataError
-
-        raise DataError(
-            f"{Path(run_dir) / ORDER_FILE}: unreadable ({e}); restore it, or delete it to choose again"
-        ) from None
-
-
-def record(run_dir: Path, value: int, why: str) -> None:
-    """Write the choice atomically (global rank 0 only)."""
-    path = Path(run_dir) / ORDER_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{ORDER_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps({"num_canonical_nodes": value, "chosen": why}, indent=1) + "\n")
-    os.replace(tmp, path)
+    return RunDir(run_dir).recorded_data_order()
 
 
 def resolve(explicit: int | None, run_dir: Path, env: dict | None = None) -> tuple[int, str]:
@@ -102,11 +86,11 @@ def resolve(explicit: int | None, run_dir: Path, env: dict | None = None) -> tup
                 "from a checkpoint keeps the checkpoint's sample order",
                 explicit,
                 before,
-                ORDER_FILE,
+                RunDir.data_order.name,
             )
         value, why = explicit, "data.num_canonical_nodes"
     elif before is not None:
-        return before, f"recorded in {ORDER_FILE} at the run's first start"
+        return before, f"recorded in {RunDir.data_order.name} at the run's first start"
     else:
         nodes, elastic = node_count(env), nnodes_range(env)
         value = choose(nodes, elastic)
@@ -116,15 +100,5 @@ def resolve(explicit: int | None, run_dir: Path, env: dict | None = None) -> tup
             else f"for {nodes} node(s)"
         )
     if before is None:
-        record(run_dir, value, why)
+        RunDir(run_dir).record_data_order(value, why)
     return value, why
-
-
-def keep_legacy(run_dir: Path, saved_config: dict) -> None:
-    """A run from before data_order.json: keep the value its saved config.yaml holds.
-
-    Called by rank 0 before config.yaml is overwritten, only for a run with a checkpoint.
-    """
-    value = (saved_config.get("data") or {}).get("num_canonical_nodes")
-    if value is not None and recorded(run_dir) is None:
-        record(run_dir, int(value), "config.yaml of the run before data_order.json existed")

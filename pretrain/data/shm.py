@@ -5,7 +5,7 @@ Streaming registers each dataset's shared memory under a small integer prefix
 killed run leaves both behind, and its next start then fails with "Reused local
 directory". Streaming's own `clean_stale_shared_memory()` unlinks every prefix on the
 machine, live ones of other runs included, so we clean only the prefixes registered to
-this run's own stream folders. The run lock (`runtime.lock_run_dir`) guarantees that no
+this run's own stream folders. The run lock (`pretrain.rundir.lock_run_dir`) guarantees that no
 live process of this run still uses them.
 """
 

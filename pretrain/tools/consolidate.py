@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import warnings
 from collections.abc import Callable
@@ -21,6 +20,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from pretrain.files import atomic_open
 
 # safetensors dtype names
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
@@ -73,8 +74,7 @@ def write_safetensors(out: Path, entries: list[Entry], on_tensor=None) -> None:
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format wants the data 8-byte aligned
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(out) as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for e in entries:
             tensor = e.load().to(e.dtype).contiguous()
@@ -84,9 +84,6 @@ def write_safetensors(out: Path, entries: list[Entry], on_tensor=None) -> None:
             del tensor
             if on_tensor is not None:
                 on_tensor(e)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
 
 
 def consolidate(checkpoint: Path, out: Path) -> int:

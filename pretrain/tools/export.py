@@ -14,48 +14,20 @@ LayerNorm, GELU MLPs) is refused with the reason.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-import yaml
 
-from pretrain.checkpoint.checkpointer import complete_checkpoints
-from pretrain.config.load import from_dict
-from pretrain.config.schema import Config
 from pretrain.errors import ConfigError
+from pretrain.files import write_json
 from pretrain.model.config import ModelConfig
+from pretrain.rundir import checkpoint_config, find_tokenizer, resolve_checkpoint
 from pretrain.tools.consolidate import Entry, load_tensor, model_tensors, write_safetensors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder: `path` itself, or a run directory's latest complete one."""
-    path = Path(path)
-    if (path / ".metadata").is_file():
-        return path
-    complete = complete_checkpoints(path / "checkpoints")
-    if complete:
-        return complete[0]
-    if (path / "manifest.json").is_file():  # a complete checkpoint, but not in DCP format
-        raise ConfigError(
-            f"{path}: a DeepSpeed ZeRO checkpoint; export and generate read DCP checkpoints "
-            "(ddp, fsdp or single runs)"
-        )
-    raise ConfigError(f"{path}: neither a checkpoint folder (step_N) nor a run directory")
-
-
-def checkpoint_config(checkpoint: Path) -> Config:
-    """The run config saved with a checkpoint (or its run directory's)."""
-    for path in (checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml"):
-        if path.is_file():
-            return from_dict(yaml.safe_load(path.read_text()))
-    raise ConfigError(f"{checkpoint}: no config.yaml beside the checkpoint")
 
 
 def hf_config(
@@ -212,24 +184,8 @@ def export_hf(
     return written
 
 
-def find_tokenizer(path: str | Path, checkpoint: Path) -> Path:
-    """The tokenizer named by the config: absolute, relative to here, or to where the run
-    was launched (launch.json's cwd)."""
-    path = Path(path)
-    candidates = [path]
-    launch = checkpoint.parent.parent / "launch.json"
-    if not path.is_absolute() and launch.is_file():
-        candidates.append(Path(json.loads(launch.read_text()).get("cwd", ".")) / path)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"tokenizer {path} not found (data.tokenizer); give it with --tokenizer")
-
-
 def _write_json(path: Path, obj: dict) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2)
     return path
 
 

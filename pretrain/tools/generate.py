@@ -22,8 +22,8 @@ from pretrain.model.transformer import Transformer
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Config]:
     """The model of a checkpoint (or of a run directory's latest), whole, in eval mode."""
+    from pretrain.rundir import checkpoint_config, resolve_checkpoint
     from pretrain.tools.consolidate import load_tensor, model_tensors
-    from pretrain.tools.export import checkpoint_config, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(path)
     cfg = checkpoint_config(checkpoint)
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1]")
     from pretrain.data.tokenizer import Tokenizer
-    from pretrain.tools.export import find_tokenizer, resolve_checkpoint
+    from pretrain.rundir import find_tokenizer, resolve_checkpoint
 
     model, cfg = load_model(args.path, args.device)
     tok = Tokenizer(

@@ -29,6 +29,7 @@ from pathlib import Path
 from pretrain import hardware
 from pretrain.config.load import load_config
 from pretrain.errors import ConfigError
+from pretrain.progress import fmt_duration
 
 # Dense 16-bit tensor peak FLOP/s per accelerator (bf16; fp16 on V100, which has no bf16),
 # from the one table in pretrain.hardware, which the MFU of training runs also uses.
@@ -136,18 +137,6 @@ def fmt_count(x: float) -> str:
             v = x / div
             return f"{v:.3g}{suffix}" if v < 1000 else f"{v:,.0f}{suffix}"
     return f"{x:.3g}"
-
-
-def fmt_duration(seconds: float) -> str:
-    """274000 -> '3d 4h'; years past 365 days."""
-    m, h, d = seconds / 60, seconds / 3600, seconds / 86400
-    if d >= 365:
-        return f"{d / 365:.1f}y"
-    if d >= 1:
-        return f"{int(d)}d {int(h % 24)}h"
-    if h >= 1:
-        return f"{int(h)}h {int(m % 60)}m"
-    return f"{int(m)}m {int(seconds % 60)}s" if m >= 1 else f"{seconds:.0f}s"
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

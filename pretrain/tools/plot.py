@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 from pretrain.errors import ConfigError
+from pretrain.files import atomic_open
+from pretrain.rundir import RunDir
 from pretrain.train.metrics import read_metrics
 
 FORMATS = (".png", ".pdf", ".svg")
@@ -47,9 +48,7 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def run_label(run_dir: Path) -> str:
     """`run.name` from the run's config.yaml, else the folder name."""
     try:
-        import yaml
-
-        name = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["run"]["name"]
+        name = RunDir(run_dir).read_config()["run"]["name"]
         if isinstance(name, str) and name:
             return name
     except Exception:  # no, or an unreadable, config: the folder is the name
@@ -158,14 +157,11 @@ def plot_runs(
     ax_loss.legend(loc="upper right", fontsize="small")
     fig.suptitle(f"{len(runs)} run{'s' * (len(runs) != 1)}: {', '.join(labels)}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, format=out.suffix[1:].lower())
-        os.replace(tmp, out)
+        with atomic_open(out) as f:
+            fig.savefig(f, format=out.suffix[1:].lower())
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return summary
 
 

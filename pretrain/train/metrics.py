@@ -14,12 +14,12 @@ MFU's denominator comes from `pretrain.hardware`'s table, or is measured (`peak_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import resource
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain import hardware
+from pretrain import files, hardware
 from pretrain.progress import fmt_duration
+from pretrain.rundir import RunDir
 
 log = logging.getLogger("pretrain")
 
@@ -137,13 +138,8 @@ def _best_seen(key: str, measured: float) -> float:
     best = max(measured, known.get(key, 0.0))
     if best > known.get(key, 0.0):
         known[key] = best
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, path)
-        except OSError:  # a read-only home: measure every time
-            pass
+        with contextlib.suppress(OSError):  # a read-only home: measure every time
+            files.write_json(path, known, durable=False)  # a cache: no fsync
     return best
 
 
@@ -232,9 +228,8 @@ class MetricsSink:
     def __init__(self, run_dir: Path, cfg, enabled: bool, config_dict: dict) -> None:
         self.enabled = enabled
         self.cfg = cfg
-        self.jsonl = (
-            _open_append(run_dir / "metrics.jsonl") if enabled and cfg.logging.jsonl else None
-        )
+        run = RunDir(run_dir)
+        self.jsonl = _open_append(run.metrics) if enabled and cfg.logging.jsonl else None
         self.wandb = None
         if enabled and cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
             import wandb  # heavy; only when asked for
@@ -242,11 +237,11 @@ class MetricsSink:
             self.wandb = wandb.init(
                 project=cfg.logging.wandb_project,
                 name=cfg.run.name,
-                dir=str(run_dir),
+                dir=str(run.wandb_dir),
                 mode=cfg.logging.wandb_mode,
                 config=config_dict,
                 resume="allow",
-                id=_wandb_id(run_dir, cfg.run.name),
+                id=_wandb_id(run.wandb_id, cfg.run.name),
             )
 
     def write(self, record: dict, flush: bool = True) -> None:
@@ -293,9 +288,8 @@ def _open_append(path: Path):
     return open(path, "a")  # held open for the run; MetricsSink.close() closes it
 
 
-def _wandb_id(run_dir: Path, name: str) -> str:
+def _wandb_id(path: Path, name: str) -> str:
     """A stable id per run directory, so a resumed run continues the same wandb run."""
-    path = run_dir / "wandb_id"
     if not path.exists():
         import uuid
 
@@ -305,7 +299,7 @@ def _wandb_id(run_dir: Path, name: str) -> str:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every complete record of a run's metrics.jsonl (a line cut short by a kill is skipped)."""
-    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+    return read_jsonl(RunDir(run_dir).metrics)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -323,5 +317,5 @@ def train_line(r: dict, max_steps: int) -> str:
     return (
         f"step {r['step']:>6}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
         f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s'] / 1e3:.1f}k tok/s | "
-        f"mfu {100 * r['mfu']:.1f}% | mem {r['mem_gb']:.2f}GB | eta {fmt_duration(r['eta_s'])}"
+        f"mfu {100 * r['mfu']:.1f}% | mem {r['mem_gb']:.2f}GB | eta {fmt_duration(r['eta_s'], compact=True)}"
     )

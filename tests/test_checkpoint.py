@@ -11,7 +11,7 @@ import torch
 
 from pretrain.checkpoint.checkpointer import Checkpointer
 from pretrain.checkpoint.ranks import file_owner
-from tests.conftest import REPO
+from tests.helpers.runs import REPO
 
 
 def _writer(value: float):

@@ -1,4 +1,4 @@
-"""The checkpoint protocol on 2 real ranks (torchrun, gloo; workers in checkpoint_ranks.py):
+"""The checkpoint protocol on 2 real ranks (torchrun, gloo; workers in helpers/checkpoint_ranks.py):
 each rank makes durable and moves to and from a real S3 server only the files it wrote;
 rank 0 alone picks the checkpoint to resume from, and every rank loads that one."""
 
@@ -15,9 +15,9 @@ import torch
 from pretrain import iotrace
 from pretrain.checkpoint.checkpointer import Checkpointer, rng_state
 from pretrain.checkpoint.ranks import file_owner
-from tests.checkpoint_ranks import COLLECTIVE_TIMEOUT_S
-from tests.conftest import run_torchrun
-from tests.s3server import SlowProxy
+from tests.helpers.checkpoint_ranks import COLLECTIVE_TIMEOUT_S
+from tests.helpers.runs import run_torchrun
+from tests.helpers.s3server import SlowProxy
 
 
 def run_ranks(tmp_path: Path, mode: str, *args, env: dict | None = None):
@@ -27,7 +27,7 @@ def run_ranks(tmp_path: Path, mode: str, *args, env: dict | None = None):
     trace.mkdir()
     r = run_torchrun(
         2,
-        "tests/checkpoint_ranks.py",
+        "tests/helpers/checkpoint_ranks.py",
         mode,
         out,
         *args,
@@ -46,7 +46,7 @@ def traced(records: list[dict], kind: str, rank: int, under: Path) -> list[str]:
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.torchrun
 def test_each_rank_makes_only_its_own_files_durable(tmp_path):
     """ddp, fsdp (background write), zero 1/2/3 on 2 ranks: two commits, then a resume."""
     names = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
@@ -79,6 +79,7 @@ def test_each_rank_makes_only_its_own_files_durable(tmp_path):
     assert all(file_owner(Path(p).name) == 1 for p in stats) and len(stats) == len(set(stats))
 
 
+@pytest.mark.torchrun
 def test_every_rank_resumes_from_the_checkpoint_rank_0_picked(tmp_path):
     """Rank 1's view of the run directory lags (the newest checkpoint's manifest is not
     visible there yet, as a node's stale filesystem cache can show): it still loads the
@@ -104,6 +105,7 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_picked(tmp_path):
     assert stats[1] == 0 and stats[0] == 3  # rank 0: the newest checkpoint's files, once
 
 
+@pytest.mark.torchrun
 def test_ranks_move_their_own_files_to_and_from_the_store(s3_server, tmp_path):
     """Uploads and downloads by each rank of its own files; a rank's failure reaches rank 0
     as an error; a download slower than the collective timeout completes."""

@@ -10,7 +10,7 @@ import torch
 
 from pretrain.checkpoint.checkpointer import Checkpointer
 from pretrain.checkpoint.mirror import CheckpointMirror
-from tests.conftest import (
+from tests.helpers.runs import (
     REF,
     REF_STEPS,
     STRATEGIES,
@@ -18,7 +18,7 @@ from tests.conftest import (
     run_torchrun,
     with_overrides,
 )
-from tests.s3server import SECRET_KEY
+from tests.helpers.s3server import SECRET_KEY
 
 
 def _writer(value: float):
@@ -78,7 +78,7 @@ def test_a_failed_upload_is_logged_and_training_goes_on(s3, tmp_path, caplog, mo
     assert ck.latest().name == "step_00000002"  # the local checkpoint is intact
 
 
-@pytest.mark.slow
+@pytest.mark.torchrun
 def test_a_fresh_node_resumes_from_the_store_exactly(
     s3_server, tiny_overrides, tmp_path, reference
 ):

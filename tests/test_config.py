@@ -10,7 +10,7 @@ import yaml
 from pretrain.config.load import from_dict, load_config, to_dict
 from pretrain.config.schema import Config
 from pretrain.errors import ConfigError
-from tests.conftest import REPO, run_cli
+from tests.helpers.runs import REPO, run_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -112,6 +112,7 @@ def test_learned_positions_message_mentions_the_table():
         load_config(REPO / "configs/tiny.yaml", ["model.position=learned", "data.seq_len=512"])
 
 
+@pytest.mark.slow
 def test_cli_typo_is_one_line_exit_2_no_traceback():
     r = run_cli("train", "configs/tiny.yaml", "optim.lrr=1e-3")
     assert r.returncode == 2

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pretrain.config import doc as config_doc
 from pretrain.config.schema import CHOICES, Config
-from tests.conftest import REPO
+from tests.helpers.runs import REPO
 
 STALE = config_doc.STALE
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_torchrun
+from tests.helpers.runs import REPO, made_once, run_torchrun
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.torchrun
 
 
 def torchrun(nproc: int, *args, env: dict | None = None, timeout: float = 300) -> None:
-    """tests/data_ranks.py on `nproc` ranks."""
-    run_torchrun(nproc, REPO / "tests/data_ranks.py", *args, env=env, timeout=timeout)
+    """tests/helpers/data_ranks.py on `nproc` ranks."""
+    run_torchrun(nproc, REPO / "tests/helpers/data_ranks.py", *args, env=env, timeout=timeout)
 
 
 def seen(out: Path) -> list[dict]:
@@ -76,14 +76,18 @@ def test_two_ranks_read_disjoint_parts_covering_one_epoch(dataset, tiny_override
 
 @pytest.mark.parametrize("resume_world", [1, 2])
 def test_resume_mid_epoch_on_1_or_2_ranks_gives_the_same_global_batches(
-    dataset, tiny_overrides, tmp_path, resume_world
+    dataset, tiny_overrides, tmp_path, tmp_path_factory, resume_world
 ):
     """Uninterrupted on 2 ranks vs. stopped after 3 steps and resumed on `resume_world`."""
     steps, stop = 8, 3
-    ref = tmp_path / "ref"
-    torchrun(2, ref, steps, *data_overrides(tiny_overrides, tmp_path / "run-ref"))
-    first = tmp_path / "first"
-    torchrun(2, "--save-at", stop, first, stop, *data_overrides(tiny_overrides, tmp_path / "run-a"))
+
+    def make(root: Path) -> None:  # the same two runs for both resumes: made once
+        torchrun(2, root / "ref", steps, *data_overrides(tiny_overrides, root / "run-ref"))
+        torchrun(2, "--save-at", stop, root / "first", stop,
+                 *data_overrides(tiny_overrides, root / "run-a"))  # fmt: skip
+
+    root = made_once(tmp_path_factory, "stopped-mid-epoch", make)
+    ref, first = root / "ref", root / "first"
     second = tmp_path / "second"
     state = first / "state.json"
     assert json.loads(state.read_text())["sample_in_epoch"] == stop * 16

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import losses_by_step, run_cli, with_overrides
+from tests.helpers.runs import losses_by_step, run_cli, with_overrides
 from tests.test_data_dist import all_samples, seen, torchrun
 
 pytestmark = pytest.mark.slow
@@ -77,6 +77,7 @@ def test_val_streams_are_read_for_validation(tiny_overrides, dataset, damaged):
     assert r.returncode == 2 and "data.val_streams[0]" in r.stderr and "val/shard." in r.stderr
 
 
+@pytest.mark.torchrun
 def test_repeat_weights_show_up_exactly_in_an_epoch(tiny_overrides, dataset, dataset_b, tmp_path):
     streams = f"data.streams=[{{path: {dataset['mds']}, repeat: 2}}, {{path: {dataset_b}}}]"
     out = tmp_path / "out"
@@ -89,6 +90,7 @@ def test_repeat_weights_show_up_exactly_in_an_epoch(tiny_overrides, dataset, dat
     assert sum((expected - got).values()) < 8  # only the tail that fills no micro-batch
 
 
+@pytest.mark.torchrun
 def test_proportions_set_the_mix(tiny_overrides, dataset, dataset_b, tmp_path):
     streams = f"data.streams=[{{path: {dataset['mds']}, proportion: 0.8}}, {{path: {dataset_b}, proportion: 0.2}}]"
     out = tmp_path / "out"

@@ -14,8 +14,8 @@ import pytest
 
 from pretrain import iotrace
 from pretrain.train.metrics import read_metrics
-from tests.conftest import REPO, losses_by_step, run_cli, with_overrides
-from tests.s3server import ACCESS_KEY, SECRET_KEY
+from tests.helpers.runs import REPO, losses_by_step, run_cli, with_overrides
+from tests.helpers.s3server import ACCESS_KEY, SECRET_KEY
 from tests.test_data_dist import all_samples, assert_one_epoch
 
 pytestmark = pytest.mark.slow
@@ -150,6 +150,7 @@ def test_corrupt_remote_shard_fails_its_checksum_on_download(
     assert "data error: data.streams[0]" in r.stderr and "shard." in r.stderr
 
 
+@pytest.mark.torchrun
 def test_store_down_mid_epoch_then_back(s3_server, s3_dataset, dataset, tiny_overrides, tmp_path):
     """Stop the server while 2 ranks stream; restart it 4 s later; the epoch completes."""
     pause = tmp_path / "pause"
@@ -158,7 +159,7 @@ def test_store_down_mid_epoch_then_back(s3_server, s3_dataset, dataset, tiny_ove
     trace.mkdir()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        str(REPO / "tests/data_ranks.py"), "--epoch", "--pause-file", str(pause), str(out), "0",
+        str(REPO / "tests/helpers/data_ranks.py"), "--epoch", "--pause-file", str(pause), str(out), "0",
         *with_overrides(tiny_overrides, f"data.streams=[{{path: {s3_dataset}}}]"),
     ]  # fmt: skip
     proc = subprocess.Popen(
@@ -186,7 +187,7 @@ def test_store_down_mid_epoch_then_back(s3_server, s3_dataset, dataset, tiny_ove
 
 
 def test_slow_store_training_goes_on(s3_server, s3_dataset, tiny_overrides, tmp_path):
-    from tests.s3server import SlowProxy
+    from tests.helpers.s3server import SlowProxy
 
     with SlowProxy(s3_server.ports["s3"], delay=0.3) as proxy:
         r = _train(

@@ -20,22 +20,19 @@ import torch
 
 from pretrain import iotrace
 from pretrain.data import order as data_order
-from tests.conftest import REPO, run_cli, with_overrides
+from tests.helpers.runs import REPO, prep, run_cli, with_overrides
 from tests.test_data_dist import torchrun
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def sharded(dataset, tmp_path_factory) -> Path:
     """The session corpus in a dozen small local shards, so hashing counts mean something."""
     out = tmp_path_factory.mktemp("sharded") / "mds"
-    r = run_cli(
-        "prep", "shards", "--inputs", str(dataset["corpus"]), "--text-field", "body",
-        "--tokenizer", str(dataset["tokenizer"]), "--seq-len", "64", "--val-fraction", "0.1",
-        "--out", str(out), "--shard-size-limit", "64KB",
+    prep(
+        "shards", "--inputs", dataset["corpus"], "--text-field", "body",
+        "--tokenizer", dataset["tokenizer"], "--seq-len", "64", "--val-fraction", "0.1",
+        "--out", out, "--shard-size-limit", "64KB",
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
     return out
 
 
@@ -43,6 +40,7 @@ def _hashed(trace: Path) -> list[dict]:
     return [r for r in iotrace.read(trace) if r["kind"] == iotrace.HASH]
 
 
+@pytest.mark.torchrun
 def test_only_rank0_checks_and_a_restart_hashes_nothing(sharded, tiny_overrides, tmp_path):
     run, scratch = tmp_path / "run", tmp_path / "scratch"
     overrides = with_overrides(tiny_overrides, f"data.streams=[{{path: {sharded}}}]")
@@ -104,6 +102,7 @@ def test_an_elastic_range_gives_a_value_every_node_count_starts_with(low, high):
         get_partitions("orig", 50_000, value, nodes, ranks_per_node=2, workers_per_rank=1, batch_size=4)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_workers_survive_a_preemption_signal_to_the_group_and_the_run_resumes_in_order(
     tiny_overrides, tmp_path
 ):
@@ -141,6 +140,7 @@ def test_workers_survive_a_preemption_signal_to_the_group_and_the_run_resumes_in
     assert data_order.recorded(run) == 3
 
 
+@pytest.mark.slow
 def test_a_long_run_directory_path_trains_with_workers(tiny_overrides, tmp_path):
     """AF_UNIX socket paths are limited to 107 bytes: temp files must not follow RUN_DIR."""
     run = tmp_path / ("long-" * 30) / "run"

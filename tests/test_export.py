@@ -14,7 +14,7 @@ from pretrain.errors import ConfigError
 from pretrain.model.config import ModelConfig
 from pretrain.tools.export import export_hf, hf_config
 from pretrain.tools.generate import load_model
-from tests.conftest import run_cli, with_overrides
+from tests.helpers.runs import run_cli, with_overrides
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,7 +61,7 @@ def test_the_demo_model_exports_and_transformers_reproduces_its_logits(
     assert tok.decode(tok.encode(text)) == text
 
 
-@pytest.mark.slow
+@pytest.mark.torchrun
 def test_a_sharded_checkpoint_exports_to_several_files(tiny_overrides, tmp_path, reference):
     """The 2-rank FSDP reference run's sharded checkpoint, untied embeddings and biases
     are not needed: written as 3+ safetensors files with an index."""

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pretrain.train.metrics import read_metrics
-from tests.conftest import (
+from tests.helpers.runs import (
     REF,
     REF_STEPS,
     REPO,
@@ -27,8 +27,6 @@ from tests.conftest import (
     torchrun_command,
     with_overrides,
 )
-
-pytestmark = pytest.mark.slow
 
 
 def start(tiny_overrides, name: str, *extra: str, max_restarts=0, env=None) -> subprocess.Popen:
@@ -98,6 +96,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2"])
 def test_kill_9_ranks_under_max_restarts_resumes_bit_for_bit(
     tiny_overrides, tmp_path, reference, name
@@ -130,6 +129,7 @@ def test_kill_9_ranks_under_max_restarts_resumes_bit_for_bit(
     assert all(torch.equal(mine[k], ref[k]) for k in ref)
 
 
+@pytest.mark.torchrun
 def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(
     tiny_overrides, tmp_path, reference
 ):
@@ -155,6 +155,7 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(
     assert_every_logged_loss_matches(run, expected)
 
 
+@pytest.mark.torchrun
 def test_sigterm_to_one_rank_saves_everywhere_and_exits_to_be_requeued(
     tiny_overrides, tmp_path, reference
 ):
@@ -181,6 +182,7 @@ def test_sigterm_to_one_rank_saves_everywhere_and_exits_to_be_requeued(
     assert resume["steps_lost"] == 0  # the preemption save was at the last logged step
 
 
+@pytest.mark.torchrun
 def test_a_hung_rank_is_dumped_and_aborted_then_the_restart_resumes(
     tiny_overrides, tmp_path, reference
 ):
@@ -205,6 +207,7 @@ def test_a_hung_rank_is_dumped_and_aborted_then_the_restart_resumes(
     assert losses_by_step(run) == expected
 
 
+@pytest.mark.torchrun
 def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(
     tiny_overrides, tmp_path, reference
 ):
@@ -271,6 +274,7 @@ with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
 """
 
 
+@pytest.mark.torchrun
 def test_step_vote_gives_every_rank_the_same_answer_at_the_same_step(tmp_path):
     script = tmp_path / "vote.py"
     script.write_text(VOTE_RANKS)

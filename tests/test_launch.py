@@ -20,7 +20,7 @@ from launch.spec import node_range, read_history, record
 from launch.sweep import parse_grid
 from pretrain.errors import ConfigError
 from pretrain.train.metrics import read_metrics
-from tests.conftest import REF, REPO, STRATEGIES, losses_by_step, run_cli, with_overrides
+from tests.helpers.runs import REF, REPO, STRATEGIES, losses_by_step, run_cli, with_overrides
 
 DDP = [*STRATEGIES["ddp"], *REF]
 
@@ -73,8 +73,10 @@ def test_every_node_appends_to_the_launch_record_at_once(tmp_path):
     cut short by a writer killed mid-write costs that line only, not the next one."""
     import multiprocessing
 
+    # Forked: the children only append lines, and start at once instead of each importing
+    # torch first (spawn), so the eight writers really overlap.
     procs = [
-        multiprocessing.get_context("spawn").Process(target=_record_many, args=(str(tmp_path), n, 50))
+        multiprocessing.get_context("fork").Process(target=_record_many, args=(str(tmp_path), n, 50))
         for n in range(8)
     ]  # fmt: skip
     for proc in procs:
@@ -109,14 +111,15 @@ def test_grid_values_split_outside_brackets():
             parse_grid(bad)
 
 
-@pytest.mark.slow
+@pytest.mark.torchrun
 def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tiny_overrides, tmp_path, reference):
     """A 2-rank launch is killed with kill -9 (launcher and ranks) mid-run; `status` says
     failed; `resume RUN_DIR` relaunches it as launched and every loss equals the
     uninterrupted run's; each rank of each launch has its own log."""
     run = tmp_path / "run"
+    # 1 s a step: `status` (a process of its own) answers while the run is still going
     proc = launch("configs/tiny.yaml", *with_overrides(tiny_overrides, *DDP), "--nproc-per-node=2",
-                  env={"PRETRAIN_FAULTS": "steptime@0.3"})  # fmt: skip
+                  env={"PRETRAIN_FAULTS": "steptime@1"})  # fmt: skip
     wait_for(lambda: logged_step(run) >= 1, proc, "step 1")
     running = run_cli("status", str(run))
     assert "state       running" in running.stdout, running.stdout
@@ -143,7 +146,7 @@ def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tiny_overrides, t
     assert "step     16/16" in (launches[1] / "attempt0.rank0.out").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.torchrun
 def test_final_exit_codes_are_not_restarted(tiny_overrides, tmp_path):
     """Under --max-restarts 3, a config error (2) and a preemption (75) end the launch at
     once with the workers' code; a preempted run says so in `status`."""
@@ -174,7 +177,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.torchrun
 def test_two_agents_train_together_as_two_nodes(tiny_overrides, tmp_path, reference):
     """`pretrain launch --nnodes 2` twice, rendezvous on 127.0.0.1: one job of 2 ranks,
     bit for bit the 2-rank run of one torchrun. Each agent has a /dev/shm of its own, as
@@ -200,7 +203,7 @@ def test_two_agents_train_together_as_two_nodes(tiny_overrides, tmp_path, refere
     assert spec["nnodes"] == 2 and spec["nproc_per_node"] == 1
 
 
-@pytest.mark.slow
+@pytest.mark.torchrun
 def test_a_local_sweep_runs_its_points_one_after_another(tiny_overrides, tmp_path):
     sweep = tmp_path / "sweep"
     overrides = with_overrides(tiny_overrides, "train.max_steps=4", "train.eval_every=2",

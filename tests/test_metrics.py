@@ -19,7 +19,7 @@ from pretrain.train.metrics import (
     peak_flops,
     read_pending,
 )
-from tests.conftest import REPO
+from tests.helpers.runs import REPO
 
 
 def test_measured_peak_is_cached_per_machine_as_the_best_seen(tmp_path, monkeypatch):

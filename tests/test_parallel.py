@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers.runs import (
     REF,
     REF_STEPS,
     REPO,
@@ -20,8 +20,6 @@ from tests.conftest import (
     run_torchrun,
     with_overrides,
 )
-
-pytestmark = pytest.mark.slow
 
 
 def torchrun_train(nproc: int, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -40,11 +38,13 @@ def assert_close_losses(run_a, run_b) -> None:
             assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-5), (key, step)
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_2_ranks_match_one_process(tiny_overrides, reference, name):
     assert_close_losses(reference("single", tiny_overrides), reference(name, tiny_overrides))
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("name", ["zero3"])  # ddp, fsdp, zero2: kill -9 in test_faults
 def test_stop_and_resume_is_exact(tiny_overrides, tmp_path, reference, name):
     expected = losses_by_step(reference(name, tiny_overrides))
@@ -58,6 +58,7 @@ def test_stop_and_resume_is_exact(tiny_overrides, tmp_path, reference, name):
     assert losses_by_step(tmp_path / "run") == expected
 
 
+@pytest.mark.torchrun
 def test_fsdp_checkpoint_of_2_ranks_resumes_on_1(tiny_overrides, tmp_path, reference):
     """DCP reshards: the 2-rank run's checkpoint half-way continues on one rank."""
     ref = reference("fsdp", tiny_overrides)
@@ -87,6 +88,7 @@ def test_fsdp_checkpoint_of_2_ranks_resumes_on_1(tiny_overrides, tmp_path, refer
     assert all(torch.equal(full[k], state["model"][k]) for k in full)
 
 
+@pytest.mark.torchrun
 def test_zero_checkpoint_refuses_another_number_of_ranks(tiny_overrides, tmp_path, reference):
     import shutil
 
@@ -107,6 +109,7 @@ def test_zero_checkpoint_refuses_another_number_of_ranks(tiny_overrides, tmp_pat
     assert "is a ZeRO checkpoint of 2 ranks; it resumes only on 2 (this run has 1)" in r.stderr
 
 
+@pytest.mark.torchrun
 def test_batch_sizes_must_divide_over_the_ranks(tiny_overrides):
     r = torchrun_train(
         2,
@@ -120,6 +123,7 @@ def test_batch_sizes_must_divide_over_the_ranks(tiny_overrides):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "every"])
 def test_activation_checkpointing_gives_the_same_losses(tiny_overrides, reference, mode):
     ac = f"parallel.activation_checkpointing={mode}"
@@ -128,12 +132,14 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_overrides, referenc
     assert_close_losses(reference("single", tiny_overrides), with_run_dir(tiny_overrides))
 
 
+@pytest.mark.torchrun
 def test_activation_checkpointing_under_fsdp(tiny_overrides, reference):
     ac = "parallel.activation_checkpointing=full"
     torchrun_train(2, *with_overrides(tiny_overrides, *STRATEGIES["fsdp"], *REF, ac))
     assert_close_losses(reference("single", tiny_overrides), with_run_dir(tiny_overrides))
 
 
+@pytest.mark.slow
 def test_compiled_blocks_train_like_eager_ones(tiny_overrides, reference):
     ref = reference("single", tiny_overrides)
     short = with_overrides(tiny_overrides, *REF, "train.max_steps=6", "train.eval_every=6")
@@ -187,7 +193,7 @@ def test_activation_checkpointing_wraps_the_chosen_blocks(mode, expected):
 
 
 # ---------------------------------------------------------------- checks inside the ranks
-# A small model for tests/parallel_ranks.py (random tokens, no data): 2 micro-batches per
+# A small model for tests/helpers/parallel_ranks.py (random tokens, no data): 2 micro-batches per
 # rank per step on 2 ranks.
 SMALL = [
     "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
@@ -204,14 +210,15 @@ def run_parallel_ranks(
     timeout: float = 300,
     nproc: int = 2,
 ) -> list[dict]:
-    """Run tests/parallel_ranks.py on `nproc` ranks; each rank's results."""
+    """Run tests/helpers/parallel_ranks.py on `nproc` ranks; each rank's results."""
     run_torchrun(
-        nproc, "tests/parallel_ranks.py", out, ",".join(checks), *overrides,
+        nproc, "tests/helpers/parallel_ranks.py", out, ",".join(checks), *overrides,
         env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout,
     )  # fmt: skip
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
+@pytest.mark.torchrun
 def test_ddp_first_backward_of_a_start_sums_like_every_later_one(tmp_path):
     # On 3+ ranks DDP's first backward used other buckets than later ones, so a resumed
     # run's first step differed from the uninterrupted run's in the last bits.
@@ -219,6 +226,7 @@ def test_ddp_first_backward_of_a_start_sums_like_every_later_one(tmp_path):
     assert all(r["buckets"] is True for r in ranks)
 
 
+@pytest.mark.torchrun
 def test_fsdp_keeps_only_sharded_gradients_between_micro_batches(tmp_path):
     ranks = run_parallel_ranks(
         tmp_path, ["accum", "init", "backend"], "parallel.strategy=fsdp", *SMALL
@@ -233,6 +241,7 @@ def test_fsdp_keeps_only_sharded_gradients_between_micro_batches(tmp_path):
         assert r["backend"] == {"backend": "gloo", "device": "cpu"}  # device=auto, no GPU
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("name", ["fsdp", "zero2", "zero3"])
 def test_gradient_accumulation_matches_one_process(tiny_overrides, reference, name):
     """2 micro-batches per rank per step (1 in the other tests): the losses of one process
@@ -247,6 +256,7 @@ def test_gradient_accumulation_matches_one_process(tiny_overrides, reference, na
     assert all(two[s] == pytest.approx(one[s], rel=1e-5, abs=1e-5) for s in one), (one, two)
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_bf16_accumulates_and_reduces_gradients_in_fp32(tmp_path, stage):
     checks = ["grads", "init", "dropout"] if stage == 3 else ["grads"]
@@ -266,6 +276,7 @@ def test_zero_bf16_accumulates_and_reduces_gradients_in_fp32(tmp_path, stage):
         assert ranks[0]["dropout"]["mask"] != ranks[1]["dropout"]["mask"]
 
 
+@pytest.mark.torchrun
 def test_ddp_async_save_copies_each_tensor_on_one_rank(tmp_path):
     overrides = ["parallel.strategy=ddp", "parallel.device=cpu", "checkpoint.async_save=true"]
     checks = ["dropout", "stage", "backend"]
@@ -297,7 +308,7 @@ def test_ddp_async_save_copies_each_tensor_on_one_rank(tmp_path):
 def test_replica_share_gives_each_tensor_to_one_rank():
     import torch
 
-    from pretrain.parallel.base import replica_share
+    from pretrain.parallel.ddp import replica_share
 
     msd = {f"w{i}": torch.zeros(n) for i, n in enumerate([100, 10, 50, 40, 1])}
     osd = {
@@ -327,6 +338,7 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(tiny_overrides, capsys):
     ]
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize(
     ("device", "verdicts", "message"),
     [

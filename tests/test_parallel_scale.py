@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import STRATEGIES
+from tests.helpers.runs import STRATEGIES
 from tests.test_parallel import run_parallel_ranks
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.torchrun
 
 SEVEN_B_SHAPED = [
     "model.d_model=4096", "model.n_heads=32", "model.n_kv_heads=8", "model.mlp_hidden=11008",

@@ -22,7 +22,7 @@ from pretrain.tools.plan import (
     read_configs,
     tokens_rule_optimal,
 )
-from tests.conftest import REPO
+from tests.helpers.runs import REPO
 
 GOPHER_FLOPS = 5.76e23
 

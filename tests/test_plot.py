@@ -130,7 +130,7 @@ def test_bad_input_is_a_config_error(runs, tmp_path):
 
 def test_the_pretrain_plot_and_plan_commands(runs, tmp_path):
     """The real CLI: `pretrain plot A B --out F.png`, and `pretrain plan` (wiring only)."""
-    from tests.conftest import run_cli
+    from tests.helpers.runs import run_cli
 
     out = tmp_path / "cli.png"
     r = run_cli("plot", *map(str, runs), "--out", str(out))

@@ -1,4 +1,4 @@
-"""`pretrain prep` against a real S3 server (seaweedfs on 127.0.0.1, see tests/s3server.py).
+"""`pretrain prep` against a real S3 server (seaweedfs on 127.0.0.1, see tests/helpers/s3server.py).
 
 A dataset written to s3:// must be the local dataset byte for byte, published so that it
 never looks complete (meta.json present) unless it is; s3:// inputs must read like the same

@@ -1,6 +1,6 @@
 """Four nodes on one machine: `pretrain launch --nnodes 4` agents x 2 ranks, each agent in
 namespaces of its own (hostname, /dev/shm, node-local scratch, PID namespace: see
-tests/nodes.py), sharing the run directory and training from zstd shards on the loopback
+tests/helpers/nodes.py), sharing the run directory and training from zstd shards on the loopback
 S3 server, with real kill -9 of whole nodes.
 
 - 8 ranks (FSDP) train to the losses of 2 ranks with the same global batch;
@@ -26,10 +26,10 @@ import pytest
 
 from pretrain import iotrace
 from pretrain.train.metrics import read_metrics
-from tests.conftest import TINY_MODEL, losses_by_step, run_cli, run_torchrun
-from tests.nodes import Cluster, address, available
+from tests.helpers.nodes import Cluster, address, available
+from tests.helpers.runs import TINY_MODEL, losses_by_step, run_cli, run_torchrun
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.nodes, pytest.mark.torchrun]
 
 NODES, RANKS_PER_NODE, STEPS = 4, 2, 12
 # FSDP, as at scale. (DDP is not bit for bit across a restart on 3 or more ranks: the first

@@ -1,5 +1,5 @@
 """`pretrain submit` and `pretrain sweep --slurm` on a real SLURM cluster of two nodes on this
-machine (tests/slurmcluster.py: Debian's slurmctld, one slurmd per node and munged, all on
+machine (tests/helpers/slurmcluster.py: Debian's slurmctld, one slurmd per node and munged, all on
 127.0.0.1; each node with a hostname, /dev/shm and scratch of its own; cores bound per task
 and memory allocated, as on many clusters).
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.train.metrics import read_metrics
-from tests.conftest import (
+from tests.helpers.runs import (
     REF,
     REPO,
     STRATEGIES,
@@ -32,7 +32,7 @@ from tests.conftest import (
     run_torchrun,
     with_overrides,
 )
-from tests.slurmcluster import SlurmCluster, slurm_available
+from tests.helpers.slurmcluster import SlurmCluster, slurm_available
 
 needs_slurm = pytest.mark.skipif(slurm_available() is not None, reason=str(slurm_available()))
 CPU_JOB = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10"]
@@ -120,7 +120,8 @@ def test_the_script_gives_each_node_task_its_cores_and_memory(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.torchrun
+@pytest.mark.slurm
 @needs_slurm
 def test_a_two_rank_job_trains_and_finishes(cluster, tiny_overrides, tmp_path, reference):
     run = tmp_path / "run"
@@ -136,7 +137,8 @@ def test_a_two_rank_job_trains_and_finishes(cluster, tiny_overrides, tmp_path, r
     assert "state       finished" in status and f"slurm job   {job}" in status, status
 
 
-@pytest.mark.slow
+@pytest.mark.torchrun
+@pytest.mark.slurm
 @needs_slurm
 def test_a_two_node_job_resumes_exactly_after_usr1_and_after_losing_a_node(
     cluster, tiny_overrides, tmp_path
@@ -208,7 +210,7 @@ def test_a_two_node_job_resumes_exactly_after_usr1_and_after_losing_a_node(
           f"to the first step again: {kill_to_step:.1f} s")  # fmt: skip
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 @needs_slurm
 def test_a_job_that_keeps_failing_without_a_new_checkpoint_is_not_requeued_forever(
     cluster, tiny_overrides, tmp_path
@@ -230,7 +232,7 @@ def test_a_job_that_keeps_failing_without_a_new_checkpoint_is_not_requeued_forev
     assert "failed, not requeued: 2 times from the same checkpoint" in text, text
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 @needs_slurm
 def test_a_sweep_runs_as_a_job_array(cluster, tiny_overrides, tmp_path):
     sweep = tmp_path / "sweep"
@@ -257,7 +259,7 @@ def test_a_sweep_runs_as_a_job_array(cluster, tiny_overrides, tmp_path):
         assert f"lr: {float(row[1])}" in config
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 @needs_slurm
 def test_bad_submissions_are_refused_before_anything_is_submitted(
     cluster, tmp_path, capsys, monkeypatch
@@ -282,7 +284,7 @@ def test_bad_submissions_are_refused_before_anything_is_submitted(
     assert cluster.run("squeue", "-h", "-o", "%i").stdout == before
 
 
-@pytest.mark.slow
+@pytest.mark.slurm
 @needs_slurm
 def test_a_queued_job_shows_as_queued_and_resume_resubmits_a_cancelled_one(cluster, tmp_path):
     """No training: a job held for an hour is `queued`; `resume` leaves it alone; once it

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import REPO, losses_by_step, read_metrics, run_cli
+from tests.helpers.runs import REPO, losses_by_step, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """Run under torchrun by the data tests: each rank reads its share of the training data
 through the trainer's own loader and records what it got.
 
-    torchrun --nproc-per-node N tests/data_ranks.py [--epoch] [--resume STATE] [--save-at K]
+    torchrun --nproc-per-node N tests/helpers/data_ranks.py [--epoch] [--resume STATE] [--save-at K]
         OUT_DIR STEPS key=value ...
 
 Writes OUT_DIR/rank{r}.jsonl: one line per micro-batch, {"step", "rows": [sha1 of each
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pretrain.config.load import load_config
 from pretrain.data.loader import TrainBatches
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rank, world = device.init_distributed(timeout_s=120)
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", args.overrides)
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs/tiny.yaml", args.overrides)
     run_dir = process.start(cfg, rank=rank)
     data = TrainBatches(cfg, run_dir)
     if args.resume:

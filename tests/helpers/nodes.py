@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers.runs import REPO
 
 # Mounts of a node, run by the namespace's init shell before it starts the agent.
 _SETUP = (

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from pretrain.checkpoint.checkpointer import Checkpointer
 from pretrain.errors import StoreError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLLECTIVE_TIMEOUT_S = 5
 TINY = [
     "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",

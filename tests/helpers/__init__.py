@@ -1,0 +1,1 @@
+"""What the tests use that is not a test (see tests/README.md)."""

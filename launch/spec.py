@@ -59,7 +59,7 @@ def prepare(cfg: Config, spec: LaunchSpec) -> Path:
 
 
 def write_spec(run_dir: Path, spec: LaunchSpec) -> None:
-    files.write_atomic(RunDir(run_dir).launch_spec, json.dumps(dataclasses.asdict(spec), indent=2))
+    files.write_json(RunDir(run_dir).launch_spec, dataclasses.asdict(spec), indent=2)
 
 
 def read_spec(run_dir: Path) -> LaunchSpec | None:

@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from pretrain.config.schema import CHOICES, Config
-from pretrain.errors import ConfigError
+from pretrain.errors import CONFIG_OR_DATA_ERROR, HANG_EXIT_CODE, ConfigError
 
 
 def validate(cfg: Config) -> None:
@@ -154,8 +154,9 @@ _RANGES = (
     (("model.rope_scale",), lambda v: v >= 1, "must be >= 1 (a position interpolation factor)"),
     (
         ("fault.requeue_exit_code",),
-        lambda v: 3 <= v <= 255 and v != 124,
-        "must be in 3..255 and not 124 (1 is an error, 2 bad input, 124 a hang)",
+        lambda v: 3 <= v <= 255 and v != HANG_EXIT_CODE,
+        f"must be in 3..255 and not {HANG_EXIT_CODE} (1 is an error, {CONFIG_OR_DATA_ERROR} bad input, "
+        f"{HANG_EXIT_CODE} a hang)",
     ),
 )
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT", "SIGURG")

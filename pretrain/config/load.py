@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ def _rename(node: DictConfig, old: str, new: str, prefix: str, source: str) -> s
     return new
 
 
+@functools.cache  # a saved config is checked key by key at every start, on every rank
 def _dataclass_of(schema: type, key: str) -> type | None:
     """The dataclass a field holds (directly or as list items), if any."""
     default = OmegaConf.structured(schema)

@@ -1,10 +1,9 @@
-"""The run config: a typed schema, YAML + dotted overrides, strict validation.
+"""The run config's typed schema: one dataclass per section, every field commented (the
+README's config reference is generated from these comments by `config.doc`).
 
-Precedence is defaults <- YAML file <- command-line `key=value` overrides. Every key is
-checked against the dataclasses below before anything is merged, so a typo is an error
-that names the key and the closest valid one. Semantic checks (divisibility, ranges) run
-after the merge and name the offending key too. All user errors raise `ConfigError`,
-which the CLI prints as one line and turns into exit code 2.
+`config.load` checks every key of a YAML file or override against these dataclasses before
+anything is merged, so a typo is an error naming the key; `config.checks` then checks
+values and cross-key rules. All user errors raise `ConfigError` (exit code 2).
 """
 
 from __future__ import annotations
@@ -260,9 +259,3 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.activation_checkpointing": ("none", "full", "every"),
     "parallel.zero_stage": (1, 2, 3),
 }
-
-
-# ---------------------------------------------------------------- loading and merging
-
-
-# ---------------------------------------------------------------- output

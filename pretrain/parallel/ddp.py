@@ -29,8 +29,9 @@ class DDPStrategy(DistributedStrategy):
         model = new_transformer(self.cfg, self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids)
-        t = self.cfg.train
-        settle_bucket_order(ddp, (t.micro_batch_size, self.cfg.data.seq_len), self.device)
+        shape = (self.cfg.train.micro_batch_size, self.cfg.data.seq_len)
+        with self.autocast():  # the step's own path: chunked loss, training precision
+            settle_bucket_order(ddp, shape, self.device, self.cfg.parallel.loss_chunk_tokens)
         return ddp
 
     @property
@@ -53,7 +54,10 @@ class DDPStrategy(DistributedStrategy):
 
 
 def settle_bucket_order(
-    ddp: DistributedDataParallel, shape: tuple[int, int], device: torch.device
+    ddp: DistributedDataParallel,
+    shape: tuple[int, int],
+    device: torch.device,
+    loss_chunk_tokens: int = 0,
 ) -> None:
     """One synchronised backward of a zero loss, so DDP lays out its buckets now.
 
@@ -64,12 +68,13 @@ def settle_bucket_order(
     uninterrupted one (seen on 8 ranks, 2e-9). After this warm-up every start trains with
     the rebuilt layout from its first step. Costs one small forward/backward and one
     gradient all-reduce per start, on a micro-batch's shape (B, T) so a compiled model
-    meets the shape it trains on; the zero gradients are dropped.
+    meets the shape it trains on; the zero gradients are dropped. The loss is taken as a
+    step takes it (`loss_chunk_tokens` at a time), never as (B, T, vocab) fp32 logits.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     tokens = torch.zeros(shape, dtype=torch.long, device=device)  # (B, T)
-    ddp(tokens).float().sum().mul(0).backward()
+    ddp(tokens, tokens, loss_chunk_tokens=loss_chunk_tokens).float().mul(0).backward()
     ddp.zero_grad(set_to_none=True)
 
 

@@ -55,7 +55,8 @@ class FaultInjection:
         return loss
 
     def maybe_hang(self, step: int) -> None:
-        time.sleep(self.step_sleep)
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
         if self.hang == (step, self.rank) and restart_count() == 0:
             log.warning("PRETRAIN_FAULTS: rank %d hangs in step %d", self.rank, step)
             while True:

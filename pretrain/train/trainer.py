@@ -116,7 +116,8 @@ class Trainer:
         state = self.checkpointer.load(path, self.strategy.load)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.train_data.load_state_dict(state["data"])
-        last = _last_logged_step(self.run_dir)
+        # Only rank 0 writes metrics: the others need not read the whole file on a shared FS.
+        last = _last_logged_step(self.run_dir) if self.strategy.rank == 0 else 0
         lost = max(last - self.step, 0)
         self.sink.write(
             {

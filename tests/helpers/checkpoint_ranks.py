@@ -18,21 +18,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint.checkpointer import Checkpointer
-from pretrain.errors import StoreError
-
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # torchrun runs this file: the repository makes tests importable
+
+from pretrain.checkpoint.checkpointer import Checkpointer  # noqa: E402
+from pretrain.errors import StoreError  # noqa: E402
+from tests.helpers.runs import STRATEGIES, TINY_MODEL  # noqa: E402
+
 COLLECTIVE_TIMEOUT_S = 5
-TINY = [
-    "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-    "model.n_kv_heads=2", "model.max_seq_len=64", "data.seq_len=64",
-    "train.global_batch_size=4", "train.micro_batch_size=2", "parallel.threads=1",
-]  # fmt: skip
-VARIANTS = {
-    "ddp": ["parallel.strategy=ddp"],
-    "fsdp": ["parallel.strategy=fsdp", "checkpoint.async_save=true"],
-    **{f"zero{n}": ["parallel.strategy=zero", f"parallel.zero_stage={n}"] for n in (1, 2, 3)},
-}
+TINY = [*TINY_MODEL, "train.global_batch_size=4", "train.micro_batch_size=2", "parallel.threads=1"]
+VARIANTS = {**STRATEGIES, "fsdp": [*STRATEGIES["fsdp"], "checkpoint.async_save=true"]}
 
 
 class Writes:

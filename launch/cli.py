@@ -35,7 +35,10 @@ def _ranks_args(parser: argparse.ArgumentParser, max_restarts: int) -> None:
 
 
 def _launch(argv: list[str]) -> int:
+    from launch import slurm
+    from launch.fitcheck import card_named, check_fit, local_card
     from launch.local import launch
+    from launch.spec import resolve
 
     parser = _parser("launch")
     _ranks_args(parser, max_restarts=0)
@@ -55,9 +58,14 @@ def _launch(argv: list[str]) -> int:
         "for more nodes once MIN are there), keep_alive_interval (5) and "
         "keep_alive_max_attempt (3: a node silent this many intervals is dropped)",
     )  # fmt: skip
+    slurm.fit_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     low, high = node_range(args.nnodes)
     require_positive(nproc_per_node=args.nproc_per_node or 1)
+    if not args.no_fit_check:
+        card = card_named(args.gpu_type, "--gpu-type") if args.gpu_type else local_card()
+        if card is not None:  # at the fewest nodes an elastic job may run on
+            check_fit(resolve(args.config, args.overrides)[0], low, args.nproc_per_node or 1, card)
     spec = LaunchSpec(
         config=str(Path(args.config).resolve()),
         overrides=args.overrides,
@@ -77,7 +85,8 @@ def _submit(argv: list[str]) -> int:
     _ranks_args(parser, max_restarts=3)
     slurm.add_arguments(parser)
     args = parser.parse_intermixed_args(argv)
-    return slurm.submit_config(args.config, args.overrides, slurm.options(args), args.dry_run)
+    fit = None if args.no_fit_check else (args.gpu_type or "auto")
+    return slurm.submit_config(args.config, args.overrides, slurm.options(args), args.dry_run, fit)
 
 
 def _sweep(argv: list[str]) -> int:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch.fitcheck import card_named, check_fit, gres_gpu_type
 from launch.spec import LaunchSpec, prepare, record, require_positive, resolve, write_spec
 from pretrain.errors import CONFIG_OR_DATA_ERROR, TRAINING_STOPPED, ConfigError
 from pretrain.rundir import RunDir
@@ -61,6 +62,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--template", default=str(TEMPLATE), help="the sbatch template")
     g.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    fit_arguments(parser)
+
+
+def fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """--gpu-type and --no-fit-check, for `submit` and `launch` (see launch/fitcheck.py)."""
+    parser.add_argument(
+        "--gpu-type", help="the GPUs' type for the memory check (default: from the cluster)"
+    )
+    parser.add_argument(
+        "--no-fit-check", action="store_true",
+        help="launch even if the planner says the config will not fit in GPU memory",
+    )  # fmt: skip
 
 
 def options(args: argparse.Namespace) -> dict:
@@ -84,7 +97,11 @@ def options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def submit_config(config: str, overrides: list[str], opts: dict, dry_run: bool) -> int:
+def submit_config(
+    config: str, overrides: list[str], opts: dict, dry_run: bool, fit: str | None = "auto"
+) -> int:
+    """`fit`: the GPU type to check the config's memory on ("auto": the partition's; None:
+    no check)."""
     cfg, overrides = resolve(config, overrides)
     opts = {**opts, "requeue_code": cfg.fault.requeue_exit_code}
     spec = LaunchSpec(
@@ -97,6 +114,8 @@ def submit_config(config: str, overrides: list[str], opts: dict, dry_run: bool) 
         slurm=opts,
     )
     script = render([Path(cfg.run.dir)], opts, cfg.run.name, spec.cwd)
+    if opts["gpus_per_node"] and fit is not None and not (dry_run and fit == "auto"):
+        check_fit(cfg, opts["nodes"], opts["gpus_per_node"], _gpu_card(fit, opts))
     if dry_run:
         print(script, end="")
         return 0
@@ -181,15 +200,7 @@ def check_cluster(opts: dict, script: str) -> None:
             "(--dry-run prints the script without one)"
         )
     partitions = _partitions()
-    name = opts.get("partition")
-    if name and name not in partitions:
-        raise ConfigError(
-            f"--partition {name}: no such partition (this cluster has: {', '.join(partitions)})"
-        )
-    if not name:
-        name = next((p for p, info in partitions.items() if info.get("Default") == "YES"), None)
-        if name is None:
-            raise ConfigError("this cluster has no default partition: give --partition")
+    name = _partition_name(opts, partitions)
     total = int(partitions[name].get("TotalNodes", 0))
     if opts["nodes"] > total:
         raise ConfigError(f"--nodes {opts['nodes']}: partition {name} has {total} node(s)")
@@ -206,6 +217,38 @@ def check_cluster(opts: dict, script: str) -> None:
     )
     if test.returncode != 0:
         raise ConfigError(f"sbatch refused the job: {_last_line(test.stderr)}")
+
+
+def _partition_name(opts: dict, partitions: dict[str, dict[str, str]]) -> str:
+    """--partition, checked, or the cluster's default one."""
+    name = opts.get("partition")
+    if name and name not in partitions:
+        raise ConfigError(
+            f"--partition {name}: no such partition (this cluster has: {', '.join(partitions)})"
+        )
+    if not name:
+        name = next((p for p, info in partitions.items() if info.get("Default") == "YES"), None)
+        if name is None:
+            raise ConfigError("this cluster has no default partition: give --partition")
+    return name
+
+
+def _gpu_card(gpu_type: str, opts: dict):
+    """The accelerator of --gpu-type, or ("auto") of the partition's GPU GRES."""
+    if gpu_type != "auto":
+        return card_named(gpu_type, "--gpu-type")
+    if not shutil.which("sinfo"):
+        raise ConfigError(
+            "sinfo not found: pass --gpu-type for the memory check, or --no-fit-check"
+        )
+    name = _partition_name(opts, _partitions())
+    found = gres_gpu_type(_run(["sinfo", "-h", "-p", name, "-o", "%G"]).split())
+    if found is None:
+        raise ConfigError(
+            f"partition {name}'s GRES names no GPU type: pass --gpu-type for the memory "
+            "check, or --no-fit-check"
+        )
+    return card_named(found, f"partition {name}'s GPU type")
 
 
 def sbatch(script: str, path: Path) -> str:

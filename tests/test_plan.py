@@ -146,7 +146,7 @@ def test_cli_flops(capsys):
     assert "5.76e23 FLOPs" in out
     assert fmt_count(CHINCHILLA.optimal(GOPHER_FLOPS)[0]) in out  # approach 3, ~40B
     assert "69.3B" in out and "1.39T" in out  # sqrt(5.76e23 / 120) and 20x that
-    assert "nearest config: 7b" in out  # the largest shipped config is nearest to 69B
+    assert "nearest config: llama3-70b" in out  # the shipped config nearest to 69B
     assert "attention FLOPs" in out
     for n in (8, 64, 512):
         assert f"{n} x H100" in out

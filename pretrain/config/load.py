@@ -29,6 +29,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         layers.append((str(path), _load_yaml(Path(path))))
     if overrides:
         layers.append(("command line", _parse_overrides(overrides)))
+    return _merge(layers)
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`cfg` with dotted `key=value` overrides applied, checked as load_config checks them."""
+    base = OmegaConf.create(to_dict(cfg))
+    return _merge([("config", base), ("command line", _parse_overrides(overrides))])
+
+
+def _merge(layers: list[tuple[str, DictConfig]]) -> Config:
     merged = OmegaConf.structured(Config)
     for source, layer in layers:
         _check_keys(layer, Config, prefix="", source=source)

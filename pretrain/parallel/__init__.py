@@ -7,6 +7,14 @@ from pretrain.parallel.fsdp import FSDPStrategy
 from pretrain.parallel.single import SingleStrategy
 from pretrain.parallel.zero import ZeroStrategy
 
+# parallel.strategy -> its class (the schema validates the name).
+STRATEGIES = {
+    "single": SingleStrategy,
+    "ddp": DDPStrategy,
+    "fsdp": FSDPStrategy,
+    "zero": ZeroStrategy,
+}
+
 
 def build_strategy(cfg) -> Strategy:
     """The strategy named by `parallel.strategy` (validated by the config schema)."""
@@ -20,16 +28,11 @@ def build_strategy(cfg) -> Strategy:
             f"parallel.strategy=single runs one process, but {world} were started: "
             "set parallel.strategy=ddp, fsdp or zero"
         )
-    strategies = {
-        "single": SingleStrategy,
-        "ddp": DDPStrategy,
-        "fsdp": FSDPStrategy,
-        "zero": ZeroStrategy,
-    }
-    return strategies[cfg.parallel.strategy](cfg)
+    return STRATEGIES[cfg.parallel.strategy](cfg)
 
 
 __all__ = [
+    "STRATEGIES",
     "DDPStrategy",
     "DistributedStrategy",
     "FSDPStrategy",

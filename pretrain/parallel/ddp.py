@@ -26,7 +26,10 @@ class DDPStrategy(DistributedStrategy):
     use several devices, for models whose weights and optimizer state fit on one."""
 
     def build_model(self) -> nn.Module:
-        model = new_transformer(self.cfg, self.device)
+        return self.replicate(new_transformer(self.cfg, self.device))
+
+    def replicate(self, model: nn.Module) -> DistributedDataParallel:
+        """The built model inside DDP, its gradient buckets laid out (`settle_bucket_order`)."""
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids)
         shape = (self.cfg.train.micro_batch_size, self.cfg.data.seq_len)

@@ -40,24 +40,37 @@ class FSDPStrategy(DistributedStrategy):
             return MixedPrecisionPolicy()
         return MixedPrecisionPolicy(param_dtype=self.mixed_dtype, reduce_dtype=torch.float32)
 
+    _mesh = None
+
+    def device_mesh(self):
+        """The ranks' mesh on the agreed device (fully_shard's default would pick CUDA
+        whenever a GPU is visible, even with parallel.device=cpu); made once, and outside
+        any fake-tensor mode (the planner builds it before tracing a step)."""
+        if self._mesh is None:
+            self._mesh = init_device_mesh(self.device.type, (self.world_size,))
+        return self._mesh
+
     def build_model(self) -> nn.Module:
+        model = self.sharded_meta_model()
+        model.to_empty(device=self.device)
+        model.init_weights()
+        return model
+
+    def sharded_meta_model(self) -> Transformer:
+        """The model on the meta device, blocks and root sharded: no memory yet (the
+        planner materialises it as fake tensors instead of real ones)."""
         with torch.device("meta"):
             model = Transformer(self.cfg.model)
         p = self.cfg.parallel
         prepare_blocks(model, p)
-        # The mesh on the agreed device (fully_shard's default would pick CUDA whenever a
-        # GPU is visible, even with parallel.device=cpu).
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
         shard = dict(
-            mesh=mesh,
+            mesh=self.device_mesh(),
             mp_policy=self.mixed_precision_policy(),
             reshard_after_forward=p.reshard_after_forward,
         )
         for block in model.layers:  # one all-gather per block, freed after use
             fully_shard(block, **shard)
         fully_shard(model, **shard)
-        model.to_empty(device=self.device)
-        model.init_weights()
         return model
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:

@@ -175,7 +175,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    """`pretrain plan`: print the plan for a budget; ConfigError for bad input."""
+    """`pretrain plan`: with a CONFIG, its per-rank memory and step time on a cluster
+    (pretrain.planner); with --flops/--hours, the compute-optimal plan for a budget.
+    ConfigError for bad input."""
+    if argv and not argv[0].startswith("-"):
+        from pretrain.planner.cli import main as plan_config
+
+        return plan_config(argv)
     args = _parse(argv)
     card = accelerator(args.gpu_type or "H100")
     peak, gpu = card.tensor16, card.name

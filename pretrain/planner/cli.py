@@ -1,0 +1,149 @@
+"""`pretrain plan CONFIG [key=value ...] --nodes N --gpus-per-node G --gpu-type T`: the
+per-rank memory, FLOPs and step time of a config on a cluster, before anything launches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from pretrain import hardware
+from pretrain.config.load import load_config
+from pretrain.errors import ConfigError
+from pretrain.planner.fit import MAX_NODE_DOUBLINGS, find_fix
+from pretrain.planner.plan import GIB, Cluster, Plan, plan
+
+LABELS = {
+    "params": "parameters (this rank's)",
+    "grads": "gradients",
+    "optimizer": "optimizer state",
+    "activations": "activations",
+    "logits_loss": "logits / loss",
+    "comm_buffers": "communication buffers",
+    "other": "other",
+}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="pretrain plan",
+        description="Per-rank memory, FLOPs and step time of CONFIG on a cluster: the real "
+        "model and strategy traced for one step on fake tensors (no GPU needed).",
+    )
+    p.add_argument("config", help="the run's YAML")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-type", default="H100", help=f"one of {', '.join(hardware.known_names())}")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--no-fix", action="store_true", help="do not search for a fix")
+    args = p.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not key=value")
+    return args
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:,.1f} GiB"
+
+
+def report(p: Plan) -> list[str]:
+    cfg, c = p.cfg, p.cluster
+    t, par = cfg.train, cfg.parallel
+    strategy = par.strategy + (f" stage {par.zero_stage}" if par.strategy == "zero" else "")
+    lines = [
+        f"plan: {cfg.run.name} on {c.describe()}, {strategy}, {par.mixed_precision}, "
+        f"activation checkpointing {par.activation_checkpointing}",
+        f"  micro-batch {t.micro_batch_size} x {cfg.data.seq_len} tokens, "
+        f"{p.trace.accum} per step per rank, global batch {t.global_batch_size} "
+        f"({p.tokens_per_step:,} tokens)",
+        "",
+        "memory per rank at the step's peak (tracked on fake tensors):",
+    ]
+    for key, label in LABELS.items():
+        if p.memory.get(key):
+            lines.append(f"  {label:28} {gib(p.memory[key]):>12}")
+    lines += [
+        f"  {'tracked peak':28} {gib(p.peak_bytes):>12}",
+        f"  {'allocator headroom':28} {gib(p.headroom_bytes):>12}",
+        f"  {'total':28} {gib(p.total_bytes):>12}  of {gib(p.capacity_bytes)} "
+        f"({c.card.name}): {'fits' if p.fits else 'DOES NOT FIT'}",
+        "",
+    ]
+    counts = p.trace.counts
+    recompute = counts.recompute_flops
+    expected = p.analytic_flops_per_step + p.attention_recompute_flops
+    lines += [
+        f"FLOPs per step per rank: traced {counts.flops:.3e} (recomputation {recompute:.3e}), "
+        f"analytic 6N + attention {p.analytic_flops_per_step:.3e}",
+        f"  check: traced without recomputation {counts.model_flops:.3e} = analytic + "
+        f"SDPA backward's QK^T recompute {expected:.3e} {counts.model_flops / expected - 1:+.2%}",
+        f"communication per step per rank: {fmt_comm(counts)}",
+        f"step time {p.step_time_s:.3f} s (compute {p.time.compute_s:.3f} s, "
+        f"communication {p.time.comm_s:.3f} s of which exposed {p.time.exposed_comm_s:.3f} s)",
+        f"throughput {p.tokens_per_s:,.0f} tokens/s ({p.tokens_per_s / c.world:,.0f} per GPU), "
+        f"MFU {p.mfu:.1%}",
+        "assumptions: " + "; ".join(p.assumptions.lines()),
+    ]
+    return lines
+
+
+def fmt_comm(counts) -> str:
+    if not counts.comm_bytes:
+        return "none"
+    parts = [
+        f"{kind} {gib(n)} in {counts.comm_calls[kind]} calls"
+        for kind, n in sorted(counts.comm_bytes.items())
+    ]
+    return ", ".join(parts)
+
+
+def as_json(p: Plan, fix_line: str | None) -> dict:
+    return {
+        "cluster": {"nodes": p.cluster.nodes, "gpus_per_node": p.cluster.gpus_per_node,
+                    "gpu_type": p.cluster.card.name},
+        "memory_bytes": p.memory,
+        "peak_bytes": p.peak_bytes,
+        "headroom_bytes": p.headroom_bytes,
+        "total_bytes": p.total_bytes,
+        "capacity_bytes": p.capacity_bytes,
+        "fits": p.fits,
+        "flops_per_step": p.flops_per_step,
+        "recompute_flops_per_step": p.trace.counts.recompute_flops,
+        "analytic_flops_per_step": p.analytic_flops_per_step,
+        "comm_bytes_per_step": dict(p.trace.counts.comm_bytes),
+        "step_time_s": p.step_time_s,
+        "tokens_per_s": p.tokens_per_s,
+        "mfu": p.mfu,
+        "fix": fix_line,
+    }  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    """Print the plan; exit 0 if it fits, 1 if not (with the smallest fix found)."""
+    args = parse(argv)
+    cluster = Cluster.of(args.nodes, args.gpus_per_node, args.gpu_type)
+    cfg = load_config(args.config, args.overrides)
+    started = time.perf_counter()
+    p = plan(cfg, cluster)
+    fix = None if p.fits or args.no_fix else find_fix(cfg, cluster)
+    if args.json:
+        print(json.dumps(as_json(p, fix.describe(cluster) if fix else None), indent=1))
+        return 0 if p.fits else 1
+    print("\n".join(report(p)))
+    if fix is not None:
+        fp = fix.plan
+        print(
+            f"\nsmallest change that fits ({gib(fp.total_bytes)} of {gib(fp.capacity_bytes)}, "
+            f"{fp.tokens_per_s / fp.cluster.world:,.0f} tokens/s per GPU):\n"
+            f"  {fix.describe(cluster)}"
+        )
+    elif not p.fits and not args.no_fix:
+        print(
+            "\nnothing tried fits (activation checkpointing, micro-batch 1, full sharding, "
+            f"up to {cluster.nodes * 2**MAX_NODE_DOUBLINGS} nodes): the model is too big for "
+            f"{cluster.card.name}s without tensor or pipeline parallelism"
+        )
+    print(f"(planned in {time.perf_counter() - started:.1f} s)")
+    return 0 if p.fits else 1

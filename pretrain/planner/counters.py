@@ -1,0 +1,172 @@
+"""What one traced training step does, op by op: FLOPs, bytes and collectives.
+
+`StepCounter` is a dispatch mode that sees every local op of the step (under DTensor, the
+per-rank op on the shard, as a rank runs it) and keeps, per op: its FLOPs, by torch's own
+formulas (`torch.utils.flop_counter`, plus the CPU flash-attention kernel, which that
+registry lacks, by the same SDPA formulas), the bytes it reads and writes, and, for the
+collectives, the bytes each rank puts on the wire. Ops run while a checkpointed block is
+recomputed in backward (grad mode on inside the backward pass) are counted apart, so the
+step's model FLOPs can be told from its hardware FLOPs.
+
+The time of a step is then a roofline over the same ops (`roofline_seconds`): each op
+takes the longer of its FLOPs at the achievable tensor rate and its bytes at the
+achievable memory rate, or a kernel launch if longer. Eager execution (compile off) runs one
+kernel per op, which is what is counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+def _cpu_sdpa_flop(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_sdpa_backward_flop(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+# torch's registry knows the CUDA SDPA kernels; the CPU one (what runs here, and what a
+# fake CPU trace dispatches to) gets the same formula.
+FLOP_FORMULAS = {
+    **flop_registry,
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
+}
+
+# Bytes a rank sends per byte of the collective's buffer, ring algorithms on n ranks:
+# all-gather and reduce-scatter move (n-1)/n of the full buffer, all-reduce twice that.
+_c10d = torch.ops.c10d
+_functional = torch.ops._c10d_functional
+COLLECTIVES = {
+    _c10d._allgather_base_.default: ("all_gather", 0, 2),  # (kind, output arg, factor x 1/2)
+    _c10d.allgather_.default: ("all_gather", 0, 2),
+    _c10d._reduce_scatter_base_.default: ("reduce_scatter", 1, 2),
+    _c10d.reduce_scatter_.default: ("reduce_scatter", 1, 2),
+    _c10d.allreduce_.default: ("all_reduce", 0, 4),
+    _c10d.broadcast_.default: ("broadcast", 0, 2),
+    _c10d.reduce_.default: ("reduce", 0, 2),
+    _functional.all_gather_into_tensor.default: ("all_gather", -1, 2),
+    _functional.reduce_scatter_tensor.default: ("reduce_scatter", 0, 2),
+    _functional.all_reduce.default: ("all_reduce", 0, 4),
+}
+
+
+def _nbytes(tensors) -> int:
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class OpCounts:
+    """Sums over a traced step (all per rank)."""
+
+    flops: int = 0  # every op with a FLOP formula
+    recompute_flops: int = 0  # of those, recomputing checkpointed blocks in backward
+    ops: int = 0  # kernels launched (ops with tensor outputs)
+    # (flops, bytes) of every compute op, for the roofline
+    op_costs: list[tuple[int, int]] = field(default_factory=list)
+    comm_bytes: Counter = field(default_factory=Counter)  # kind -> bytes sent by this rank
+    comm_calls: Counter = field(default_factory=Counter)
+
+    @property
+    def model_flops(self) -> int:
+        return self.flops - self.recompute_flops
+
+    def combined(self, other: OpCounts, times: int) -> OpCounts:
+        """These counts plus `times` x `other`'s (micro-batches not traced one by one)."""
+        return OpCounts(
+            self.flops + times * other.flops,
+            self.recompute_flops + times * other.recompute_flops,
+            self.ops + times * other.ops,
+            self.op_costs + other.op_costs * times,
+            self.comm_bytes + Counter({k: v * times for k, v in other.comm_bytes.items()}),
+            self.comm_calls + Counter({k: v * times for k, v in other.comm_calls.items()}),
+        )
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts FLOPs, bytes and collective traffic of the ops run under it (see module doc)."""
+
+    def __init__(self, world_size: int) -> None:
+        super().__init__()
+        self.world = world_size
+        self.counts = OpCounts()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(t is DTensor for t in types):
+            return NotImplemented  # let DTensor desugar to the local ops counted below
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        c = self.counts
+        if func in COLLECTIVES:
+            kind, index, half_factor = COLLECTIVES[func]
+            buffer = out if index < 0 else args[index]
+            size = _nbytes(tree_flatten(buffer)[0])
+            n = self.world
+            c.comm_bytes[kind] += size * half_factor * (n - 1) // (2 * n) if n > 1 else 0
+            c.comm_calls[kind] += 1
+            return out
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outs:
+            return out
+        flops = 0
+        formula = FLOP_FORMULAS.get(packet)
+        if formula is not None:
+            flops = formula(*args, **kwargs, out_val=out)
+            c.flops += flops
+            in_backward = torch._C._current_graph_task_id() != -1
+            if in_backward and torch.is_grad_enabled():
+                c.recompute_flops += flops
+        if func in _VIEWS or packet in _VIEWS:
+            return out
+        moved = _nbytes(tree_flatten((args, kwargs))[0]) + _nbytes(outs)
+        c.ops += 1
+        c.op_costs.append((flops, moved))
+        return out
+
+
+# Ops that make no kernel and move no bytes.
+_VIEWS = {
+    aten.view, aten._unsafe_view, aten.reshape, aten.expand, aten.t, aten.transpose,
+    aten.permute, aten.slice, aten.select, aten.split, aten.split_with_sizes, aten.chunk,
+    aten.unsqueeze, aten.squeeze, aten.as_strided, aten.alias, aten.detach, aten.unbind,
+    aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided,
+    aten.lift_fresh, aten._reshape_alias, aten.unflatten, aten.flatten, aten.narrow,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What one device achieves: the stated assumptions of the time estimate."""
+
+    peak_flops: float  # dense tensor FLOP/s in the training precision
+    memory_bytes_s: float  # HBM bytes/s
+    matmul_efficiency: float  # achievable fraction of peak_flops for matmuls/attention
+    memory_efficiency: float  # achievable fraction of memory_bytes_s
+    launch_s: float  # per kernel
+
+
+def roofline_seconds(counts: OpCounts, rates: Rates) -> float:
+    """Each op at the slower of its FLOPs and its bytes, plus a launch, summed."""
+    flop_rate = rates.peak_flops * rates.matmul_efficiency
+    byte_rate = rates.memory_bytes_s * rates.memory_efficiency
+    total = 0.0
+    for flops, moved in counts.op_costs:
+        total += max(flops / flop_rate, moved / byte_rate, rates.launch_s)
+    return total

@@ -1,0 +1,177 @@
+"""When a config does not fit: the smallest change that does, as overrides to paste.
+
+Changes are tried from the one that costs least throughput to the one that costs most:
+activation checkpointing (recomputes one forward), smaller loss chunks, the largest
+smaller micro-batch that fits (same global batch, more accumulation), more sharding (ddp/single -> fsdp,
+ZeRO stage + 1), and then all of them together; only when even that does not fit, more
+nodes. Each candidate is planned by tracing it (a linear guess from the traced categories
+would miss where the peak moves), and the first that fits is the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.config.load import with_overrides
+from pretrain.errors import ConfigError
+from pretrain.planner.plan import GIB, Cluster, Plan, plan
+
+MAX_NODE_DOUBLINGS = 7
+
+
+@dataclass(frozen=True)
+class Fix:
+    overrides: tuple[str, ...]
+    nodes: int  # the node count it needs (the cluster's own when unchanged)
+    plan: Plan
+
+    def describe(self, cluster: Cluster) -> str:
+        parts = list(self.overrides)
+        if self.nodes != cluster.nodes:
+            parts.append(f"--nodes {self.nodes}")
+        return " ".join(parts)
+
+
+def single_changes(cfg) -> list[tuple[str, ...]]:
+    """The one-key changes that cost least: activation checkpointing, smaller loss chunks."""
+    p = cfg.parallel
+    out: list[tuple[str, ...]] = []
+    if p.activation_checkpointing != "full":
+        out.append(("parallel.activation_checkpointing=full",))
+    if p.loss_chunk_tokens == 0 or p.loss_chunk_tokens > 1024:
+        out.append(("parallel.loss_chunk_tokens=1024",))
+    return out
+
+
+def smaller_micro_batches(cfg, world: int) -> list[int]:
+    """Micro-batch sizes below the config's that divide the global batch on `world` ranks."""
+    t = cfg.train
+    sizes = range(t.micro_batch_size - 1, 0, -1)
+    return [m for m in sizes if t.global_batch_size % (m * world) == 0]
+
+
+def more_sharding(cfg, world: int) -> list[tuple[str, ...]]:
+    p = cfg.parallel
+    if world == 1:
+        return []
+    if p.strategy in ("single", "ddp"):
+        return [("parallel.strategy=fsdp",)]
+    if p.strategy == "zero" and p.zero_stage < 3:
+        return [(f"parallel.zero_stage={p.zero_stage + 1}",), ("parallel.strategy=fsdp",)]
+    if p.strategy == "fsdp" and (p.fsdp_defer_grad_sync or not p.reshard_after_forward):
+        return [("parallel.fsdp_defer_grad_sync=false", "parallel.reshard_after_forward=true")]
+    return []
+
+
+def everything(cfg, world: int) -> tuple[str, ...]:
+    """Every memory-saving change at once, for `world` ranks."""
+    p = cfg.parallel
+    out = ["parallel.activation_checkpointing=full"]
+    if p.loss_chunk_tokens == 0 or p.loss_chunk_tokens > 1024:
+        out.append("parallel.loss_chunk_tokens=1024")
+    if smaller := smaller_micro_batches(cfg, world):
+        out.append(f"train.micro_batch_size={smaller[-1]}")
+    for change in more_sharding(cfg, world)[-1:]:
+        out.extend(change)
+    return tuple(out)
+
+
+def find_fix(cfg, cluster: Cluster) -> Fix | None:
+    """The first candidate (see module doc) whose plan fits, or None."""
+
+    def attempt(overrides: tuple[str, ...], nodes: int) -> Fix | None:
+        overrides = tuple(o for o in overrides if not _already(cfg, o))
+        target = Cluster(nodes, cluster.gpus_per_node, cluster.card)
+        try:
+            candidate = with_overrides(cfg, list(overrides))
+            if not overrides and nodes == cluster.nodes:
+                return None  # the config itself, already planned
+            if shallow_total(candidate, target) > target.card.memory_gb * GIB:
+                return None
+            p = plan(candidate, target)
+        except ConfigError:  # a candidate the config rejects is not a fix
+            return None
+        return Fix(overrides, nodes, p) if p.fits else None
+
+    for change in single_changes(cfg):
+        if fix := attempt(change, cluster.nodes):
+            return fix
+    if fix := largest_micro_batch(cfg, cluster, attempt):
+        return fix
+    for change in more_sharding(cfg, cluster.world):
+        if fix := attempt(change, cluster.nodes):
+            return fix
+    nodes = cluster.nodes
+    for _ in range(MAX_NODE_DOUBLINGS):
+        nodes *= 2
+        for overrides in ((), everything(cfg, nodes * cluster.gpus_per_node)):
+            if fix := attempt(overrides, nodes):
+                return fix
+    return None
+
+
+def _already(cfg, override: str) -> bool:
+    """Whether `key=value` is what cfg already has (a no-op change is not shown)."""
+    key, value = override.split("=", 1)
+    section, name = key.split(".")
+    current = getattr(getattr(cfg, section), name)
+    return str(current).lower() == value.lower()
+
+
+def shallow_total(cfg, cluster: Cluster) -> float:
+    """Peak + headroom of `cfg` extrapolated from two shallow copies of it (the same blocks,
+    fewer of them): every category grows by the same amount from one block to the next,
+    so the search rules candidates out for a fraction of a full trace. Only candidates this
+    says fit are planned in full; a model this shallow is planned in full at once."""
+    m, p = cfg.model, cfg.parallel
+    unit = p.activation_checkpointing_every if p.activation_checkpointing == "every" else 1
+    shallow, deeper = 4 * unit, 8 * unit  # below 4 blocks, prefetching is not yet steady
+    if m.n_layers <= deeper:
+        return plan(cfg, cluster).total_bytes
+    totals = []
+    for depth in (shallow, deeper):
+        totals.append(plan(with_overrides(cfg, [f"model.n_layers={depth}"]), cluster).total_bytes)
+    per_block = (totals[1] - totals[0]) / (deeper - shallow)
+    return totals[0] + per_block * (m.n_layers - shallow)
+
+
+def largest_micro_batch(cfg, cluster: Cluster, attempt) -> Fix | None:
+    """The largest smaller micro-batch that fits, by bisection (memory grows with it)."""
+    sizes = smaller_micro_batches(cfg, cluster.world)  # descending
+    best, lo, hi = None, 0, len(sizes) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        fix = attempt((f"train.micro_batch_size={sizes[mid]}",), cluster.nodes)
+        if fix:
+            best, hi = fix, mid - 1
+        else:
+            lo = mid + 1
+    return best
+
+
+def require_fit(cfg, cluster: Cluster, log=print) -> Plan | None:
+    """The launch-time check: the plan when `cfg` fits on `cluster`, else a one-line
+    ConfigError naming the figure and the smallest fix. A config the planner cannot trace
+    (a planner limitation, not the config's fault) is let through with a warning."""
+    try:
+        p = plan(cfg, cluster)
+    except ConfigError:
+        raise
+    except Exception as e:  # never block a launch on the planner's own failure
+        log(f"fit check skipped: could not plan this config ({type(e).__name__}: {e})")
+        return None
+    need = f"{p.total_bytes / GIB:.1f} GiB per GPU"
+    if p.fits:
+        log(f"fit check: {need} of {p.capacity_bytes / GIB:.0f} GiB on {cluster.describe()}")
+        return p
+    fix = find_fix(cfg, cluster)
+    hint = (
+        f"smallest fix: {fix.describe(cluster)} ({fix.plan.total_bytes / GIB:.1f} GiB)"
+        if fix
+        else "nothing tried fits (checkpointing, micro-batch 1, full sharding, more nodes)"
+    )
+    raise ConfigError(
+        f"config does not fit: {need} planned ({p.peak_bytes / GIB:.1f} tracked + "
+        f"{p.headroom_bytes / GIB:.1f} headroom) > {p.capacity_bytes / GIB:.0f} GiB of a "
+        f"{cluster.card.name}; {hint}; or pass --no-fit-check"
+    )

@@ -58,21 +58,21 @@ def plan_model(strategy, meta) -> nn.Module:
     return model
 
 
-def fake_tensors(model: nn.Module, device: torch.device) -> None:
-    """Meta parameters and buffers replaced by fake ones on `device`, ties kept.
+def fake_tensors(model: nn.Module, device: torch.device, recurse: bool = True) -> nn.Module:
+    """What `model.to_empty(device=device)` does, inside a FakeTensorMode: meta parameters
+    and buffers replaced by fake ones, ties kept (within the call).
 
     (`Module.to_empty` would swap each tensor in place, which torch refuses for a fake
     tensor that its mode holds a weak reference to.)"""
     made: dict[int, torch.Tensor] = {}
-    for module in model.modules():
+    for module in model.modules() if recurse else [model]:
         for table, wrap in ((module._parameters, True), (module._buffers, False)):
-            for name, t in table.items():
-                if t is None:
-                    continue
+            for name, t in ((n, t) for n, t in table.items() if t is not None):
                 if id(t) not in made:
                     new = torch.empty_like(t, device=device)
                     made[id(t)] = nn.Parameter(new, t.requires_grad) if wrap else new
                 table[name] = made[id(t)]
+    return model
 
 
 # torch's DDP defaults: gradients are copied into flat buckets of 25 MiB (the first 1 MiB),

@@ -37,7 +37,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gpu-type", default="H100", help=f"one of {', '.join(hardware.known_names())}")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--no-fix", action="store_true", help="do not search for a fix")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not key=value")

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
 
 from pretrain.planner import zero_trace
@@ -53,6 +53,8 @@ class Trace:
     """What rank 0 of the cluster holds and does in one optimizer step."""
 
     memory: dict[str, int]  # planner category -> bytes at the step's peak
+    model_state: dict[str, int]  # the categories where params + grads + optimizer peak
+    high_water: dict[str, int]  # each category's own largest value in the step
     micro: OpCounts  # a micro-batch that does not end the step (the last one if accum = 1)
     last: OpCounts  # the step's last micro-batch (DDP and ZeRO reduce gradients in it)
     optimizer: OpCounts  # clip and optimizer step
@@ -101,32 +103,58 @@ class _PlanTracking:
     a walk over every module at every op)."""
 
     in_loss = False
+    step_makes_grads = False  # set by zero_trace around DeepSpeed's step
 
     def _plan_init(self) -> None:
         self._ref_class = [*self._ref_class, LOSS]
+        self.highs: dict = {}  # each tracker category's own high-water mark
 
     def _track(self, reftype, t):
-        if self.in_loss and getattr(reftype, "name", "") in ("ACT", "TEMP"):
-            reftype = LOSS
+        if getattr(reftype, "name", "") in ("ACT", "TEMP"):
+            if self.in_loss:
+                reftype = LOSS
+            elif self.step_makes_grads and not self._in_opt:
+                reftype = _MemRefType.GRAD
         super()._track(reftype, t)
+
+    model_state_peak: dict | None = None  # the snapshot where params+grads+optimizer peak
 
     def _update_peak_stats(self, peak_state) -> None:
         for dev, snap in self._curr_mem_snap.items():
             if self._peak_mem.get(dev, 0) < snap["Total"]:
                 self._peak_mem[dev] = snap["Total"]
                 self._peak_mem_snap[dev] = dict(snap)
+            if _model_state(snap) > _model_state(self.model_state_peak or {}):
+                self.model_state_peak = dict(snap)
+            for k, v in snap.items():
+                if v > self.highs.get(k, 0):
+                    self.highs[k] = v
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _Propagation.depth:
             return func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
-    def by_category(self) -> dict[str, int]:
-        snap = next(iter(self._peak_mem_snap.values()), {})
-        names = {getattr(k, "name", k): v for k, v in snap.items() if k != "Total"}
-        out = {cat: sum(names.get(n, 0) for n in keys) for cat, keys in CATEGORIES.items()}
+    def by_category(self, snap: dict | None = None) -> dict[str, int]:
+        """Bytes per planner category at the peak (or in `snap`)."""
+        if snap is None:
+            snap = next(iter(self._peak_mem_snap.values()), {})
+        out = _categories(snap)
         out["comm_buffers"] += getattr(self, "ddp_bucket_bytes", 0)
         return out
+
+
+MODEL_STATE = ("params", "grads", "optimizer")
+
+
+def _categories(snap: dict) -> dict[str, int]:
+    names = {getattr(k, "name", k): v for k, v in snap.items() if k != "Total"}
+    return {cat: sum(names.get(n, 0) for n in keys) for cat, keys in CATEGORIES.items()}
+
+
+def _model_state(snap: dict) -> int:
+    by = _categories(snap)
+    return sum(by[c] for c in MODEL_STATE)
 
 
 class PlanMemTracker(_PlanTracking, MemTracker):
@@ -194,7 +222,9 @@ def trace_step(cfg, world_size: int) -> Trace:
         ShardingPropagator._fake_mode_lock = saved_lock
     if cfg.parallel.strategy == "ddp":
         add_ddp_buckets(strategy.model, world_size, tracker, parts[-2])
-    return Trace(tracker.by_category(), parts[0], parts[-2], parts[-1], accum)
+    model_state = tracker.by_category(tracker.model_state_peak or {})
+    highs = tracker.by_category(tracker.highs)
+    return Trace(tracker.by_category(), model_state, highs, parts[0], parts[-2], parts[-1], accum)
 
 
 def set_up(strategy, meta, build_optimizer) -> _PlanTracking:

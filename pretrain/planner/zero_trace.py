@@ -38,21 +38,15 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
 from torch.distributed._tools.mem_tracker import _MemRefType
 
+from pretrain.planner.build import fake_tensors, plan_model
+
 _REDUCE = _FSDPRefType.REDUCE_SCATTER  # the planner's comm_buffers (FSDP's categories)
 _GATHERED = _FSDPRefType.UNSHARDED_PARAM
 _ENV = {"LOCAL_RANK": "0"}  # the engine asserts a launcher set it (`_do_args_sanity_check`)
 
 
 def _to_empty(self: nn.Module, *, device, recurse: bool = True) -> nn.Module:
-    made: dict[int, torch.Tensor] = {}  # ties kept within the call
-    for module in self.modules() if recurse else [self]:
-        for table, wrap in ((module._parameters, True), (module._buffers, False)):
-            for name, t in ((n, t) for n, t in table.items() if t is not None):
-                if id(t) not in made:
-                    new = torch.empty_like(t, device=device)
-                    made[id(t)] = nn.Parameter(new, t.requires_grad) if wrap else new
-                table[name] = made[id(t)]
-    return self
+    return fake_tensors(self, device, recurse)
 
 
 @contextlib.contextmanager
@@ -115,7 +109,6 @@ def build_zero_for_plan(strategy, optimizer_factory) -> None:
     import deepspeed
 
     from pretrain.parallel.zero import build_partitioned
-    from pretrain.planner.build import plan_model
 
     cfg = strategy.cfg
     deepspeed.init_distributed(dist_backend="gloo")  # wraps the fake process group
@@ -232,12 +225,27 @@ def track_zero(tracker, strategy) -> None:
 
     register()
     tracker.track_external(engine.module, zero.optimizer)
+    zero.step = _during(zero.step, tracker)
     for name in (n for n in _MAKERS.split() if hasattr(zero, n)):
         setattr(zero, name, _then(getattr(zero, name), register))
     if hasattr(zero, "parameter_offload"):  # stage 3: after each module's weights arrive
         params = [p for p in engine.module.parameters() if not p.ds_persist]
         coordinator = zero.parameter_offload.get_param_coordinator()
         coordinator.fetch_sub_module = _then(coordinator.fetch_sub_module, gathered)
+
+
+def _during(step, tracker):
+    """DeepSpeed's step around AdamW's: what it makes outside AdamW (the partitions'
+    gradients, cast to fp32 for the update) is gradient memory, not temporaries."""
+
+    def wrapper(*args, **kwargs):
+        tracker.step_makes_grads = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            tracker.step_makes_grads = False
+
+    return wrapper
 
 
 def _then(method, after):

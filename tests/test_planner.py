@@ -1,0 +1,246 @@
+"""The planner (`pretrain plan CONFIG ...`): FLOPs against torch's counter on a real step,
+memory categories against arithmetic, the fix search, the launch-time fit check and its
+errors. Planned-vs-measured memory on real ranks is in test_plan_memory.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from pretrain.config.load import load_config, with_overrides
+from pretrain.errors import CONFIG_OR_DATA_ERROR, ConfigError
+from pretrain.model import Transformer, count_params
+from pretrain.parallel.single import SingleStrategy
+from pretrain.planner import Cluster, plan
+from pretrain.planner.fit import find_fix
+from pretrain.planner.trace import fake_world, trace_step, train_step
+from tests.helpers.runs import REPO, TINY_MODEL
+
+aten = torch.ops.aten
+SMALL = [
+    *TINY_MODEL,
+    "data.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=16",
+    "parallel.loss_chunk_tokens=64",
+]
+
+
+def small(*extra: str):
+    return load_config(REPO / "configs" / "tiny.yaml", [*SMALL, *extra])
+
+
+def traced(cfg, world: int = 1):
+    with fake_world(world):
+        return trace_step(cfg, world)
+
+
+# ------------------------------------------------------------------ FLOPs
+def real_step_flops(cfg) -> int:
+    """FLOPs of one real optimizer step as torch's FlopCounterMode counts them, with the
+    CPU flash-attention kernel (not in torch's registry) given torch's own SDPA formulas."""
+    strategy = SingleStrategy(cfg)
+    strategy.setup()
+    t = cfg.train
+    accum = strategy.accum_steps
+    batches = [
+        torch.randint(cfg.model.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1))
+        for _ in range(accum)
+    ]
+    cpu_sdpa = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None,
+        **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a,
+        out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
+    }  # fmt: skip
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        train_step(strategy, batches, cfg)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (),
+        ("parallel.activation_checkpointing=full", "model.n_kv_heads=2"),
+        ("parallel.loss_chunk_tokens=16", "model.position=alibi"),
+    ],
+    ids=["plain", "checkpointed-gqa", "chunked-loss-alibi"],
+)
+def test_traced_flops_match_torch_flop_counter_on_a_real_step(extra):
+    cfg = small(*extra)
+    real = real_step_flops(cfg)
+    planned = traced(cfg).counts.flops
+    assert real > 0
+    assert abs(planned - real) / real < 0.01, (planned, real)
+
+
+def test_traced_model_flops_match_the_analytic_count():
+    """Without recomputation, the trace is 6N + 12 L d S per token (model.flops) plus what
+    torch charges SDPA's backward for recomputing QK^T; checkpointing only adds recompute."""
+    cfg = small("model.n_kv_heads=2")
+    p = plan(cfg, Cluster.of(1, 1, "H100"))
+    expected = p.analytic_flops_per_step + p.attention_recompute_flops
+    assert abs(p.model_flops_per_step - expected) / expected < 0.01
+    checkpointed = plan(with_overrides(cfg, ["parallel.activation_checkpointing=full"]),
+                        Cluster.of(1, 1, "H100"))  # fmt: skip
+    assert checkpointed.trace.counts.recompute_flops > 0.2 * p.flops_per_step
+    assert checkpointed.model_flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.01)
+
+
+# ------------------------------------------------------------------ memory
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sharded_model_state_is_the_model_over_the_ranks(strategy):
+    """On 8 fake ranks each holds 1/8 of the fp32 weights and 2/8 of the AdamW moments."""
+    name, stage = ("zero", 3) if strategy == "zero3" else (strategy, 3)
+    cfg = small(f"parallel.strategy={name}", f"parallel.zero_stage={stage}",
+                "train.global_batch_size=32", "train.micro_batch_size=1")  # fmt: skip
+    n = count_params(cfg.model)
+    with torch.device("meta"):
+        buffers = sum(b.numel() * 4 for b in Transformer(cfg.model).buffers())  # replicated
+    state = traced(cfg, 8).model_state
+    assert state["params"] == pytest.approx(4 * n / 8 + buffers, rel=0.02)
+    assert state["optimizer"] == pytest.approx(8 * n / 8, rel=0.05)
+
+
+def test_checkpointing_and_smaller_micro_batches_lower_activations():
+    base = traced(small("model.n_layers=8")).memory
+    ckpt = traced(small("model.n_layers=8", "parallel.activation_checkpointing=full")).memory
+    half = traced(small("model.n_layers=8", "train.micro_batch_size=2")).memory
+    assert ckpt["activations"] < 0.3 * base["activations"]  # 8 blocks' inputs + one block
+    assert half["activations"] == pytest.approx(base["activations"] / 2, rel=0.15)
+    assert base["params"] == ckpt["params"] == half["params"]
+
+
+def test_ddp_counts_gradient_buckets_and_one_all_reduce_per_step():
+    cfg = small("parallel.strategy=ddp")
+    n = count_params(cfg.model)
+    t = traced(cfg, 2)
+    assert t.memory["comm_buffers"] == 4 * n  # the buckets: a copy of every gradient
+    assert t.accum == 2
+    assert not t.micro.comm_bytes  # no_sync: the first micro-batch sends nothing
+    assert t.last.comm_bytes["all_reduce"] == pytest.approx(4 * n, rel=0.01)  # 2 (n-1)/n
+
+
+# ------------------------------------------------------------------ fixes and errors
+def test_a_config_that_does_not_fit_gets_the_smallest_fix_that_does():
+    """Activations of a 4-layer d_model 2048 model at micro-batch 16 overflow an L4 under
+    DDP; the search offers checkpointing first, and its plan fits."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        "model.d_model=2048", "model.n_heads=16", "model.n_layers=4", "model.vocab_size=32000",
+        "model.max_seq_len=2048", "data.seq_len=2048", "train.micro_batch_size=16",
+        "train.global_batch_size=128", "parallel.strategy=ddp",
+    ])  # fmt: skip
+    cluster = Cluster.of(1, 8, "L4")
+    assert not plan(cfg, cluster).fits
+    fix = find_fix(cfg, cluster)
+    assert fix is not None and fix.plan.fits
+    assert fix.overrides == ("parallel.activation_checkpointing=full",)
+    assert fix.nodes == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpu-type", "H900"], "unknown --gpu-type 'H900'"),
+        (["--gpus-per-node", "0"], "--gpus-per-node must be a whole number >= 1"),
+        (["--nodes", "3", "parallel.strategy=fsdp"], "train.global_batch_size (16) must be a"),
+        (["--gpus-per-node", "2", "parallel.strategy=single"], "parallel.strategy=single runs"),
+        (["model.d_modle=3"], "d_modle"),
+    ],
+)
+def test_bad_input_is_one_line(args, message):
+    r = subprocess.run(
+        [sys.executable, "-m", "pretrain", "plan", str(REPO / "configs" / "tiny.yaml"),
+         "--gpus-per-node", "1", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == CONFIG_OR_DATA_ERROR, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_cluster_rejects_unknown_types_in_one_line():
+    with pytest.raises(ConfigError, match="known: .*H100"):
+        Cluster.of(1, 8, "TPUv5")
+
+
+@pytest.mark.slow
+def test_plan_of_70b_on_512_ranks(capsys):
+    """The shipped Llama-3 70B config on 64 nodes of 8 H100s: each rank holds 1/512 of the
+    fp32 weights and twice that in AdamW moments; bf16 all-gathers of every weight twice
+    (forward, and again in backward after resharding) and fp32 reduce-scatters once."""
+    from pretrain.planner.cli import main
+
+    assert main([str(REPO / "configs" / "llama3-70b.yaml"), "--nodes", "64",
+                 "--gpus-per-node", "8", "--gpu-type", "H100", "--json"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    n = count_params(load_config(REPO / "configs" / "llama3-70b.yaml").model)
+    assert out["fits"] and out["total_bytes"] < out["capacity_bytes"]
+    assert out["memory_bytes"]["params"] == pytest.approx(4 * n / 512, rel=0.01)
+    assert out["memory_bytes"]["optimizer"] == pytest.approx(8 * n / 512, rel=0.01)
+    assert out["comm_bytes_per_step"]["all_gather"] == pytest.approx(2 * 2 * n * 511 / 512, rel=0.01)
+    assert out["comm_bytes_per_step"]["reduce_scatter"] == pytest.approx(4 * n * 511 / 512, rel=0.01)
+    assert 0.05 < out["mfu"] < 0.8
+
+
+# ------------------------------------------------------------------ the launch-time check
+TOO_BIG_FOR_L4 = [
+    "model.d_model=2048", "model.n_heads=16", "model.n_layers=4", "model.vocab_size=32000",
+    "model.max_seq_len=2048", "data.seq_len=2048", "train.micro_batch_size=16",
+    "train.global_batch_size=128", "parallel.strategy=ddp",
+]  # fmt: skip
+
+
+def pretrain_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.torchrun  # starts `pretrain launch` (refused before torchrun starts)
+def test_launch_refuses_a_config_that_will_not_fit_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    r = pretrain_cli(
+        "launch", str(REPO / "configs" / "tiny.yaml"), *TOO_BIG_FOR_L4, f"run.dir={run_dir}",
+        "--nproc-per-node", "8", "--gpu-type", "L4",
+    )  # fmt: skip
+    assert r.returncode == CONFIG_OR_DATA_ERROR, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "does not fit" in line and "GiB of a L4" in line
+    assert "smallest fix: parallel.activation_checkpointing=full" in line
+    assert "--no-fit-check" in line
+    assert not run_dir.exists()  # refused before anything was written
+
+
+def test_submit_checks_fit_and_no_fit_check_skips_it(tmp_path):
+    args = ["submit", str(REPO / "configs" / "tiny.yaml"), *TOO_BIG_FOR_L4,
+            f"run.dir={tmp_path / 'run'}", "--gpus-per-node", "8", "--gpu-type", "L4",
+            "--dry-run"]  # fmt: skip
+    refused = pretrain_cli(*args)
+    assert refused.returncode == CONFIG_OR_DATA_ERROR
+    assert "does not fit" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    forced = pretrain_cli(*args, "--no-fit-check")
+    assert forced.returncode == 0, forced.stderr
+    # the job's launchers do not plan again at every (re)start
+    assert "--no-fit-check" in forced.stdout.split("-m pretrain launch", 1)[1]
+    fits = pretrain_cli(*args[:-5], "--gpus-per-node", "8", "--gpu-type", "H100", "--dry-run")
+    assert fits.returncode == 0, fits.stderr
+    assert "fit check: " in fits.stdout and "GiB on 1 x 8 H100-SXM" in fits.stdout
+
+
+def test_gpu_type_from_slurm_gres():
+    from launch.fitcheck import card_named, gres_gpu_type
+
+    assert gres_gpu_type(["gpu:h100:8(S:0-1)"]) == "h100"
+    assert gres_gpu_type(["gpu:8", "gpu:a100:4"]) == "a100"
+    assert gres_gpu_type(["gpu:8"]) is None
+    assert card_named("h100", "partition gpu's type").name == "H100-SXM"
+    with pytest.raises(ConfigError, match="'mi999' is not a GPU type .* --gpu-type"):
+        card_named("mi999", "partition gpu's type")

@@ -114,12 +114,15 @@ def submit_config(
         slurm=opts,
     )
     script = render([Path(cfg.run.dir)], opts, cfg.run.name, spec.cwd)
-    if opts["gpus_per_node"] and fit is not None and not (dry_run and fit == "auto"):
-        check_fit(cfg, opts["nodes"], opts["gpus_per_node"], _gpu_card(fit, opts))
-    if dry_run:
+    gpus = opts["gpus_per_node"] and fit is not None
+    if dry_run:  # no cluster to ask for its GPU type: checked with --gpu-type only
+        if gpus and fit != "auto":
+            check_fit(cfg, opts["nodes"], opts["gpus_per_node"], _gpu_card(fit, opts))
         print(script, end="")
         return 0
     check_cluster(opts, script)  # before the run directory is made
+    if gpus:
+        check_fit(cfg, opts["nodes"], opts["gpus_per_node"], _gpu_card(fit, opts))
     run_dir = prepare(cfg, spec)
     spec.config = str(RunDir(run_dir).config)
     return _submit(spec, script)

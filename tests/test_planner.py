@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from pretrain.__main__ import main as pretrain_main
 from pretrain.config.load import load_config, with_overrides
 from pretrain.errors import CONFIG_OR_DATA_ERROR, ConfigError
 from pretrain.model import Transformer, count_params
@@ -154,19 +155,18 @@ def test_a_config_that_does_not_fit_gets_the_smallest_fix_that_does():
         (["model.d_modle=3"], "d_modle"),
     ],
 )
-def test_bad_input_is_one_line(args, message):
-    r = subprocess.run(
-        [sys.executable, "-m", "pretrain", "plan", str(REPO / "configs" / "tiny.yaml"),
-         "--gpus-per-node", "1", *args],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
-    assert r.returncode == CONFIG_OR_DATA_ERROR, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], r.stderr
+def test_bad_input_is_one_line(args, message, capsys):
+    code = pretrain_main(
+        ["plan", str(REPO / "configs" / "tiny.yaml"), "--gpus-per-node", "1", *args]
+    )
+    err = capsys.readouterr().err
+    assert code == CONFIG_OR_DATA_ERROR, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
 
 
 def test_cluster_rejects_unknown_types_in_one_line():
-    with pytest.raises(ConfigError, match="known: .*H100"):
+    with pytest.raises(ConfigError, match=r"known: .*H100"):
         Cluster.of(1, 8, "TPUv5")
 
 
@@ -184,8 +184,12 @@ def test_plan_of_70b_on_512_ranks(capsys):
     assert out["fits"] and out["total_bytes"] < out["capacity_bytes"]
     assert out["memory_bytes"]["params"] == pytest.approx(4 * n / 512, rel=0.01)
     assert out["memory_bytes"]["optimizer"] == pytest.approx(8 * n / 512, rel=0.01)
-    assert out["comm_bytes_per_step"]["all_gather"] == pytest.approx(2 * 2 * n * 511 / 512, rel=0.01)
-    assert out["comm_bytes_per_step"]["reduce_scatter"] == pytest.approx(4 * n * 511 / 512, rel=0.01)
+    assert out["comm_bytes_per_step"]["all_gather"] == pytest.approx(
+        2 * 2 * n * 511 / 512, rel=0.01
+    )
+    assert out["comm_bytes_per_step"]["reduce_scatter"] == pytest.approx(
+        4 * n * 511 / 512, rel=0.01
+    )
     assert 0.05 < out["mfu"] < 0.8
 
 
@@ -219,20 +223,20 @@ def test_launch_refuses_a_config_that_will_not_fit_in_one_line(tmp_path):
     assert not run_dir.exists()  # refused before anything was written
 
 
-def test_submit_checks_fit_and_no_fit_check_skips_it(tmp_path):
+def test_submit_checks_fit_and_no_fit_check_skips_it(tmp_path, capsys):
     args = ["submit", str(REPO / "configs" / "tiny.yaml"), *TOO_BIG_FOR_L4,
-            f"run.dir={tmp_path / 'run'}", "--gpus-per-node", "8", "--gpu-type", "L4",
-            "--dry-run"]  # fmt: skip
-    refused = pretrain_cli(*args)
-    assert refused.returncode == CONFIG_OR_DATA_ERROR
-    assert "does not fit" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
-    forced = pretrain_cli(*args, "--no-fit-check")
-    assert forced.returncode == 0, forced.stderr
+            f"run.dir={tmp_path / 'run'}", "--gpus-per-node", "8", "--dry-run"]  # fmt: skip
+    assert pretrain_main([*args, "--gpu-type", "L4"]) == CONFIG_OR_DATA_ERROR
+    err = capsys.readouterr().err
+    assert "does not fit" in err and len(err.strip().splitlines()) == 1
+    assert pretrain_main([*args, "--gpu-type", "L4", "--no-fit-check"]) == 0
+    script = capsys.readouterr().out
     # the job's launchers do not plan again at every (re)start
-    assert "--no-fit-check" in forced.stdout.split("-m pretrain launch", 1)[1]
-    fits = pretrain_cli(*args[:-5], "--gpus-per-node", "8", "--gpu-type", "H100", "--dry-run")
-    assert fits.returncode == 0, fits.stderr
-    assert "fit check: " in fits.stdout and "GiB on 1 x 8 H100-SXM" in fits.stdout
+    assert "--no-fit-check" in script.split("-m pretrain launch", 1)[1]
+    assert pretrain_main([*args, "--gpu-type", "H100"]) == 0
+    out = capsys.readouterr().out
+    assert "fit check: " in out and "GiB on 1 x 8 H100-SXM" in out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
 def test_gpu_type_from_slurm_gres():
@@ -242,7 +246,7 @@ def test_gpu_type_from_slurm_gres():
     assert gres_gpu_type(["gpu:8", "gpu:a100:4"]) == "a100"
     assert gres_gpu_type(["gpu:8"]) is None
     assert card_named("h100", "partition gpu's type").name == "H100-SXM"
-    with pytest.raises(ConfigError, match="'mi999' is not a GPU type .* --gpu-type"):
+    with pytest.raises(ConfigError, match=r"'mi999' is not a GPU type .* --gpu-type"):
         card_named("mi999", "partition gpu's type")
 
 

@@ -289,3 +289,21 @@ def test_zero_model_state_against_deepspeeds_estimators(stage):
     assert weights_and_optimizer == pytest.approx(
         estimate - working_set - estimated_gradients, rel=0.05
     )
+
+
+def test_slower_links_and_matmuls_lengthen_the_step():
+    """Between nodes a collective runs at the network port; on one node, at NVLink."""
+    from pretrain.planner.estimate import Assumptions
+
+    cfg = small("parallel.strategy=fsdp", "train.global_batch_size=16", "train.micro_batch_size=1",
+                "model.d_model=1024", "model.n_heads=8", "model.vocab_size=8192",
+                "model.max_seq_len=1024", "data.seq_len=1024")  # fmt: skip
+    two_nodes = Cluster.of(2, 8, "H100")
+    fast = plan(cfg, two_nodes)
+    slow_net = plan(cfg, two_nodes, Assumptions(network_gbit_s=25))
+    slow_mm = plan(cfg, two_nodes, Assumptions(matmul_efficiency=0.3))
+    one_node = plan(with_overrides(cfg, ["train.global_batch_size=8"]), Cluster.of(1, 8, "H100"))
+    assert slow_net.time.comm_s > 4 * fast.time.comm_s
+    assert slow_net.step_time_s > fast.step_time_s
+    assert slow_mm.time.compute_s > fast.time.compute_s
+    assert one_node.time.comm_s < fast.time.comm_s  # the same bytes per rank, over NVLink

@@ -10,6 +10,7 @@ import time
 from pretrain import hardware
 from pretrain.config.load import load_config
 from pretrain.errors import ConfigError
+from pretrain.planner.estimate import Assumptions
 from pretrain.planner.fit import MAX_NODE_DOUBLINGS, find_fix
 from pretrain.planner.plan import GIB, Cluster, Plan, plan
 
@@ -35,9 +36,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-type", default="H100", help=f"one of {', '.join(hardware.known_names())}")
+    a = Assumptions()
+    p.add_argument(
+        "--matmul-efficiency", type=float, default=a.matmul_efficiency,
+        help=f"achievable fraction of the dense peak for matmuls (default {a.matmul_efficiency})",
+    )  # fmt: skip
+    p.add_argument(
+        "--network-gbps", type=float, default=a.network_gbit_s,
+        help=f"network bandwidth per GPU between nodes, Gb/s (default {a.network_gbit_s:g})",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--no-fix", action="store_true", help="do not search for a fix")
     args = p.parse_intermixed_args(argv)
+    if not 0 < args.matmul_efficiency <= 1:
+        raise ConfigError(f"--matmul-efficiency must be in (0, 1], got {args.matmul_efficiency}")
+    if not args.network_gbps > 0:
+        raise ConfigError(f"--network-gbps must be positive, got {args.network_gbps}")
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not key=value")
@@ -126,8 +140,9 @@ def main(argv: list[str]) -> int:
     cluster = Cluster.of(args.nodes, args.gpus_per_node, args.gpu_type)
     cfg = load_config(args.config, args.overrides)
     started = time.perf_counter()
-    p = plan(cfg, cluster)
-    fix = None if p.fits or args.no_fix else find_fix(cfg, cluster)
+    a = Assumptions(matmul_efficiency=args.matmul_efficiency, network_gbit_s=args.network_gbps)
+    p = plan(cfg, cluster, a)
+    fix = None if p.fits or args.no_fix else find_fix(cfg, cluster, a)
     if args.json:
         print(json.dumps(as_json(p, fix.describe(cluster) if fix else None), indent=1))
         return 0 if p.fits else 1

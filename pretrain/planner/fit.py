@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pretrain.config.load import with_overrides
 from pretrain.errors import ConfigError
+from pretrain.planner.estimate import Assumptions
 from pretrain.planner.plan import GIB, Cluster, Plan, plan
 
 MAX_NODE_DOUBLINGS = 7
@@ -76,7 +77,7 @@ def everything(cfg, world: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def find_fix(cfg, cluster: Cluster) -> Fix | None:
+def find_fix(cfg, cluster: Cluster, assumptions: Assumptions | None = None) -> Fix | None:
     """The first candidate (see module doc) whose plan fits, or None."""
 
     def attempt(overrides: tuple[str, ...], nodes: int) -> Fix | None:
@@ -88,7 +89,7 @@ def find_fix(cfg, cluster: Cluster) -> Fix | None:
                 return None  # the config itself, already planned
             if shallow_total(candidate, target) > target.card.memory_gb * GIB:
                 return None
-            p = plan(candidate, target)
+            p = plan(candidate, target, assumptions)
         except ConfigError:  # a candidate the config rejects is not a fix
             return None
         return Fix(overrides, nodes, p) if p.fits else None

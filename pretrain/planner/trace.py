@@ -1,9 +1,10 @@
 """One training step of a config, run for one rank of a cluster that is not here.
 
 The real model of the config is built on the meta device and given to the real strategy
-(`fully_shard` for fsdp, DistributedDataParallel for ddp, DeepSpeed's engine for zero,
-activation checkpointing as configured, compile off) over a *fake* process group of the
-cluster's world size: collectives return at once and move nothing. Its tensors are then
+(`fully_shard` for fsdp, DeepSpeed's engine for zero; for ddp the plain model with DDP's
+gradient buckets added, since DDP's C++ reducer cannot run on fake tensors; activation
+checkpointing as configured, compile off) over a *fake* process group of the cluster's
+world size: collectives return at once and move nothing. Its tensors are then
 made as fake tensors (shapes, dtypes and storages, no memory) and one optimizer step runs
 as the trainer runs it (`train_step`): micro-batches of (micro_batch_size, seq_len) tokens,
 backward of each, then clip and step. Everything a rank allocates is seen by torch's memory

@@ -2,10 +2,11 @@
 
 Changes are tried from the one that costs least throughput to the one that costs most:
 activation checkpointing (recomputes one forward), smaller loss chunks, the largest
-smaller micro-batch that fits (same global batch, more accumulation), more sharding (ddp/single -> fsdp,
-ZeRO stage + 1), and then all of them together; only when even that does not fit, more
-nodes. Each candidate is planned by tracing it (a linear guess from the traced categories
-would miss where the peak moves), and the first that fits is the answer.
+smaller micro-batch that fits (same global batch, more accumulation), more sharding
+(ddp/single -> fsdp, ZeRO stage + 1), then all of them together; only when even that does
+not fit, more nodes (doubling: alone, then with all the changes). A candidate is first
+judged on two shallow copies of the model (`shallow_total`), and only one that fits there
+is traced in full; the first whose full plan fits is the answer.
 """
 
 from __future__ import annotations
@@ -102,10 +103,10 @@ def find_fix(cfg, cluster: Cluster, assumptions: Assumptions | None = None) -> F
     for change in more_sharding(cfg, cluster.world):
         if fix := attempt(change, cluster.nodes):
             return fix
-    nodes = cluster.nodes
-    for _ in range(MAX_NODE_DOUBLINGS):
-        nodes *= 2
-        for overrides in ((), everything(cfg, nodes * cluster.gpus_per_node)):
+    for doubling in range(MAX_NODE_DOUBLINGS + 1):
+        nodes = cluster.nodes * 2**doubling
+        alone = ((),) if doubling else ()
+        for overrides in (*alone, everything(cfg, nodes * cluster.gpus_per_node)):
             if fix := attempt(overrides, nodes):
                 return fix
     return None

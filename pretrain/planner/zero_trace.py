@@ -51,8 +51,9 @@ def _to_empty(self: nn.Module, *, device, recurse: bool = True) -> nn.Module:
 
 @contextlib.contextmanager
 def deepspeed_on_fake_tensors():
-    """Patches 1-5 of the module docstring, all undone on exit; DeepSpeed's cached process
-    groups are released too (they belong to the fake world)."""
+    """Patches 1-5 of the module docstring, all undone on exit, with ZeRO-3's own global
+    change of F.linear; DeepSpeed's cached process groups are released too (they belong to
+    the fake world)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as ZeroStrategy.__init__ on cpu
     import deepspeed.runtime.bf16_optimizer as bf16
     import deepspeed.runtime.utils as ds_utils
@@ -88,6 +89,10 @@ def deepspeed_on_fake_tensors():
     patches += [(m, "assert_ints_same_as_other_ranks", lambda ints: None) for m in (pp, ppc, s3)]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     saved[0] = (nn.Module, "to_empty", nn.Module.__dict__["to_empty"])
+    # ZeRO-3's Init swaps in its memory-efficient F.linear "until manually reset"
+    # (partition_parameters.py `_enable_mem_efficient_linear`): reset, so a later plan in
+    # this process (a sweep's, a test's) runs torch's own.
+    saved.append((torch.nn.functional, "linear", torch.nn.functional.linear))
     saved_env = {k: os.environ.get(k) for k in _ENV}
     os.environ.update(_ENV)
     for obj, name, new in patches:

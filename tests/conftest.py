@@ -61,6 +61,8 @@ XDIST_GROUPS = {
     "test_parallel_scale.py": "heavy",
     "test_slurm.py": "slurm",
     "test_data_s3.py": "s3-data",
+    # one torchrun launch serves every case: on two workers one would wait for the other's
+    "test_plan_memory.py": "plan-memory",
 }
 
 

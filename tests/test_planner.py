@@ -307,3 +307,18 @@ def test_slower_links_and_matmuls_lengthen_the_step():
     assert slow_net.step_time_s > fast.step_time_s
     assert slow_mm.time.compute_s > fast.time.compute_s
     assert one_node.time.comm_s < fast.time.comm_s  # the same bytes per rank, over NVLink
+
+
+def test_a_zero_plan_leaves_the_process_as_it_found_it(monkeypatch):
+    """`pretrain launch` plans in the process whose environment its ranks inherit, and
+    plans may follow one another (fix search, tests): DeepSpeed's CPU accelerator setting,
+    LOCAL_RANK and ZeRO-3's replacement of F.linear must not outlive the plan."""
+    import os
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    linear = torch.nn.functional.linear
+    traced(small("parallel.strategy=zero", "parallel.zero_stage=3",
+                 "train.global_batch_size=32", "train.micro_batch_size=1"), 8)  # fmt: skip
+    assert "DS_ACCELERATOR" not in os.environ and "LOCAL_RANK" not in os.environ
+    assert torch.nn.functional.linear is linear

@@ -42,7 +42,11 @@ from pretrain.planner.build import fake_tensors, plan_model
 
 _REDUCE = _FSDPRefType.REDUCE_SCATTER  # the planner's comm_buffers (FSDP's categories)
 _GATHERED = _FSDPRefType.UNSHARDED_PARAM
-_ENV = {"LOCAL_RANK": "0"}  # the engine asserts a launcher set it (`_do_args_sanity_check`)
+# Set while planning, then restored: the engine asserts a launcher set LOCAL_RANK
+# (`_do_args_sanity_check`), and the plan runs on DeepSpeed's CPU accelerator whatever the
+# machine has. Restored, because `pretrain launch` plans in the process whose environment
+# its training ranks inherit: DS_ACCELERATOR=cpu left behind would put them on the CPU.
+_ENV = {"LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
 
 
 def _to_empty(self: nn.Module, *, device, recurse: bool = True) -> nn.Module:
@@ -52,9 +56,20 @@ def _to_empty(self: nn.Module, *, device, recurse: bool = True) -> nn.Module:
 @contextlib.contextmanager
 def deepspeed_on_fake_tensors():
     """Patches 1-5 of the module docstring, all undone on exit, with ZeRO-3's own global
-    change of F.linear; DeepSpeed's cached process groups are released too (they belong to
-    the fake world)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as ZeroStrategy.__init__ on cpu
+    change of F.linear and the environment (`_ENV`); DeepSpeed's cached process groups are
+    released too (they belong to the fake world)."""
+    saved_env = {k: os.environ.get(k) for k in _ENV}
+    os.environ.update(_ENV)  # before DeepSpeed is imported: it picks its accelerator then
+    try:
+        with _patched():
+            yield
+    finally:
+        for k, v in saved_env.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
+
+
+@contextlib.contextmanager
+def _patched():
     import deepspeed.runtime.bf16_optimizer as bf16
     import deepspeed.runtime.utils as ds_utils
     import deepspeed.runtime.zero.partition_parameters as pp
@@ -93,8 +108,6 @@ def deepspeed_on_fake_tensors():
     # (partition_parameters.py `_enable_mem_efficient_linear`): reset, so a later plan in
     # this process (a sweep's, a test's) runs torch's own.
     saved.append((torch.nn.functional, "linear", torch.nn.functional.linear))
-    saved_env = {k: os.environ.get(k) for k in _ENV}
-    os.environ.update(_ENV)
     for obj, name, new in patches:
         setattr(obj, name, new)
     try:
@@ -102,8 +115,6 @@ def deepspeed_on_fake_tensors():
     finally:
         for obj, name, original in saved:
             setattr(obj, name, original)
-        for k, v in saved_env.items():
-            os.environ.pop(k) if v is None else os.environ.update({k: v})
         groups._release_process_group_references()
 
 

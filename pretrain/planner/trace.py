@@ -119,14 +119,16 @@ class _PlanTracking:
         super()._track(reftype, t)
 
     model_state_peak: dict | None = None  # the snapshot where params+grads+optimizer peak
+    model_state_peak_bytes = 0
 
     def _update_peak_stats(self, peak_state) -> None:
         for dev, snap in self._curr_mem_snap.items():
             if self._peak_mem.get(dev, 0) < snap["Total"]:
                 self._peak_mem[dev] = snap["Total"]
                 self._peak_mem_snap[dev] = dict(snap)
-            if _model_state(snap) > _model_state(self.model_state_peak or {}):
-                self.model_state_peak = dict(snap)
+            state = _model_state(snap)
+            if state > self.model_state_peak_bytes:
+                self.model_state_peak, self.model_state_peak_bytes = dict(snap), state
             for k, v in snap.items():
                 if v > self.highs.get(k, 0):
                     self.highs[k] = v

@@ -4,6 +4,7 @@
     pretrain prep shards --inputs 'texts/*.txt' --tokenizer tok.model --seq-len 256 --out mds
     pretrain prep shards --inputs 's3://corpus/raw/*.parquet' --tokenizer tok.model \
         --seq-len 2048 --out s3://datasets/mds --workers 16
+    pretrain prep tasks --inputs 'heldout/*.txt' --out eval_tasks --examples 500
 
 Mistakes the user can fix (and object-store failures) end as one line, `prep error: ...`, on
 stderr and exit status 2. Remote inputs are downloaded, and a remote dataset is staged, in a
@@ -51,7 +52,9 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pretrain prep", description="Offline data preparation.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,shards}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{tokenizer,shards,tasks}"
+    )
 
     tok = commands.add_parser("tokenizer", help="train a lossless sentencepiece tokenizer")
     inputs_help = "files or globs, local or s3://bucket/prefix/*.jsonl (.txt, .jsonl, .parquet)"
@@ -92,7 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_workers(),
         help="tokenizer processes; any number gives the same shards (default: min(4, CPUs))",
     )
+    tasks = commands.add_parser("tasks", help="probe tasks (word order, cloze) from held-out text")
+    tasks.add_argument("--inputs", nargs="+", required=True, metavar="GLOB", help=inputs_help)
+    tasks.add_argument("--out", type=Path, required=True, metavar="DIR")
+    tasks.add_argument("--examples", type=int, default=500, help="per task")
+    tasks.add_argument("--context-lines", type=int, default=2)
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--text-field", default="text", help=field_help)
     return parser
+
+
+def run_tasks(args: argparse.Namespace) -> None:
+    from data_prep.tasks import make_tasks
+
+    if args.examples < 1 or args.context_lines < 1:
+        raise PrepError("--examples and --context-lines must be at least 1")
+    names = expand_inputs(args.inputs)
+    with tempfile.TemporaryDirectory(prefix="pretrain-prep-") as work:
+        inputs = fetch_inputs(names, Path(work) / "inputs")
+        try:
+            written = make_tasks(inputs, args.out, args.examples, args.seed, args.context_lines, args.text_field)  # fmt: skip
+        except ValueError as e:
+            raise PrepError(f"--inputs: {e}") from None
+    for name, n in written.items():
+        print(f"tasks: {args.out / name}: {n} examples")
 
 
 def run_tokenizer(args: argparse.Namespace) -> None:
@@ -177,10 +203,7 @@ def _print_summary(
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "tokenizer":
-            run_tokenizer(args)
-        else:
-            run_shards(args)
+        {"tokenizer": run_tokenizer, "shards": run_shards, "tasks": run_tasks}[args.command](args)
     except (PrepError, StoreError) as e:
         print(f"prep error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from launch.spec import read_history, read_spec, require_run
 from pretrain import files
 from pretrain.checkpoint.checkpointer import checkpoint_step
 from pretrain.errors import REQUEUE_EXIT_CODE
+from pretrain.evals.records import is_eval_record, task_scores
 from pretrain.rundir import RunDir
 from pretrain.train.metrics import read_metrics
 
@@ -28,6 +29,11 @@ class RunStatus:
     val_loss: float | None
     best_val_loss: float | None
     best_val_step: int | None
+    core: float | None  # downstream tasks' aggregate at the last scored step (eval/core)
+    tasks: dict[str, float]  # each task's score there
+    tasks_step: int | None
+    best_core: float | None
+    best_core_step: int | None
     restarts: int  # starts of the training after the first (torchrun restarts, requeues, resumes)
     exit_code: int | None  # the last launcher's exit code, when it has exited
     job: str | None  # "ID (SLURM STATE)" for a submitted run
@@ -39,6 +45,7 @@ class RunStatus:
             "loss": _fmt(self.loss),
             "val_loss": _fmt(self.val_loss),
             "best_val": _fmt(self.best_val_loss),
+            "core": _fmt(self.core),
             "restarts": str(self.restarts),
         }
 
@@ -51,6 +58,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
     metrics = read_metrics(run_dir)
     losses = [r for r in metrics if "loss" in r]
     vals = [r for r in metrics if "val_loss" in r and "step" in r]
+    scored = [r for r in metrics if is_eval_record(r)]
+    best_core = max(scored, key=lambda r: r["eval/core"]) if scored else None
     starts = [r for r in metrics if r.get("event") == "start"]
     history = read_history(run_dir)
     exits = [h for h in history if h.get("event") == "exit"]
@@ -87,6 +96,11 @@ def run_status(run_dir: str | Path) -> RunStatus:
         val_loss=vals[-1]["val_loss"] if vals else None,
         best_val_loss=best["val_loss"] if best else None,
         best_val_step=best["step"] if best else None,
+        core=scored[-1]["eval/core"] if scored else None,
+        tasks=task_scores(scored[-1]) if scored else {},
+        tasks_step=scored[-1]["step"] if scored else None,
+        best_core=best_core["eval/core"] if best_core else None,
+        best_core_step=best_core["step"] if best_core else None,
         restarts=max(len(starts) - 1, 0),
         exit_code=exits[-1].get("exit_code") if exits else None,
         job=f"{spec.job_id} ({job_state or 'not in squeue'})" if spec and spec.job_id else None,
@@ -105,6 +119,10 @@ def format_status(s: RunStatus) -> str:
         )),
         ("restarts", str(s.restarts)),
     ]  # fmt: skip
+    if s.core is not None:
+        scores = "".join(f" | {name} {value:.4f}" for name, value in s.tasks.items())
+        best = f" (best {_fmt(s.best_core)} at step {s.best_core_step})"
+        lines.insert(5, ("tasks", f"core {_fmt(s.core)} at step {s.tasks_step}{best}{scores}"))
     if s.job:
         lines.append(("slurm job", s.job))
     return "\n".join(f"{key:<11} {value}" for key, value in lines)

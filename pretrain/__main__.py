@@ -25,6 +25,7 @@ commands:
   consolidate CHECKPOINT --out F  full weights of a (sharded) checkpoint as safetensors
   export CHECKPOINT --hf OUT_DIR  a Hugging Face transformers model folder (Llama format)
   generate RUN_DIR|CHECKPOINT --prompt TEXT    sample text with a KV cache
+  eval RUN_DIR|CHECKPOINT [--tasks F.jsonl ...] downstream task scores (any number of ranks)
   plot RUN_DIR [RUN_DIR ...] --out F.png       loss, learning rate and tokens/s curves
   plan CONFIG [k=v ...] --nodes N --gpus-per-node G --gpu-type T
                                   per-GPU memory, step time and MFU on a cluster (no GPU needed)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     commands = {"train": _train, "config": _config, "prep": _prep, "consolidate": _consolidate}
     commands.update(dict.fromkeys(LAUNCH_COMMANDS, _launcher(command)))
-    commands.update(export=_export, generate=_generate, plot=_plot, plan=_plan)
+    commands.update(export=_export, generate=_generate, plot=_plot, plan=_plan, eval=_eval)
     if command not in commands:
         print(f"pretrain: unknown command '{command}'\n{USAGE}", end="", file=sys.stderr)
         return 2
@@ -133,6 +134,12 @@ def _generate(argv: list[str]) -> int:
     from pretrain.tools import generate
 
     return generate.main(argv)
+
+
+def _eval(argv: list[str]) -> int:
+    from pretrain.evals import cli
+
+    return cli.main(argv)
 
 
 def _plot(argv: list[str]) -> int:

@@ -79,6 +79,51 @@ def validate(cfg: Config) -> None:
         )
     if c.remote is not None and not c.remote.startswith("s3://"):
         raise ConfigError(f"checkpoint.remote must be an s3://bucket/prefix URL (got {c.remote!r})")
+    check_eval(cfg)
+
+
+TASK_TYPES = ("multiple_choice", "language_modeling")
+
+
+def check_eval(cfg: Config) -> None:
+    e = cfg.eval
+    if e.every < 0 or e.batch_size < 1:
+        key, v = ("eval.every", e.every) if e.every < 0 else ("eval.batch_size", e.batch_size)
+        raise ConfigError(f"{key} must be {'>= 0' if key == 'eval.every' else '> 0'} (got {v})")
+    names: dict[str, int] = {}
+    for i, task in enumerate(e.tasks):
+        key = f"eval.tasks[{i}]"
+        if task.type not in TASK_TYPES:
+            raise ConfigError(
+                f"{key}.type must be one of {', '.join(TASK_TYPES)} (got {task.type!r})"
+            )
+        metrics = ("", "acc", "acc_norm") if task.type == "multiple_choice" else ("", "acc")
+        if task.metric not in metrics:
+            raise ConfigError(
+                f"{key}.metric must be one of {', '.join(m for m in metrics if m)} for a "
+                f"{task.type} task (got {task.metric!r})"
+            )
+        for name in ("num_fewshot", "limit"):
+            if getattr(task, name) < 0:
+                raise ConfigError(f"{key}.{name} must be >= 0 (got {getattr(task, name)})")
+        if objstore_like(task.path) and not task.path.startswith("s3://"):
+            raise ConfigError(
+                f"{key}.path: only s3:// object stores are supported (got {task.path})"
+            )
+        name = task_name(task)
+        if name in names:
+            raise ConfigError(
+                f"{key} and eval.tasks[{names[name]}] are both named {name!r}; give one a name"
+            )
+        names[name] = i
+
+
+def task_name(task) -> str:
+    """A task's name in metrics: its `name`, else its file's stem."""
+    if task.name:
+        return task.name
+    stem = task.path.rstrip("/").rsplit("/", 1)[-1]
+    return stem[: -len(".jsonl")] if stem.endswith(".jsonl") else stem.rsplit(".", 1)[0]
 
 
 def objstore_like(path: str) -> bool:

@@ -232,6 +232,48 @@ class FaultConfig:
 
 
 @dataclass
+class EvalTaskConfig:
+    # Task file: JSONL in llm-foundry's ICL format, local or s3://. Multiple choice: one
+    # {"query", "choices", "gold"} per line; language modelling (cloze): {"context",
+    # "continuation"}.
+    path: str = "???"
+    # Name in metrics (eval/NAME/...), the console and plots; empty: the file's stem.
+    name: str = ""
+    # multiple_choice: the choice of highest log-likelihood; language_modeling: the greedy
+    # continuation equals the given one (exact match).
+    type: str = "multiple_choice"
+    # Solved examples before each question, drawn from the same file (never the question
+    # itself) with fewshot_seed: the same prompts at any world size.
+    num_fewshot: int = 0
+    fewshot_seed: int = 1234
+    # The score that enters eval/core: acc, or acc_norm (log-likelihood per character of
+    # the choice; multiple choice only). Empty: acc_norm for multiple choice, else acc.
+    metric: str = ""
+    # Score only the first N examples of the file; 0: all.
+    limit: int = 0
+    # Text before the first example of every prompt (an instruction); empty: none.
+    prompt: str = ""
+    # Between the few-shot examples and the question.
+    example_delimiter: str = "\n\n"
+    # Between a question (context) and its answer (continuation).
+    continuation_delimiter: str = " "
+
+
+@dataclass
+class EvalConfig:
+    # Downstream tasks scored during training (see `pretrain eval` for a checkpoint).
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    # Score the tasks every N steps and at the last step; 0: only as at_checkpoint says.
+    every: int = 0
+    # Also score them at every checkpoint save (not at a preemption's save).
+    at_checkpoint: bool = False
+    # Scored sequences (one per choice) per forward on each rank. Examples are dealt to
+    # ranks in fixed global batches of this size, so scores are the same bit for bit at any
+    # world size or train.micro_batch_size.
+    batch_size: int = 16
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -243,6 +285,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

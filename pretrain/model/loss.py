@@ -51,3 +51,25 @@ def chunked_cross_entropy(
             part = _chunk_loss(head, h_part, t_part)
         total = total + part
     return total / n
+
+
+def token_scores(
+    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """(N, 2) float32 for the N positions where `targets` >= 0, in row-major order: the
+    log-probability of the target token and 1.0 where it is the argmax (greedy) token.
+
+    Downstream evaluation's scores (`pretrain.evals`): only the scored positions (a
+    choice's or continuation's tokens) are projected, at most `chunk_tokens` at a time
+    (0: all at once), so a long few-shot context costs no logits at all.
+    """
+    keep = targets >= 0
+    h, targets = h[keep], targets[keep]
+    size = chunk_tokens if chunk_tokens > 0 else max(targets.numel(), 1)
+    parts = []
+    for h_part, t_part in zip(h.split(size), targets.split(size), strict=True):
+        logits = head(h_part).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, t_part[:, None])[:, 0]
+        greedy = (logits.argmax(dim=-1) == t_part).float()
+        parts.append(torch.stack([logp, greedy], dim=-1))
+    return torch.cat(parts) if parts else h.new_zeros((0, 2), dtype=torch.float32)

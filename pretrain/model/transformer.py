@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from pretrain.model.attention import Attention
 from pretrain.model.config import ATTENTION_IMPLS, MLPS, NORMS, POSITIONS, ModelConfig
 from pretrain.model.kv_cache import KVCache
-from pretrain.model.loss import chunked_cross_entropy
+from pretrain.model.loss import chunked_cross_entropy, token_scores
 from pretrain.model.positions import rope_cos_sin
 
 
@@ -213,6 +213,7 @@ class Transformer(nn.Module):
         *,
         loss_chunk_tokens: int = 0,
         start_pos: int = 0,
+        scores: bool = False,
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size) in float32.
 
@@ -220,6 +221,9 @@ class Transformer(nn.Module):
         logits of at most `loss_chunk_tokens` tokens at a time (0: all at once), never kept
         for backward (see `chunked_cross_entropy`). The loss is taken here, not by the
         caller, so a sharded wrapper has the output projection gathered while it runs.
+
+        scores=True (evaluation, see `token_scores`): with targets < 0 where nothing is
+        scored, the (N, 2) log-probability and greedy flag of each scored target instead.
 
         start_pos (only with a KV cache, see `set_kv_cache`): the tokens sit at positions
         start_pos.. and attend over the cached keys and values of every earlier position.
@@ -231,6 +235,8 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"targets {tuple(targets.shape)} must match tokens {tuple(tokens.shape)}"
             )
+        if scores:
+            return token_scores(self.lm_head, x.flatten(0, 1), targets.flatten(), loss_chunk_tokens)
         return chunked_cross_entropy(
             self.lm_head, x.flatten(0, 1), targets.flatten(), loss_chunk_tokens
         )

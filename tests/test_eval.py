@@ -244,3 +244,29 @@ def test_lm_eval_harness_parity(trained, tasks, dataset, tmp_path, monkeypatch):
                 assert abs(ll - their_ll) < 1e-4 and greedy == their_greedy, (type(lm), name)
             assert theirs[name]["acc"] == m["acc"]
             assert theirs[name].get("acc_norm") == m.get("acc_norm")
+
+
+def test_status_sweep_status_and_plot_show_task_scores(trained, tmp_path):
+    from launch.sweep import sweep_status
+    from pretrain.tools.plot import plot_runs
+
+    logged = scored(trained)
+    r = run_cli("status", str(trained))
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("tasks"))
+    assert f"core {logged[-1]['eval/core']:.4f} at step 300" in line
+    assert f"word_order {logged[-1]['eval/word_order']:.4f}" in line
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"runs": [{"name": "a", "values": {"lr": 1}}]}))
+    (sweep / "a").symlink_to(trained)
+    header, row = sweep_status(sweep).splitlines()
+    assert row.split()[header.split().index("core")] == f"{logged[-1]['eval/core']:.4f}"
+
+    summary = plot_runs([trained], tmp_path / "p.png")
+    (drawn,) = summary.values()
+    assert drawn["tasks"]["x"] == [100, 200, 300]
+    assert drawn["tasks"]["core"] == [r["eval/core"] for r in logged]
+    assert drawn["tasks"]["cloze"] == [r["eval/cloze"] for r in logged]
+    assert (tmp_path / "p.png").stat().st_size > 10_000

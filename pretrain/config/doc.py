@@ -67,6 +67,8 @@ def render_default(value: typing.Any) -> str:
         return "[" + ", ".join(render_default(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {render_default(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str) and (value != value.strip() or not value or "\n" in value):
+        return '"' + value.encode("unicode_escape").decode() + '"'  # "\n\n", " ", ""
     return "required" if value in ("???", MISSING) else str(value)  # str(None) is "None"
 
 

@@ -243,8 +243,10 @@ class EvalTaskConfig:
     # continuation equals the given one (exact match).
     type: str = "multiple_choice"
     # Solved examples before each question, drawn from the same file (never the question
-    # itself) with fewshot_seed: the same prompts at any world size.
+    # itself) by a generator seeded with (fewshot_seed, the example's index): the same
+    # prompts at any world size.
     num_fewshot: int = 0
+    # Seed of the few-shot draw.
     fewshot_seed: int = 1234
     # The score that enters eval/core: acc, or acc_norm (log-likelihood per character of
     # the choice; multiple choice only). Empty: acc_norm for multiple choice, else acc.

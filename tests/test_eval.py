@@ -20,7 +20,15 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers.runs import REPO, prep, read_metrics, run_cli, run_torchrun, shakespeare_texts
+from tests.helpers.runs import (
+    REPO,
+    STRATEGIES,
+    prep,
+    read_metrics,
+    run_cli,
+    run_torchrun,
+    shakespeare_texts,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -270,3 +278,28 @@ def test_status_sweep_status_and_plot_show_task_scores(trained, tmp_path):
     assert drawn["tasks"]["core"] == [r["eval/core"] for r in logged]
     assert drawn["tasks"]["cloze"] == [r["eval/cloze"] for r in logged]
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sharded_training_ranks_score_together(strategy, tiny_overrides, tasks, dataset, tmp_path):
+    """Two ranks of a sharded strategy score during training, where every forward gathers
+    weights collectively: 7 batches for 2 ranks, so one rank runs a dummy batch (without
+    it the other would wait forever). FSDP's scores equal the same checkpoint's scored in
+    one plain process, bit for bit."""
+    from pretrain.tools.generate import load_model
+
+    entries = task_entries(tasks, limit=5)  # 5 x 4 choices + 5 = 25 sequences
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/tiny.yaml").read_text()),
+                                      "eval": {"tasks": entries, "batch_size": 4}}))  # fmt: skip
+    steps = ["train.max_steps=4", "checkpoint.every=4", "eval.every=4"]
+    run_torchrun(2, "-m", "pretrain", "train", config, *tiny_overrides, *STRATEGIES[strategy], *steps)  # fmt: skip
+    run = tmp_path / "run"
+    (record,) = scored(run)
+    assert record["step"] == 4 and 0 <= record["eval/word_order"] <= 1
+    if strategy == "fsdp":  # a DCP checkpoint, which `pretrain eval` reads
+        model, cfg = load_model(run / "checkpoints" / "step_00000004")
+        here = score_here(model, cfg, dataset["tokenizer"])
+        assert here["core"] == record["eval/core"]
+        assert here["tasks"]["word_order"]["acc"] == record["eval/word_order/acc"]

@@ -71,6 +71,7 @@ def trained(tmp_path_factory, dataset, tasks) -> Path:
     cfg["train"].update(max_steps=STEPS, global_batch_size=8, micro_batch_size=8, eval_every=EVERY, eval_batches=2, log_every=50)  # fmt: skip
     cfg["checkpoint"] = {"every": SAVE_EVERY, "keep_last": 10}
     cfg["parallel"] = {"threads": 1}
+    cfg["logging"] = {"wandb": True, "wandb_mode": "offline"}
     cfg["eval"] = {
         "every": EVERY,
         "batch_size": 16,
@@ -80,7 +81,10 @@ def trained(tmp_path_factory, dataset, tasks) -> Path:
     config.write_text(yaml.safe_dump(cfg))
     run = root / "run"
     cmd = [sys.executable, "-m", "pretrain", "train", str(config)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if any(r.get("eval/core") is not None and r["step"] == EVERY for r in read_metrics(run)):
@@ -88,7 +92,7 @@ def trained(tmp_path_factory, dataset, tasks) -> Path:
             break
         time.sleep(0.01)
     assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    r = run_cli("train", str(config), timeout=900)
+    r = run_cli("train", str(config), timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return run
 
@@ -254,7 +258,7 @@ def test_lm_eval_harness_parity(trained, tasks, dataset, tmp_path, monkeypatch):
             assert theirs[name].get("acc_norm") == m.get("acc_norm")
 
 
-def test_status_sweep_status_and_plot_show_task_scores(trained, tmp_path):
+def test_status_sweep_status_plot_and_wandb_show_task_scores(trained, tmp_path):
     from launch.sweep import sweep_status
     from pretrain.tools.plot import plot_runs
 
@@ -278,6 +282,13 @@ def test_status_sweep_status_and_plot_show_task_scores(trained, tmp_path):
     assert drawn["tasks"]["core"] == [r["eval/core"] for r in logged]
     assert drawn["tasks"]["cloze"] == [r["eval/cloze"] for r in logged]
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+    # wandb (offline; 0.31 writes protobuf records, and reads them only in its Go core):
+    # the resumed run's record file holds the task keys and the last scores as logged.
+    data = b"".join(p.read_bytes() for p in (trained / "wandb").glob("offline-run-*/*.wandb"))
+    for key in ("eval/core", "eval/word_order/acc_norm", "eval/cloze"):
+        assert key.encode() in data
+    assert json.dumps(logged[-1]["eval/core"]).encode() in data
 
 
 @pytest.mark.torchrun

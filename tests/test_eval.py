@@ -28,6 +28,7 @@ from tests.helpers.runs import (
     run_cli,
     run_torchrun,
     shakespeare_texts,
+    with_overrides,
 )
 
 pytestmark = pytest.mark.slow
@@ -297,20 +298,41 @@ def test_sharded_training_ranks_score_together(strategy, tiny_overrides, tasks, 
     """Two ranks of a sharded strategy score during training, where every forward gathers
     weights collectively: 7 batches for 2 ranks, so one rank runs a dummy batch (without
     it the other would wait forever). FSDP's scores equal the same checkpoint's scored in
-    one plain process, bit for bit."""
+    one plain process, bit for bit. Scores are taken at each checkpoint (eval.at_checkpoint)."""
     from pretrain.tools.generate import load_model
 
     entries = task_entries(tasks, limit=5)  # 5 x 4 choices + 5 = 25 sequences
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/tiny.yaml").read_text()),
                                       "eval": {"tasks": entries, "batch_size": 4}}))  # fmt: skip
-    steps = ["train.max_steps=4", "checkpoint.every=4", "eval.every=4"]
+    steps = ["train.max_steps=4", "checkpoint.every=2", "eval.every=0", "eval.at_checkpoint=true"]
     run_torchrun(2, "-m", "pretrain", "train", config, *tiny_overrides, *STRATEGIES[strategy], *steps)  # fmt: skip
     run = tmp_path / "run"
-    (record,) = scored(run)
-    assert record["step"] == 4 and 0 <= record["eval/word_order"] <= 1
+    assert [r["step"] for r in scored(run)] == [2, 4]  # at each checkpoint
+    record = scored(run)[-1]
+    assert 0 <= record["eval/word_order"] <= 1
     if strategy == "fsdp":  # a DCP checkpoint, which `pretrain eval` reads
         model, cfg = load_model(run / "checkpoints" / "step_00000004")
         here = score_here(model, cfg, dataset["tokenizer"])
         assert here["core"] == record["eval/core"]
         assert here["tasks"]["word_order"]["acc"] == record["eval/word_order/acc"]
+
+
+def test_a_bad_task_file_is_one_line_before_anything_runs(trained, tasks, tiny_overrides, tmp_path):
+    """`pretrain eval` and `pretrain train` name the file, the line and the field, exit 2,
+    and training writes nothing: no step, no checkpoint."""
+    bad = tmp_path / "bad.jsonl"
+    lines = tasks["word_order"].read_text().splitlines()
+    wrong = {**json.loads(lines[2]), "gold": 9}
+    bad.write_text("\n".join([*lines[:2], json.dumps(wrong), *lines[3:]]) + "\n")
+    r = run_cli("eval", str(trained), "--tasks", str(bad))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"data error: {bad}:3: field 'gold' must be an index into 'choices' (0..3), got 9"
+    )
+    run = tmp_path / "run"
+    task = f"eval.tasks=[{{path: {bad}}}]"
+    r = run_cli("train", "configs/tiny.yaml", *with_overrides(tiny_overrides, "eval.every=1", task))
+    assert r.returncode == 2 and f"{bad}:3: field 'gold'" in r.stderr.strip().splitlines()[-1]
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    assert not [r for r in read_metrics(run) if "loss" in r]

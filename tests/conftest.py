@@ -63,6 +63,8 @@ XDIST_GROUPS = {
     "test_data_s3.py": "s3-data",
     # one torchrun launch serves every case: on two workers one would wait for the other's
     "test_plan_memory.py": "plan-memory",
+    # as for test_plan_memory.py: one torchrun launch serves its 2-rank cases
+    "test_parallel_ranks.py": "parallel-ranks",
     # one trained run (module fixture) serves every test of the file
     "test_eval.py": "eval",
 }

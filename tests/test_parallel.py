@@ -1,9 +1,9 @@
 """Parallel strategies under real torchrun (2 ranks, gloo, fp32): each matches the
-single-process run on the same global batch, and resumes exactly."""
+single-process run on the same global batch, and resumes exactly. (What each strategy holds
+inside its ranks is checked in test_parallel_ranks.py.)"""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -162,8 +162,6 @@ def test_compiled_blocks_train_like_eager_ones(tiny_overrides, reference):
 
 
 def with_run_dir(overrides: list[str]):
-    from pathlib import Path
-
     return Path(next(o for o in overrides if o.startswith("run.dir=")).split("=", 1)[1])
 
 
@@ -192,55 +190,6 @@ def test_activation_checkpointing_wraps_the_chosen_blocks(mode, expected):
     )  # checkpoints interchange
 
 
-# ---------------------------------------------------------------- checks inside the ranks
-# A small model for tests/helpers/parallel_ranks.py (random tokens, no data): 2 micro-batches per
-# rank per step on 2 ranks.
-SMALL = [
-    "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-    "model.n_kv_heads=2", "model.max_seq_len=64", "data.seq_len=64",
-    "train.global_batch_size=8", "train.micro_batch_size=2",
-]  # fmt: skip
-
-
-def run_parallel_ranks(
-    out: Path,
-    checks: list[str],
-    *overrides: str,
-    env: dict | None = None,
-    timeout: float = 300,
-    nproc: int = 2,
-) -> list[dict]:
-    """Run tests/helpers/parallel_ranks.py on `nproc` ranks; each rank's results."""
-    run_torchrun(
-        nproc, "tests/helpers/parallel_ranks.py", out, ",".join(checks), *overrides,
-        env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout,
-    )  # fmt: skip
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
-
-
-@pytest.mark.torchrun
-def test_ddp_first_backward_of_a_start_sums_like_every_later_one(tmp_path):
-    # On 3+ ranks DDP's first backward used other buckets than later ones, so a resumed
-    # run's first step differed from the uninterrupted run's in the last bits.
-    ranks = run_parallel_ranks(tmp_path, ["buckets"], "parallel.strategy=ddp", *SMALL, nproc=3)
-    assert all(r["buckets"] is True for r in ranks)
-
-
-@pytest.mark.torchrun
-def test_fsdp_keeps_only_sharded_gradients_between_micro_batches(tmp_path):
-    ranks = run_parallel_ranks(
-        tmp_path, ["accum", "init", "backend"], "parallel.strategy=fsdp", *SMALL
-    )
-    for r in ranks:
-        accum = r["accum"]
-        # reduce-scattered after every micro-batch: each rank holds its half, in fp32
-        assert accum["default"] <= 0.55 * accum["param_bytes"], accum
-        # parallel.fsdp_defer_grad_sync (the old default): every unsharded gradient
-        assert accum["deferred"] >= accum["param_bytes"], accum
-        assert r["init"] is True  # sharded, the model starts as one process's does
-        assert r["backend"] == {"backend": "gloo", "device": "cpu"}  # device=auto, no GPU
-
-
 @pytest.mark.torchrun
 @pytest.mark.parametrize("name", ["fsdp", "zero2", "zero3"])
 def test_gradient_accumulation_matches_one_process(tiny_overrides, reference, name):
@@ -254,55 +203,6 @@ def test_gradient_accumulation_matches_one_process(tiny_overrides, reference, na
     two = losses_by_step(with_run_dir(tiny_overrides))
     assert one.keys() == two.keys() and len(one) == REF_STEPS
     assert all(two[s] == pytest.approx(one[s], rel=1e-5, abs=1e-5) for s in one), (one, two)
-
-
-@pytest.mark.torchrun
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_bf16_accumulates_and_reduces_gradients_in_fp32(tmp_path, stage):
-    checks = ["grads", "init", "dropout"] if stage == 3 else ["grads"]
-    zero = ["parallel.strategy=zero", f"parallel.zero_stage={stage}"]
-    ranks = run_parallel_ranks(tmp_path, checks, *zero, "parallel.mixed_precision=bf16", *SMALL)
-    for r in ranks:
-        grads = r["grads"]  # after the first of two micro-batches
-        assert grads["param_dtype"] == "torch.bfloat16", grads
-        assert grads["communication_data_type"] == "torch.float32", grads
-        assert grads["buffers"], grads  # the accumulated gradients were found...
-        assert all(d == ["torch.float32"] for d in grads["buffers"].values()), grads  # fp32
-    if stage == 3:
-        # Built partitioned, never whole, yet with a single process's initial weights (cast
-        # to bf16 as the engine casts a whole model); dropout differs between ranks.
-        assert all(r["init"] is True for r in ranks)
-        assert ranks[0]["dropout"]["weights"] == ranks[1]["dropout"]["weights"]
-        assert ranks[0]["dropout"]["mask"] != ranks[1]["dropout"]["mask"]
-
-
-@pytest.mark.torchrun
-def test_ddp_async_save_copies_each_tensor_on_one_rank(tmp_path):
-    overrides = ["parallel.strategy=ddp", "parallel.device=cpu", "checkpoint.async_save=true"]
-    checks = ["dropout", "stage", "backend"]
-    ranks = run_parallel_ranks(tmp_path, checks, *overrides, "model.dropout=0.1", *SMALL)
-    whole = ranks[0]["stage"]["whole"]  # bytes of the replicated model + optimizer state
-    first, second = zip(*(r["stage"]["staged"] for r in ranks), strict=True)
-    assert all(n <= 0.6 * whole for n in first), (first, whole)  # was: all of it on each rank
-    assert sum(first) >= 0.9 * whole, (first, whole)  # between them, all of it
-    assert all(n <= 0.05 * whole for n in second), second  # the next save reuses the buffers
-    assert all(r["stage"]["reloaded_exactly"] for r in ranks)  # 2 ranks load the shares back
-    # ... and so does one process without a process group: every tensor is in the files
-    import torch.distributed.checkpoint as dcp
-
-    from pretrain.config.load import load_config
-    from pretrain.model import Transformer
-
-    model = Transformer(load_config(REPO / "configs/tiny.yaml", SMALL).model)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt1"), no_dist=True)
-    model.load_state_dict(state["model"])
-    digest = float(sum(p.detach().double().sum() for p in model.parameters()))
-    assert digest == ranks[0]["dropout"]["weights"]
-    # Same weights on both ranks, different dropout masks; gloo on CPU as asked.
-    assert ranks[0]["dropout"]["weights"] == ranks[1]["dropout"]["weights"]
-    assert ranks[0]["dropout"]["mask"] != ranks[1]["dropout"]["mask"]
-    assert all(r["backend"] == {"backend": "gloo", "device": "cpu"} for r in ranks)
 
 
 def test_replica_share_gives_each_tensor_to_one_rank():

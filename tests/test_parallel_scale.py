@@ -1,9 +1,11 @@
 """A 7B-shaped model (Llama-2 7B's layer shapes with grouped-query attention, only 2 of its
-32 layers) set up under fsdp and ZeRO-3 on 2 real ranks (torchrun, gloo, fp32): no rank
-ever holds the whole model while it is built.
+32 layers) built by fsdp and ZeRO-3 on 2 real ranks (torchrun, gloo, fp32): no rank ever
+holds the whole model while it is built.
 
 The whole model is 617M parameters, 2.47 GB in fp32. Each rank's peak resident memory
-(Linux VmHWM, reset when setup starts) is measured while the strategy builds the model.
+(Linux VmHWM, reset when setup starts) is measured while the strategy builds the model;
+the ranks stop there (tests/helpers/parallel_ranks.py's `memory` check: no DeepSpeed engine
+is made around the built model, which would cost a third of the run and is not measured).
 Sharded from the start, a rank holds its half plus, for a moment, one whole weight being
 initialised (the 32000 x 4096 output projection, 0.52 GB, drawn whole, then copied into
 place): 2.06 GB for fsdp, 2.08 GB for ZeRO-3, about 0.84 of the whole model. ZeRO-3 used to
@@ -18,7 +20,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers.runs import STRATEGIES
-from tests.test_parallel import run_parallel_ranks
+from tests.test_parallel_ranks import run_parallel_ranks
 
 pytestmark = pytest.mark.torchrun
 

@@ -29,16 +29,16 @@ from tests.helpers.runs import (
     STRATEGIES,
     losses_by_step,
     run_cli,
-    run_torchrun,
     with_overrides,
 )
 from tests.helpers.slurmcluster import SlurmCluster, slurm_available
 
 needs_slurm = pytest.mark.skipif(slurm_available() is not None, reason=str(slurm_available()))
 CPU_JOB = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10"]
-# The sample order of the 2-node run and of its 2-rank reference (on one node): the same
-# whatever default the data loader would choose from the node count.
-CANONICAL_NODES = "data.num_canonical_nodes=2"
+# The sample order of the 2-node run: that of its 2-rank reference on one node (the
+# session's `reference("ddp")`, which chose 1 canonical node for its one node), not the 2
+# the data loader would choose for two nodes.
+CANONICAL_NODES = "data.num_canonical_nodes=1"
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +141,13 @@ def test_a_two_rank_job_trains_and_finishes(cluster, tiny_overrides, tmp_path, r
 @pytest.mark.slurm
 @needs_slurm
 def test_a_two_node_job_resumes_exactly_after_usr1_and_after_losing_a_node(
-    cluster, tiny_overrides, tmp_path
+    cluster, tiny_overrides, tmp_path, reference
 ):
     """`pretrain submit --nodes 2` (one rank per node): USR1 -> checkpoint -> requeue ->
     resume; then node2's launcher and rank die (kill -9) -> srun ends the step -> requeue
-    -> resume from the last checkpoint; the losses are those of an uninterrupted run."""
-    run, ref = tmp_path / "run", tmp_path / "ref"
+    -> resume from the last checkpoint; the losses are those of an uninterrupted run (the
+    session's 2-rank ddp reference, in the same sample order)."""
+    run = tmp_path / "run"
     overrides = with_overrides(tiny_overrides, *STRATEGIES["ddp"], *REF, CANONICAL_NODES)
     job = submit(cluster, *overrides, "--nodes=2", "--nproc-per-node=1", "--time=10",
                  env={"PRETRAIN_FAULTS": "steptime@0.5"})  # fmt: skip
@@ -202,8 +203,8 @@ def test_a_two_node_job_resumes_exactly_after_usr1_and_after_losing_a_node(
     assert fail["node2"] is None  # killed: no exit of its own
     assert finish == {"node1": 0, "node2": 0}
 
-    run_torchrun(2, "-m", "pretrain", "train", "configs/tiny.yaml",
-                 *with_overrides(overrides, f"run.dir={ref}"))  # fmt: skip
+    ref = reference("ddp", tiny_overrides)
+    assert json.loads((ref / "data_order.json").read_text())["num_canonical_nodes"] == 1
     assert losses_by_step(run) == losses_by_step(ref)
     print(f"USR1 to the first step of the requeued 2-node job: {usr1_to_step:.1f} s; "
           f"kill -9 of a node to requeue: {kill_to_requeue:.1f} s, "

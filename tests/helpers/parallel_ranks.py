@@ -1,10 +1,16 @@
 """Run under torchrun by the parallel tests: build a strategy through its own code, run the
 checks named on the command line on every rank, and record what each rank saw.
 
-    torchrun --nproc-per-node N tests/parallel_ranks.py OUT_DIR CHECK[,CHECK...] key=value ...
+    torchrun --nproc-per-node N tests/helpers/parallel_ranks.py OUT_DIR CHECK[,CHECK...] key=value ...
+    torchrun --nproc-per-node N tests/helpers/parallel_ranks.py --cases OUT_DIR CASE...
 
-Writes OUT_DIR/rank{r}.json: {check: result}. Checks (each on the strategy the overrides
-name; batches are random tokens, no data is read):
+Writes OUT_DIR/rank{r}.json: {check: result}. With --cases, each CASE is
+`name:CHECK[+CHECK...]:key=value,key=value` and runs in turn in the same processes (one
+launch, one process group; each case builds its own strategy) into OUT_DIR/NAME/rank{r}.json.
+A case's checks see only its own strategy: run the cases that count every tensor of the
+process (accum) first, and ZeRO-3 last (its Init replaces F.linear for the rest of the
+process). Checks (each on the strategy the overrides name; batches are random tokens, no
+data is read):
   init      the initial weights, gathered, equal a single-process build's bit for bit
   accum     bytes of gradients held between the micro-batches of a step, with the step's
             gradient sync deferred (fsdp_defer_grad_sync) and not
@@ -15,8 +21,10 @@ name; batches are random tokens, no data is read):
             micro-batches, its communication dtype and the parameters' dtype
   backend   the process group's backend and the strategy's device
   buckets   two synchronised backwards of one micro-batch give identical gradients
-  memory    peak resident memory (Linux VmHWM) above the start while the model is built
-            and during all of the strategy's setup, and the whole model's fp32 size
+  memory    peak resident memory (Linux VmHWM) above the start while the model is built,
+            and the whole model's fp32 size. Only the build is measured, so a case whose
+            only check is memory stops there: the model is not wrapped (no DeepSpeed
+            engine, whose buffers come after the build), and the optimizer holds no state.
 """
 
 from __future__ import annotations
@@ -225,15 +233,17 @@ def check_grads(strategy, cfg) -> dict:
     }
 
 
-def main() -> None:
-    out_dir, checks, overrides = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
+def run_case(out_dir: Path, checks: list[str], overrides: list[str], last: bool) -> None:
+    """Build the strategy of `overrides`, run `checks`, write this rank's results; close the
+    process group after the `last` case, else only free what this case built."""
     from pretrain.config.load import load_config
     from pretrain.parallel import build_strategy
+    from pretrain.parallel.base import Strategy
 
     cfg = load_config(REPO / "configs/tiny.yaml", overrides)
     strategy = build_strategy(cfg)
     results: dict = {}
-    if "memory" in checks:  # peak resident memory while the model is built, and in all of setup
+    if "memory" in checks:  # peak resident memory while the model is built
         build = strategy.build_model
 
         def build_model():
@@ -242,11 +252,11 @@ def main() -> None:
             return model
 
         strategy.build_model = build_model
+        if checks == ["memory"]:
+            strategy.wrap = lambda model, optimizer: (model, optimizer)  # the build is all
         results["memory"] = {"before": reset_peak_rss()}
     strategy.setup()
     if "memory" in checks:
-        results["memory"]["setup_peak"] = peak_rss() - results["memory"]["before"]
-        results["memory"]["after_setup"] = rss() - results["memory"]["before"]
         from pretrain.model import count_params
 
         results["memory"]["param_bytes"] = count_params(cfg.model) * 4
@@ -264,7 +274,7 @@ def main() -> None:
         elif check == "buckets":
             results[check] = check_buckets(strategy, cfg)
         elif check == "memory":
-            pass  # measured around setup, above
+            pass  # measured around the build, above
         elif check == "backend":
             backend = dist.get_backend() if dist.is_initialized() else None
             results[check] = {"backend": backend, "device": strategy.device.type}
@@ -274,7 +284,25 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
     strategy.barrier()
-    strategy.close()
+    if last:
+        strategy.close()
+    else:
+        Strategy.close(strategy)  # its staging buffers; the process group stays for the next
+        del strategy.model, strategy.optimizer
+        gc.collect()
+
+
+def main() -> None:
+    if sys.argv[1] == "--cases":
+        out_dir, cases = Path(sys.argv[2]), sys.argv[3:]
+        for i, case in enumerate(cases):
+            name, checks, overrides = case.split(":", 2)
+            print(f"rank {os.environ.get('RANK', '0')}: case {name}", flush=True)  # for failures
+            overrides = [kv for kv in overrides.split(",") if kv]
+            run_case(out_dir / name, checks.split("+"), overrides, last=i == len(cases) - 1)
+    else:
+        out_dir, checks, overrides = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
+        run_case(out_dir, checks, overrides, last=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from tests.helpers.runs import REPO, losses_by_step, read_metrics, run_cli
+from tests.helpers.runs import REPO, losses_by_step, prep, read_metrics, run_cli, shakespeare_texts
 
 pytestmark = pytest.mark.slow
 
@@ -102,14 +102,20 @@ def test_stop_and_extend_matches_a_longer_run(tiny_overrides, tmp_path):
 
 
 def test_shipped_demo_config_trains_on_the_test_data(dataset, tmp_path):
-    """configs/tiny.yaml's own model (only vocab and data swapped) runs a few steps."""
+    """configs/tiny.yaml's own model and downstream tasks (only vocab and data swapped)
+    run a few steps; its task files are made where the demo makes them (relative to the
+    working directory), from two plays, by `pretrain prep tasks`."""
+    texts = [str(p) for p in shakespeare_texts()[8:10]]
+    prep("tasks", "--inputs", *texts, "--out", tmp_path / "data/shakespeare/tasks", "--examples", "20")  # fmt: skip
     r = run_cli(
-        "train", "configs/tiny.yaml", f"run.dir={tmp_path / 'demo'}", f"data.tokenizer={dataset['tokenizer']}",
+        "train", str(REPO / "configs/tiny.yaml"), f"run.dir={tmp_path / 'demo'}", f"data.tokenizer={dataset['tokenizer']}",
         f"data.streams=[{{path: {dataset['mds']}}}]", "data.seq_len=64", "model.vocab_size=512",
-        "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1",
+        "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1", cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert len(losses_by_step(tmp_path / "demo")) == 2
+    (scores,) = [r for r in read_metrics(tmp_path / "demo") if "eval/core" in r]
+    assert scores["step"] == 2 and set(scores) >= {"eval/word_order", "eval/cloze"}
 
 
 @pytest.mark.parametrize(

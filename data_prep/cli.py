@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from data_prep.array import Cancelled, run_task
 from data_prep.inputs import expand_inputs, fetch_inputs
+from data_prep.jobs import add_slurm_arguments, resume, status
+from data_prep.parts import DEFAULT_PART_SIZE
 from data_prep.remote import check_out_prefix, publish
-from data_prep.shards import ShardsResult, split_files, write_shards
+from data_prep.shards import Settings, ShardsResult, split_files, write_shards
 from data_prep.tokenizer import MODEL_TYPES, train_tokenizer
 from data_prep.workers import default_workers
 from pretrain.data.format import SPLITS
@@ -53,7 +56,7 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pretrain prep", description="Offline data preparation.")
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{tokenizer,shards,tasks}"
+        dest="command", required=True, metavar="{tokenizer,shards,tasks,status,resume,task}"
     )
 
     tok = commands.add_parser("tokenizer", help="train a lossless sentencepiece tokenizer")
@@ -87,14 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--out, whose uncompressed shards streaming reads in place instead of copying",
     )
     shards.add_argument("--shard-size-limit", type=parse_size, default="64MB")
+    shards.add_argument(
+        "--part-size",
+        type=parse_size,
+        default=DEFAULT_PART_SIZE,
+        help="inputs are cut into parts of this many bytes, each packed and written on its own "
+        "(a task of --tasks writes whole parts; the dataset does not depend on --tasks) "
+        "(default: 512MB)",
+    )
     shards.add_argument("--overwrite", action="store_true", help="replace a dataset at --out")
     shards.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     shards.add_argument(
         "--workers",
         type=int,
-        default=default_workers(),
-        help="tokenizer processes; any number gives the same shards (default: min(4, CPUs))",
+        help="tokenizer processes; any number gives the same shards (default: min(4, CPUs); "
+        "in an array task, its --cpus-per-task)",
     )
+    add_slurm_arguments(shards)
+    task = commands.add_parser("task", help="run one task of an array prep job (what --slurm runs)")
+    task.add_argument("out", metavar="OUT")
+    task.add_argument("--index", type=int, required=True)
+    task.add_argument("--workers", type=int)
+    for name, what in (
+        ("status", "parts done, running, failed"),
+        ("resume", "rerun what is missing"),
+    ):
+        sub = commands.add_parser(name, help=f"array prep job: {what}")
+        sub.add_argument("out", metavar="OUT")
     tasks = commands.add_parser("tasks", help="probe tasks (word order, cloze) from held-out text")
     tasks.add_argument("--inputs", nargs="+", required=True, metavar="GLOB", help=inputs_help)
     tasks.add_argument("--out", type=Path, required=True, metavar="DIR")
@@ -141,6 +163,8 @@ def run_tokenizer(args: argparse.Namespace) -> None:
 
 
 def run_shards(args: argparse.Namespace) -> None:
+    if args.tasks is not None or args.task_index is not None or args.slurm:
+        return run_array(args)
     started = time.perf_counter()
     remote = is_remote(args.out)
     if args.local is not None and not remote:
@@ -159,18 +183,52 @@ def run_shards(args: argparse.Namespace) -> None:
             fetch_inputs(names, Path(work) / "inputs"),
             tokenizer,
             local,
-            seq_len=args.seq_len,
-            val_fraction=args.val_fraction,
-            text_field=args.text_field,
-            compression=None if compression == "none" else compression,
-            size_limit=args.shard_size_limit,
+            settings_of(args),
             overwrite=args.overwrite,
-            seed=args.seed,
             workers=args.workers,
             out_flag="--local" if args.local else "--out",
         )
         uploaded = publish(local, args.out, args.overwrite) if remote else None
         _print_summary(args, result, local, compression, time.perf_counter() - started, uploaded)
+
+
+def run_array(args: argparse.Namespace) -> None:
+    """--tasks N with --slurm (submit the array) or --task-index I (run one task here)."""
+    from data_prep.array import make_plan, open_plan, run_task
+    from data_prep.jobs import slurm_options, submit
+    from data_prep.target import Target
+
+    if args.tasks is None:
+        raise PrepError("--slurm and --task-index need --tasks N")
+    if args.slurm == (args.task_index is not None):
+        raise PrepError("--tasks N needs either --slurm (submit N array tasks) or --task-index I")
+    if args.local is not None:
+        raise PrepError("--local is for a one-machine write; array tasks stage their own parts")
+    if args.task_index is not None and args.overwrite:
+        raise PrepError("--overwrite with --task-index would remove the other tasks' parts; "
+                        "empty --out first, or use --slurm")  # fmt: skip
+    plan = make_plan(args.inputs, args.tokenizer, settings_of(args), args.tasks, args.workers)
+    target = Target(args.out)
+    if args.slurm:
+        plan["slurm"] = slurm_options(args)
+        plan = open_plan(target, plan, args.overwrite)
+        submit(target, plan, list(range(args.tasks)))
+    else:
+        open_plan(target, plan, overwrite=False)
+        run_task(args.out, args.task_index, args.workers)
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    compression = args.compression or ("zstd" if is_remote(args.out) else "none")
+    return Settings(
+        seq_len=args.seq_len,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        compression=None if compression == "none" else compression,
+        size_limit=args.shard_size_limit,
+        seed=args.seed,
+        part_size=args.part_size,
+    )
 
 
 def _print_summary(
@@ -194,7 +252,7 @@ def _print_summary(
     where = f"{args.out} (staged in {local})" if args.local else args.out
     upload = f"; uploaded {uploaded[0]} files, {uploaded[1]:,} bytes" if uploaded else ""
     print(
-        f"shards: {where} (seq_len {args.seq_len}, {compression}, {args.workers} workers): "
+        f"shards: {where} (seq_len {args.seq_len}, {compression}, {args.workers or default_workers()} workers): "
         f"{text_mb:,.2f} MB of text in {seconds:.1f}s = {text_mb / seconds:.2f} MB/s "
         f"(tokenize+pack {result.seconds:.1f}s = {text_mb / result.seconds:.2f} MB/s){upload}"
     )
@@ -203,10 +261,21 @@ def _print_summary(
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        {"tokenizer": run_tokenizer, "shards": run_shards, "tasks": run_tasks}[args.command](args)
+        commands = {
+            "tokenizer": run_tokenizer,
+            "shards": run_shards,
+            "tasks": run_tasks,
+            "task": lambda a: run_task(a.out, a.index, a.workers),
+            "status": lambda a: status(a.out),
+            "resume": lambda a: resume(a.out),
+        }
+        commands[args.command](args)
     except (PrepError, StoreError) as e:
         print(f"prep error: {e}", file=sys.stderr)
         return 2
+    except Cancelled:
+        print("prep: cancelled (SIGTERM); `pretrain prep resume OUT` reruns it", file=sys.stderr)
+        return 143
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     return 0

@@ -32,10 +32,15 @@ PARQUET_BATCH_ROWS = 1024
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input: `name` is what the user knows (absolute path or s3:// URL), `path` is read."""
+    """One input: `name` is what the user knows (absolute path or s3:// URL), `path` is read.
+
+    `offset` is where byte 0 of `path` lies in `name` (a fetched byte range of a remote file),
+    so errors name the byte in the user's file.
+    """
 
     name: str
     path: Path
+    offset: int = 0
 
     @classmethod
     def local(cls, path: str | Path) -> InputFile:
@@ -95,17 +100,23 @@ def check_readable(inputs: Sequence[InputFile]) -> None:
             raise PrepError(f"{item.name}: cannot read ({e.strerror})") from None
 
 
-def iter_documents(item: InputFile, text_field: str = "text") -> Iterator[str]:
-    """Yield the non-empty documents of one input file, in file order."""
+def iter_documents(
+    item: InputFile, text_field: str = "text", start: int = 0, end: int | None = None
+) -> Iterator[str]:
+    """Yield the non-empty documents of one input file, in file order.
+
+    With a byte range [start, end) of `item.path`: the JSONL lines and parquet row groups
+    that begin in it (see data_prep.parts); a .txt file is one document, never cut.
+    """
     suffix = item.path.suffix
     if suffix in TEXT_SUFFIXES:
-        text = _read_text(item)
+        text = _read_text(item) if start == 0 else ""
         if text:
             yield text
     elif suffix in PARQUET_SUFFIXES:
-        yield from _iter_parquet(item, text_field)
+        yield from _iter_parquet(item, text_field, start, end)
     else:
-        yield from _iter_jsonl(item, text_field)
+        yield from _iter_jsonl(item, text_field, start, end)
 
 
 def _read_text(item: InputFile) -> str:
@@ -120,14 +131,27 @@ def _read_text(item: InputFile) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _iter_jsonl(item: InputFile, text_field: str) -> Iterator[str]:
+def _iter_jsonl(item: InputFile, text_field: str, start: int, end: int | None) -> Iterator[str]:
+    """The lines that begin in [start, end); named by line number when read from the file's
+    first byte, by byte offset otherwise (counting lines before `start` would read them)."""
     try:
         with open(item.path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                where = f"{item.name}:{lineno}"
+            pos = start
+            if start > 0:  # the line that begins at start, or the first one after it
+                f.seek(start - 1)
+                pos += len(f.readline()) - 1
+            lineno = 1 if start + item.offset == 0 else None
+            while end is None or pos < end:
+                raw = f.readline()
+                if not raw:
+                    break
+                at = item.offset + pos
+                where = f"{item.name}:{lineno}" if lineno else f"{item.name} (line at byte {at})"
                 text = _parse_jsonl_line(raw, where, text_field, first=lineno == 1)
                 if text:
                     yield text
+                pos += len(raw)
+                lineno = lineno + 1 if lineno else None
     except OSError as e:
         raise PrepError(f"{item.name}: cannot read ({e.strerror})") from None
 
@@ -154,7 +178,7 @@ def _parse_jsonl_line(raw: bytes, where: str, text_field: str, first: bool) -> s
     return text
 
 
-def _iter_parquet(item: InputFile, text_field: str) -> Iterator[str]:
+def _iter_parquet(item: InputFile, text_field: str, start: int, end: int | None) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -172,11 +196,27 @@ def _iter_parquet(item: InputFile, text_field: str) -> Iterator[str]:
     column_type = schema.field(text_field).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
         raise PrepError(f"{item.name}: column {text_field!r} holds {column_type}, expected strings")
+    groups = [
+        i
+        for i in range(parquet.metadata.num_row_groups)
+        if start <= _row_group_offset(parquet.metadata.row_group(i)) < (end or float("inf"))
+    ]
+    if not groups:
+        return
     try:
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        batches = parquet.iter_batches(PARQUET_BATCH_ROWS, groups, columns=[text_field])
+        for batch in batches:
             for text in batch.column(0).to_pylist():
                 if text:  # None (null) and "" are both empty documents
                     yield text
     except (pa.ArrowException, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PrepError(f"{item.name}: cannot read ({reason})") from None
+
+
+def _row_group_offset(group) -> int:
+    """The byte where a parquet row group begins: its first column chunk's first page."""
+    column = group.column(0)
+    if column.has_dictionary_page and column.dictionary_page_offset:
+        return min(column.dictionary_page_offset, column.data_page_offset)
+    return column.data_page_offset

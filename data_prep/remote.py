@@ -41,6 +41,18 @@ def expand_remote(pattern: str) -> list[str]:
     ]
 
 
+def object_sizes(urls: Sequence[str]) -> dict[str, int]:
+    """The size of each object, from one listing per folder (not a request per object)."""
+    sizes: dict[str, int] = {}
+    for folder in sorted({url.rpartition("/")[0] for url in urls}):
+        wanted = {u for u in urls if u.rpartition("/")[0] == folder}
+        sizes.update((u, n) for u, n in objstore.list_objects(folder) if u in wanted)
+    missing = [u for u in urls if u not in sizes]
+    if missing:
+        raise PrepError(f"{missing[0]}: not found (was it deleted since it was listed?)")
+    return sizes
+
+
 def match_parts(parts: Sequence[str], pattern: Sequence[str]) -> bool:
     """Glob matching of path segments: `**` matches any number of segments."""
     if not pattern:
@@ -82,7 +94,7 @@ def publish(local: Path, url: str, overwrite: bool) -> tuple[int, int]:
         raise PrepError(f"{local} holds no {META_NAME}: nothing to publish")
     check_out_prefix(url, overwrite)  # again: writing the dataset may have taken hours
     if overwrite:
-        _guard(url, _delete_object, objstore.join(url, META_NAME))
+        guard(url, _delete_object, objstore.join(url, META_NAME))
         objstore.delete_prefix(url)
     shards = [f for f in files if f != META_NAME and not f.endswith("/index.json")]
     indexes = [f for f in files if f.endswith("/index.json")]
@@ -105,13 +117,13 @@ def _listing(url: str) -> dict[str, int]:
 
 
 def _download(url: str, local: Path) -> int:
-    _guard(url, objstore.download_file, url, local)
+    guard(url, objstore.download_file, url, local)
     return local.stat().st_size
 
 
 def _upload(local: Path, url: str) -> int:
     # boto3's upload_file raises S3UploadFailedError, which objstore does not translate.
-    _guard(url, objstore.upload_file, local, url)
+    guard(url, objstore.upload_file, local, url)
     return local.stat().st_size
 
 
@@ -120,7 +132,7 @@ def _delete_object(url: str) -> None:
     objstore.client().delete_object(Bucket=bucket, Key=key)
 
 
-def _guard(url: str, fn: Callable[..., Any], *args: Any) -> Any:
+def guard(url: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Call `fn`, turning any boto error into a one-line StoreError naming `url`."""
     from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError

@@ -39,8 +39,9 @@ IN_FLIGHT_PER_WORKER = 2
 
 @dataclass
 class Batch:
-    """Consecutive documents, each with its split and its size in UTF-8 bytes."""
+    """Consecutive documents of one part, each with its split and its size in UTF-8 bytes."""
 
+    part: int
     splits: list[str]
     texts: list[str]
     sizes: list[int]
@@ -50,18 +51,23 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def batches(docs: Iterator[tuple[str, str]]) -> Iterator[Batch]:
-    """Group (split, text) pairs into batches of at most BATCH_DOCS docs or ~BATCH_CHARS."""
-    batch = Batch([], [], [])
+def batches(docs: Iterator[tuple[int, str, str]]) -> Iterator[Batch]:
+    """Group (part, split, text) into batches of at most BATCH_DOCS docs or ~BATCH_CHARS,
+    never two parts in one batch (each part is packed on its own)."""
+    batch = Batch(-1, [], [], [])
     chars = 0
-    for split, text in docs:
+    for part, split, text in docs:
+        if part != batch.part and batch.texts:
+            yield batch
+            batch, chars = Batch(part, [], [], []), 0
+        batch.part = part
         batch.splits.append(split)
         batch.texts.append(text)
         batch.sizes.append(len(text.encode("utf-8")))
         chars += len(text)
         if chars >= BATCH_CHARS or len(batch.texts) >= BATCH_DOCS:
             yield batch
-            batch, chars = Batch([], [], []), 0
+            batch, chars = Batch(part, [], [], []), 0
     if batch.texts:
         yield batch
 

@@ -21,7 +21,7 @@ USAGE = """pretrain <command> ...
 commands:
   train CONFIG [key=value ...]    train (or resume) the run CONFIG describes
   config CONFIG [key=value ...]   print the resolved config
-  prep tokenizer|shards ...       train a tokenizer / write packed MDS shards (see --help)
+  prep tokenizer|shards|status|resume ...  tokenizer, packed MDS shards (--tasks N: a SLURM array)
   consolidate CHECKPOINT --out F  full weights of a (sharded) checkpoint as safetensors
   export CHECKPOINT --hf OUT_DIR  a Hugging Face transformers model folder (Llama format)
   generate RUN_DIR|CHECKPOINT --prompt TEXT    sample text with a KV cache

@@ -134,6 +134,14 @@ def read_bytes(url: str) -> bytes:
     return _call(url, body.read)
 
 
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of an object (one ranged GET)."""
+    bucket, key = split_url(url)
+    rng = f"bytes={start}-{end - 1}"
+    body = _call(url, client().get_object, Bucket=bucket, Key=key, Range=rng)["Body"]
+    return _call(url, body.read)
+
+
 def write_bytes(url: str, data: bytes) -> None:
     bucket, key = split_url(url)
     _call(url, client().put_object, Bucket=bucket, Key=key, Body=data)

@@ -24,7 +24,7 @@ def damaged(dataset, tmp_path):
         "--shard-size-limit", "64KB",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    shards = sorted((copy / "train").glob("shard.*.mds"))
+    shards = sorted((copy / "train").glob("*/shard.*.mds"))
     assert len(shards) > 3
     return copy, shards
 
@@ -43,7 +43,7 @@ def test_truncated_shard_is_named_before_training(tiny_overrides, damaged, tmp_p
         f.truncate(1000)
     r = _train(tiny_overrides, mds)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"damaged shard(s) train/{shards[2].name}" in r.stderr
+    assert f"damaged shard(s) train/00000/{shards[2].name}" in r.stderr
     assert "data.skip_bad_shards=true" in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -54,7 +54,7 @@ def test_corrupt_shard_fails_its_checksum(tiny_overrides, damaged):
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
     shards[1].write_bytes(bytes(data))
     r = _train(tiny_overrides, mds)
-    assert r.returncode == 2 and f"train/{shards[1].name}" in r.stderr
+    assert r.returncode == 2 and f"train/00000/{shards[1].name}" in r.stderr
 
 
 def test_skip_bad_shards_trains_without_them(tiny_overrides, damaged, tmp_path):
@@ -62,7 +62,7 @@ def test_skip_bad_shards_trains_without_them(tiny_overrides, damaged, tmp_path):
     shards[0].unlink()
     r = _train(tiny_overrides, mds, "data.skip_bad_shards=true", "train.max_steps=3")
     assert r.returncode == 0, r.stderr
-    assert f"skipping damaged shard(s) train/{shards[0].name}" in r.stderr
+    assert f"skipping damaged shard(s) train/00000/{shards[0].name}" in r.stderr
     assert len(losses_by_step(tmp_path / "run")) == 3
     fingerprint = json.loads((tmp_path / "run" / "data_train.json").read_text())[0]
     index = json.loads((mds / "train" / "index.json").read_text())
@@ -71,10 +71,10 @@ def test_skip_bad_shards_trains_without_them(tiny_overrides, damaged, tmp_path):
 
 def test_val_streams_are_read_for_validation(tiny_overrides, dataset, damaged):
     mds, _ = damaged
-    for shard in (mds / "val").glob("shard.*"):
+    for shard in (mds / "val").glob("*/shard.*"):
         shard.unlink()
     r = _train(tiny_overrides, dataset["mds"], f"data.val_streams=[{{path: {mds}}}]")
-    assert r.returncode == 2 and "data.val_streams[0]" in r.stderr and "val/shard." in r.stderr
+    assert r.returncode == 2 and "data.val_streams[0]" in r.stderr and "val/00000/shard." in r.stderr
 
 
 @pytest.mark.torchrun

@@ -44,7 +44,7 @@ def _hashed(trace: Path) -> list[dict]:
 def test_only_rank0_checks_and_a_restart_hashes_nothing(sharded, tiny_overrides, tmp_path):
     run, scratch = tmp_path / "run", tmp_path / "scratch"
     overrides = with_overrides(tiny_overrides, f"data.streams=[{{path: {sharded}}}]")
-    shards = sorted((sharded / "train").glob("shard.*.mds"))
+    shards = sorted((sharded / "train").glob("*/shard.*.mds"))
     assert len(shards) > 3
     traces = [tmp_path / f"trace{i}" for i in range(3)]
     for trace in traces:

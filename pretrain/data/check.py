@@ -140,7 +140,9 @@ def prepare_cache(source: StreamSource, checked: CheckedStream) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if not checked.remote:
         shards = Path(checked.root).resolve() / checked.split
-        for name in checked.shards:
+        for name in checked.shards:  # part/shard.00000.mds in a merged dataset
+            if "/" in name:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
             _link(shards / name, folder / name)
     files.write_atomic(current, checked.index, durable=False)  # rewritten at every start
 
@@ -295,14 +297,10 @@ def _bad_shards(
     if remote:  # one listing instead of a request per shard
         url = _join(root, split)
         iotrace.record(iotrace.LIST, url)
-        stats = {u.rsplit("/", 1)[1]: (size, None) for u, size in objstore.list_objects(url)}
+        start = len(url.rstrip("/")) + 1  # names relative to the split: part/shard.00000.mds
+        stats = {u[start:]: (size, None) for u, size in objstore.list_objects(url)}
     else:
-        stats = {}
-        with os.scandir(Path(root) / split) as entries:
-            for entry in entries:
-                if entry.is_file():
-                    st = entry.stat()
-                    stats[entry.name] = (st.st_size, st.st_mtime_ns)
+        stats = _local_stats(Path(root) / split)
     bad = []
     for shard in index["shards"]:
         info = _shard_file(shard)
@@ -315,6 +313,20 @@ def _bad_shards(
             if hashes.xxh64(path, size, mtime_ns) != info["hashes"][HASH]:
                 bad.append(name)
     return bad
+
+
+def _local_stats(folder: Path, prefix: str = "") -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under `folder`, by path relative to it: a merged
+    dataset keeps each part's shards in a subfolder (data_prep.shards)."""
+    stats = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file():
+                st = entry.stat()
+                stats[prefix + entry.name] = (st.st_size, st.st_mtime_ns)
+            elif entry.is_dir():
+                stats |= _local_stats(Path(entry.path), f"{prefix}{entry.name}/")
+    return stats
 
 
 class HashCache:

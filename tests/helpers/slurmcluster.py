@@ -15,7 +15,9 @@ The run directories, the data and the munge socket stay shared, like a shared fi
 Logs and controller state live under `root`; munge's files and the slurmd spools (unix
 sockets, so short paths) in a folder under /tmp removed at `stop()`. There is no accounting
 daemon: `sacct` does not work, read jobs with `job()`/`jobs()` (finished ones stay visible for
-MinJobAge=600 s). `scontrol requeue` restarts a job about 17 s later.
+MinJobAge=600 s). `scontrol requeue` restarts a job about 12 s later: once its credential
+has expired (cred_expire=10), at the next pass of the backfill scheduler, which starts
+requeued jobs and runs every second here (every 30 s by default: 12 to 42 s).
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ class SlurmCluster:
         # A slurmd answers a step kill only once the step is gone (up to KillWait); had it
         # not answered within MessageTimeout, slurmctld would resend the kill 60 s later
         # and hit the step of the same id in the requeued job, which starts here within
-        # ~20 s (cred_expire=10; 120 s by default).
+        # ~12 s (cred_expire=10; 120 s by default). A requeued job is started by the backfill
+        # scheduler (bf_interval; 30 s by default would add 0 to 30 s to every requeue).
         settings = f"""
             ClusterName=test  SlurmctldHost=localhost(127.0.0.1)  SlurmUser=root
             AuthType=auth/munge  AuthInfo=socket={m}/munge.sock,cred_expire=10  CredType=cred/munge
@@ -147,7 +150,7 @@ class SlurmCluster:
             ProctrackType=proctrack/linuxproc  TaskPlugin=task/affinity  TaskPluginParam=Cores  MpiDefault=none
             JobAcctGatherType=jobacct_gather/none  AccountingStorageType=accounting_storage/none
             SelectType=select/cons_tres  SelectTypeParameters=CR_Core_Memory  DefMemPerCPU=100
-            SchedulerType=sched/backfill
+            SchedulerType=sched/backfill  SchedulerParameters=bf_interval=1
             ReturnToService=2  SlurmctldTimeout=30  SlurmdTimeout=30  MinJobAge=600
             KillWait=5  MessageTimeout=30
         """
@@ -275,6 +278,15 @@ class SlurmCluster:
             if want.items() <= env.items() and env.get(b"SLURM_STEP_ID", b"batch").isdigit():
                 found[pid] = {k.decode(): v.decode(errors="replace") for k, v in env.items()}
         return found
+
+    def array_task_pids(self, job_id: str, task: int) -> list[int]:
+        """The processes of one task of a job array (its batch script and what it runs)."""
+        want = {
+            b"SLURM_CONF": str(self.conf).encode(),
+            b"SLURM_ARRAY_JOB_ID": str(job_id).encode(),
+            b"SLURM_ARRAY_TASK_ID": str(task).encode(),
+        }
+        return [pid for pid in _pids() if want.items() <= _environ(pid).items()]
 
     def run(self, *args: str, check: bool = True, timeout: float = 60):
         """A SLURM client command (sbatch, squeue, scontrol, ...) against this cluster."""

@@ -1,0 +1,90 @@
+"""Where an array prep job writes: a local folder (a shared filesystem on a cluster) or an
+s3:// prefix, behind the few operations the tasks, the merge and `prep status` need.
+
+Small JSON files (the plan, part manifests, task progress) are replaced atomically: a local
+file through a temporary name and a rename, an object by a single PUT. A part's files go up
+shards first, then its index, so nothing lists a shard that is not there yet.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from data_prep.remote import IO_THREADS, guard
+from pretrain import objstore
+from pretrain.files import write_atomic
+
+
+class Target:
+    def __init__(self, out: str) -> None:
+        self.out = out.rstrip("/") if objstore.is_remote(out) else str(Path(out).resolve())
+        self.remote = objstore.is_remote(out)
+
+    def where(self, rel: str) -> str:
+        return objstore.join(self.out, rel) if self.remote else str(Path(self.out) / rel)
+
+    def read_json(self, rel: str) -> dict[str, Any] | None:
+        """The JSON at `rel`, or None when there is none."""
+        try:
+            if self.remote:
+                if not objstore.exists(self.where(rel)):
+                    return None
+                text = objstore.read_bytes(self.where(rel)).decode()
+            else:
+                text = Path(self.where(rel)).read_text()
+        except FileNotFoundError:
+            return None
+        return json.loads(text)
+
+    def write_text(self, rel: str, text: str) -> None:
+        if self.remote:
+            objstore.write_bytes(self.where(rel), text.encode())
+        else:
+            path = Path(self.where(rel))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, text)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_text(rel, json.dumps(obj, indent=1) + "\n")
+
+    def names(self, rel: str = "") -> list[str]:
+        """Paths (relative to the output) of every file under `rel`."""
+        if self.remote:
+            root = objstore.join(self.out, "")
+            prefix = self.where(rel) if rel else self.out
+            return sorted(url[len(root) :] for url, _ in objstore.list_objects(prefix))
+        base = Path(self.out)
+        folder = base / rel
+        if not folder.is_dir():
+            return []
+        return sorted(p.relative_to(base).as_posix() for p in folder.rglob("*") if p.is_file())
+
+    def exists(self, rel: str) -> bool:
+        return objstore.exists(self.where(rel)) if self.remote else Path(self.where(rel)).exists()
+
+    def remove_file(self, rel: str) -> None:
+        if self.remote:
+            objstore.delete(self.where(rel))
+        else:
+            Path(self.where(rel)).unlink(missing_ok=True)
+
+    def remove(self, rel: str) -> None:
+        """Delete the folder (prefix) `rel` and all under it, if any."""
+        if self.remote:
+            objstore.delete_prefix(self.where(rel))
+        else:
+            shutil.rmtree(self.where(rel), ignore_errors=True)
+
+    def upload(self, local: Path, rels: list[str]) -> None:
+        """Remote only: files `local/rel` to `rel`, shards before index.json files."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        shards = [r for r in rels if not r.endswith("/index.json")]
+        indexes = [r for r in rels if r.endswith("/index.json")]
+        for batch in (shards, indexes):
+            with ThreadPoolExecutor(IO_THREADS) as pool:
+                jobs = [(self.where(r), local / r) for r in batch]
+                list(pool.map(lambda j: guard(j[0], objstore.upload_file, j[1], j[0]), jobs))

@@ -74,7 +74,9 @@ def test_val_streams_are_read_for_validation(tiny_overrides, dataset, damaged):
     for shard in (mds / "val").glob("*/shard.*"):
         shard.unlink()
     r = _train(tiny_overrides, dataset["mds"], f"data.val_streams=[{{path: {mds}}}]")
-    assert r.returncode == 2 and "data.val_streams[0]" in r.stderr and "val/00000/shard." in r.stderr
+    assert (
+        r.returncode == 2 and "data.val_streams[0]" in r.stderr and "val/00000/shard." in r.stderr
+    )
 
 
 @pytest.mark.torchrun

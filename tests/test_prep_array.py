@@ -134,6 +134,11 @@ def test_bad_input_is_one_line_and_overwrites_nothing(flags, tmp_path, capsys) -
 
     assert prep("shards", *flags[1:3], tmp_path / "nothing*.jsonl", *flags[3:], "--out", tmp_path / "x") == 2  # fmt: skip
     assert "matches no files" in capsys.readouterr().err
+    (tmp_path / "bin.parquet").write_bytes(b"not parquet at all")
+    assert prep("shards", *flags[1:3], tmp_path / "bin.parquet", *flags[3:], "--out", tmp_path / "p", "--tasks", 1, "--task-index", 0) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bin.parquet'}: not a readable parquet file" in err and err.count("\n") == 1
+    assert not [p for p in (tmp_path / "p").rglob("*") if "_prep" not in p.parts]  # nothing written
 
 
 def test_a_failed_task_is_reported_and_resume_reruns_only_it(flags, plays, tmp_path, capsys):
@@ -156,6 +161,9 @@ def test_a_failed_task_is_reported_and_resume_reruns_only_it(flags, plays, tmp_p
     assert "task 2: failed (" in report and "invalid JSON" in report
     assert "task 1: not started" in report and "reruns task(s) [1, 2]" in report
     written = {k: v for k, v in files(out).items()}
+    bad.joinpath("zz.jsonl").write_bytes(text[:-100])  # another size: not the planned input
+    assert prep("resume", out) == 2
+    assert "zz.jsonl changed since the job was planned" in capsys.readouterr().err
     bad.joinpath("zz.jsonl").write_bytes(text)  # fixed, same size
     assert prep("resume", out) == 0
     assert all(files(out)[k] == v for k, v in written.items())  # task 0's parts untouched

@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -214,8 +213,7 @@ def merge(target: Target) -> dict[str, Any]:
     assert plan is not None
     parts = parts_of(plan)
     started = time.perf_counter()
-    with ThreadPoolExecutor(16) as pool:
-        manifests = list(pool.map(lambda p: target.read_json(part_key(p.index)), parts))
+    manifests = target.read_many([part_key(p.index) for p in parts])
     missing = [p.index for p, m in zip(parts, manifests, strict=True) if m is None]
     if missing:
         raise PrepError(f"{target.out}: parts {missing[:5]} are not written yet; see prep status")
@@ -223,7 +221,7 @@ def merge(target: Target) -> dict[str, Any]:
     for split, index in merged_indexes(manifests).items():
         target.write_text(f"{split}/{INDEX_NAME}", dumps(index))
     target.write_text(META_NAME, dumps(meta))
-    records = [target.read_json(task_key(i)) or {} for i in range(plan["tasks"])]
+    records = [r or {} for r in target.read_many([task_key(i) for i in range(plan["tasks"])])]
     first = min((r["started"] for r in records if "started" in r), default=time.time())
     summary = _totals(manifests) | {
         "merge_seconds": round(time.perf_counter() - started, 3),

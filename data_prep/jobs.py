@@ -128,10 +128,11 @@ def task_states(target: Target, plan: dict[str, Any]) -> list[dict[str, Any]]:
     """Each task's state, parts done and record."""
     parts, done, queue = parts_of(plan), done_parts(target), queued(plan)
     by_slurm = bool(plan.get("jobs")) and shutil.which("squeue") is not None
+    records = target.read_many([task_key(i) for i in range(plan["tasks"])])
     rows = []
     for i in range(plan["tasks"]):
         mine = task_parts(parts, plan["tasks"], i)
-        record = target.read_json(task_key(i)) or {}
+        record = records[i] or {}
         finished = sum(p.index in done for p in mine)
         state, why = record.get("state", "not started"), record.get("error")
         if finished == len(mine):

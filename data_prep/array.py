@@ -119,6 +119,10 @@ def open_plan(target: Target, plan: dict[str, Any], overwrite: bool) -> dict[str
             "status` on it, or pass --overwrite to replace it"
         )
     names = target.names()
+    if found is None and not overwrite:
+        # Tasks started together by hand: another may be writing this same plan right now
+        # (its temporary file): bookkeeping without a plan is not a dataset to protect.
+        names = [n for n in names if not n.startswith(PREP_DIR + "/")]
     if names and not overwrite:
         what = "a dataset" if META_NAME in names else f"files ({', '.join(names[:3])})"
         raise PrepError(

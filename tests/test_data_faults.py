@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers.runs import losses_by_step, run_cli, with_overrides
@@ -77,6 +80,85 @@ def test_val_streams_are_read_for_validation(tiny_overrides, dataset, damaged):
     assert (
         r.returncode == 2 and "data.val_streams[0]" in r.stderr and "val/00000/shard." in r.stderr
     )
+
+
+def _corrupt_remote(root: Path) -> Path:
+    """Four zstd MDS shards with xxh64 hashes, each with its last byte flipped (same size,
+    so only the hash can tell), in a folder streaming downloads from as from a store."""
+    from pretrain.data.streaming_compat import streaming_module
+
+    columns = {"tokens": "ndarray:uint16"}
+    with streaming_module().MDSWriter(
+        out=str(root / "train"), columns=columns, compression="zstd", hashes=["xxh64"],
+        size_limit=4096,
+    ) as out:  # fmt: skip
+        for i in range(128):
+            out.write({"tokens": np.arange(i, i + 65, dtype=np.uint16)})
+    shards = sorted((root / "train").glob("shard.*.mds.zstd"))
+    assert len(shards) >= 4
+    for shard in shards:
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    return root
+
+
+@pytest.mark.parametrize("failing", ["one thread", "both threads"])
+def test_a_shard_that_fails_its_download_raises(tmp_path, failing):
+    """streaming downloads in two threads (one ahead of the reader, one that waits for the
+    reader's next shard and downloads it itself if not yet started). Whether one of them or
+    both (as on a loaded machine) fail, reading raises: it must neither end as if the epoch
+    were complete (validation would score nothing) nor wait forever for the failed threads."""
+    from pretrain.data import loader
+    from pretrain.data.streaming_compat import streaming_module
+
+    remote, both = _corrupt_remote(tmp_path / "remote"), failing == "both threads"
+    downloading, failed = threading.Event(), []
+    met = threading.Barrier(2 if both else 1, timeout=60)
+
+    class Dataset(loader._dataset_class()):
+        def _prepare_thread(self, it) -> None:
+            if both:  # the ready thread takes the first shard, the download thread another
+                downloading.wait(60)
+            super()._prepare_thread(it)
+
+        def _ready_thread(self, it) -> None:
+            if not both:  # the download thread takes the first shard: the ready thread waits
+                downloading.wait(60)
+            super()._ready_thread(it)
+
+    stream = streaming_module().Stream(
+        remote=str(remote), local=str(tmp_path / "cache"), split="train", download_retry=1,
+        validate_hash="xxh64",
+    )  # fmt: skip
+    download = stream.prepare_shard
+
+    def held(shard):
+        downloading.set()
+        met.wait()  # with both: each thread holds a shard of its own when they fail
+        try:
+            return download(shard)
+        except ValueError:
+            failed.append(threading.current_thread().name)
+            raise
+
+    stream.prepare_shard = held
+    dataset = Dataset(streams=[stream], batch_size=8, shuffle=True, shuffle_seed=1)
+    outcome: list[BaseException | int] = []
+
+    def read() -> None:
+        try:
+            outcome.append(sum(1 for _ in dataset))
+        except Exception as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(120)
+    assert not reader.is_alive(), f"reading hung after {failed} failed"
+    assert len(failed) == (2 if both else 1)
+    assert isinstance(outcome[0], RuntimeError), outcome
+    assert "Background thread failed" in str(outcome[0])
 
 
 @pytest.mark.torchrun

@@ -127,7 +127,7 @@ def test_truncated_remote_shard_is_named_or_skipped(s3, s3_dataset, tiny_overrid
     copy = "s3://pretrain-data/truncated"
     shards = _copy_prefix(s3_dataset, copy)
     objstore.write_bytes(shards[1], objstore.read_bytes(shards[1])[:100])
-    name = shards[1].rsplit("/", 1)[1]
+    name = shards[1].split("/train/", 1)[1]  # with its part folder: 00000/shard.00001...
     r = _train(s3, tiny_overrides, copy)
     assert r.returncode == 2 and f"damaged shard(s) train/{name}" in r.stderr
     r = _train(s3, tiny_overrides, copy, "data.skip_bad_shards=true", "train.max_steps=2")

@@ -140,7 +140,9 @@ def test_bad_input_is_one_line_and_overwrites_nothing(flags, tmp_path, capsys) -
     (tmp_path / "bin.parquet").write_bytes(b"not parquet at all")
     assert prep("shards", *flags[1:3], tmp_path / "bin.parquet", *flags[3:], "--out", tmp_path / "p", "--tasks", 1, "--task-index", 0) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'bin.parquet'}: not a readable parquet file" in err and err.count("\n") == 1
+    assert (
+        f"{tmp_path / 'bin.parquet'}: not a readable parquet file" in err and err.count("\n") == 1
+    )
     assert not [p for p in (tmp_path / "p").rglob("*") if "_prep" not in p.parts]  # nothing written
 
 

@@ -12,7 +12,8 @@ and goes into every checkpoint.
 At start-up global rank 0 checks the data (`pretrain.data.check`) and sends its verdict to
 every rank (`from_rank0`); each node's local leader then prepares the node's own cache
 folder on node-local scratch. Remote shards are downloaded into that cache, with retries
-and backoff, and checked against their xxh64 hash on arrival. DataLoader workers ignore
+and backoff, and checked against their xxh64 hash on arrival; one that fails ends the run
+with a one-line DataError naming it, never a hang (`_dataset_class`). DataLoader workers ignore
 the preemption signals (a signal sent to the whole process group must reach only the
 trainer, which saves and exits), and batches go to pinned memory when training on CUDA.
 """
@@ -76,13 +77,84 @@ def _dataset(
         for s in sources
     ]
     with shm.registering_in_turn():
-        return streaming.StreamingDataset(
+        return _dataset_class()(
             streams=streams,
             batch_size=batch_size,
             shuffle=shuffle,
             shuffle_seed=cfg.run.seed,
             num_canonical_nodes=num_canonical_nodes,
         )
+
+
+@functools.cache
+def _dataset_class() -> type:
+    """streaming's StreamingDataset, made to raise, never hang, when a shard's download fails.
+
+    A shard that fails its download (its hash, or the store after `data.download_retry`)
+    makes the streaming 0.13 thread that downloads it raise; the thread's done-callback sets
+    the dataset's failure flag. Three things then go wrong in streaming itself:
+
+    - `__iter__` ends an epoch in `_Iterator.exit()`, which waits until two of its three
+      loops (the download thread, the ready thread, the caller's yield loop) have called
+      `on_exit()`, and a thread that raises never calls it. The ready thread downloads a
+      shard itself when it finds it not yet started, so when it runs ahead of the download
+      thread (a loaded machine) both may be downloading when both fail: only the yield loop
+      is counted and the rank waits in `exit()` forever, instead of raising the shard's
+      DataError, while the other ranks wait for it in a collective. So a thread that raises
+      is counted out here too.
+    - The yield loop, seeing the flag, ends the epoch quietly, as if it were complete: the
+      training loop's next epoch raises, but validation would score fewer batches (or none)
+      without a word. So an epoch that ends with the flag set raises here.
+    - What it raises, "Background thread failed. Check other traceback.", says nothing of
+      the shard, and in a DataLoader worker the thread's traceback is in another process.
+      So the failed thread's error goes into the message, which `_next` reports.
+    """
+
+    class Dataset(streaming_module().StreamingDataset):
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            try:
+                yield from super().__iter__()
+            except RuntimeError as e:
+                if _THREAD_FAILED not in str(e):
+                    raise
+                raise self._thread_failure() from None
+            failed = getattr(self, "_event", None)
+            if failed is not None and failed.is_set():
+                raise self._thread_failure()
+
+        def _thread_failure(self) -> RuntimeError:
+            why = getattr(self, "_failed_thread", None)
+            return RuntimeError(f"{_THREAD_FAILED}: {why}" if why else f"{_THREAD_FAILED}.")
+
+        def _prepare_thread(self, it) -> None:
+            self._counted_out(super()._prepare_thread, it)
+
+        def _ready_thread(self, it) -> None:
+            self._counted_out(super()._ready_thread, it)
+
+        def _counted_out(self, thread: Callable[[Any], None], it: Any) -> None:
+            try:
+                thread(it)
+            except BaseException as e:
+                if getattr(self, "_failed_thread", None) is None:  # the first one counts
+                    self._failed_thread = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                it.on_exit()  # what the thread's loop does when it ends without an error
+                raise
+
+    # Named as a module attribute (see __getattr__), so a spawned DataLoader worker unpickles it.
+    Dataset.__module__, Dataset.__name__ = __name__, _DATASET_CLASS
+    Dataset.__qualname__ = _DATASET_CLASS
+    return Dataset
+
+
+_DATASET_CLASS = "_CountedStreamingDataset"
+_THREAD_FAILED = "Background thread failed"  # streaming's words, kept for whoever matches them
+
+
+def __getattr__(name: str) -> Any:
+    if name == _DATASET_CLASS:
+        return _dataset_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _loader(dataset, cfg: Config, batch_size: int, pin_memory: bool):
@@ -242,26 +314,19 @@ def _wait_for(store, key: str, patience_s: float) -> None:
 
 
 class _StreamingThreadErrors(logging.Filter):
-    """Keeps the exceptions of streaming's download threads, for a one-line report.
+    """Keeps the tracebacks of streaming's failed download threads off stderr.
 
-    Those threads fail inside a future's done-callback: concurrent.futures logs the
-    traceback, and the iterator itself only raises "Background thread failed". This filter
-    on the concurrent.futures logger keeps such exceptions (ones raised in streaming's own
-    code) instead of printing them; `_next` reports the kept one. Others pass untouched.
+    Those threads fail inside a future's done-callback, and concurrent.futures logs the
+    traceback; the reader gets the thread's error in one line instead (see
+    `_dataset_class`). This filter on the concurrent.futures logger drops such records (ones
+    raised in streaming's own code); others pass untouched.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last: BaseException | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is None or not any(
+        return exc is None or not any(
             "/streaming/" in f.filename for f in traceback.extract_tb(exc.__traceback__)
-        ):
-            return True
-        self.last = exc
-        return False
+        )
 
 
 _THREAD_ERRORS = _StreamingThreadErrors()
@@ -273,29 +338,46 @@ def _watch_streaming_threads() -> None:
         futures_log.addFilter(_THREAD_ERRORS)
 
 
-def _next(iterator: Iterator, sources: list[StreamSource]):
-    """next(iterator), with streaming's shard failures turned into one-line DataErrors."""
+def _next(iterator: Iterator, sources: list[StreamSource], loader):
+    """next(iterator), with streaming's shard failures turned into one-line DataErrors.
+
+    A download thread's error arrives as "Background thread failed: ERROR", in this process
+    or, from a DataLoader worker, inside torch's report of the worker's traceback. A loader
+    that fails is done: its workers are ended first (see `_end_workers`).
+    """
     try:
         return next(iterator)
     except StopIteration:
         raise
     except Exception as e:
-        cause = e
-        if "Background thread failed" in str(e):
-            # The failing thread sets streaming's flag before its exception is logged.
-            deadline = time.monotonic() + 5
-            while _THREAD_ERRORS.last is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            cause = _THREAD_ERRORS.last or e
-        text = " ".join(str(cause).split())
+        _end_workers(loader)
+        thread = re.search(rf"{_THREAD_FAILED}: ([^\n]+)", str(e))
+        text = thread.group(1) if thread else f"{type(e).__name__}: {' '.join(str(e).split())}"
         shard = re.search(r"[\w./-]*shard\.\d+\.mds(?:\.zstd)?", text)
-        if shard is None and cause is e:
+        if shard is None and thread is None:
             raise
         where = f"shard {shard.group(0)}" if shard else "a shard"
         names = ", ".join(s.name for s in sources)
-        raise DataError(
-            f"{names}: {where} could not be read: {type(cause).__name__}: {text[:300]}"
-        ) from cause
+        raise DataError(f"{names}: {where} could not be read: {text[:300]}") from e
+
+
+def _end_workers(loader) -> None:
+    """Ends the worker processes of a DataLoader whose data failed.
+
+    The failing batch's traceback keeps the loader alive until after the trainer returns,
+    into interpreter exit, where multiprocessing waits for every worker to end: the workers
+    ignore SIGTERM (`ignore_signals`), so the process would never exit. Torch's own shutdown
+    ends idle workers; one still busy (waiting for a shard whose download failed in another
+    worker: streaming shares shard states across a node's processes) is killed.
+    """
+    workers = getattr(loader, "_iterator", None)  # kept by a loader with persistent workers
+    if workers is None or not hasattr(workers, "_shutdown_workers"):
+        return
+    workers._shutdown_workers()
+    for worker in getattr(workers, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def _pinned(device: torch.device | str | None) -> bool:
@@ -320,7 +402,7 @@ class TrainBatches:
             if self._iter is None:
                 self._iter = iter(self.loader)
             try:
-                return _next(self._iter, self.sources)
+                return _next(self._iter, self.sources, self.loader)
             except StopIteration:
                 self._iter = None
         raise DataError(
@@ -349,6 +431,6 @@ class ValBatches:
         iterator = iter(self.loader)
         for _ in range(n):
             try:
-                yield _next(iterator, self.sources)
+                yield _next(iterator, self.sources, self.loader)
             except StopIteration:
                 return

@@ -1,13 +1,18 @@
 """Durable files: atomic writes, fsync of files and folders, and advisory (flock) locks.
 
 A lock is held on an open file with flock: the kernel drops it when the holder dies, even by
-kill -9, so a stale lock never blocks a restart.
+kill -9, so a stale lock never blocks a restart. Some shared filesystems have no flock at all
+(Lustre mounted `noflock`: ENOSYS; NFS without a lock daemon: ENOLCK): there a lock is a
+warning, once per process, and the work goes on unguarded, since refusing would stop every
+launcher and every run on that filesystem.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -18,20 +23,46 @@ from typing import IO, Any, BinaryIO
 from pretrain import iotrace
 from pretrain.errors import ConfigError
 
+log = logging.getLogger("pretrain")
+# What a filesystem without flock answers: ENOSYS (Lustre `noflock`), ENOLCK (NFS without
+# lockd), EOPNOTSUPP (some FUSE filesystems).
+NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
+_warned_no_flock = False
+
+
+def _try_lock(f: IO, path: Path, what: str) -> bool | None:
+    """flock `f` (exclusive, non-blocking): True if we hold it, False if someone else does,
+    None (and a warning, once per process) when the filesystem has no flock."""
+    global _warned_no_flock
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno not in NO_FLOCK:
+            raise
+        if not _warned_no_flock:
+            _warned_no_flock = True
+            log.warning(
+                "%s: the filesystem does not support locks (%s); going on without them, so "
+                "nothing stops a second %s from using %s at the same time",
+                path, errno.errorcode.get(e.errno, e.errno), what, path.parent,
+            )  # fmt: skip
+        return None
+    return True
+
 
 def hold(path: Path, what: str) -> IO:
     """Lock `path` (created if missing) and write our pid into it; the open file is the
     lock: keep it open for as long as it must be held. A held lock is a ConfigError
-    naming `what` holds it and its pid."""
+    naming `what` holds it and its pid. Without flock on the filesystem: a warning."""
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")  # noqa: SIM115 - the caller holds it
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if _try_lock(f, path, what) is False:
         f.seek(0)
         pid = f.read().strip() or "unknown"
         f.close()
-        raise ConfigError(f"{path.parent} is in use by another {what} (pid {pid})") from None
+        raise ConfigError(f"{path.parent} is in use by another {what} (pid {pid})")
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -39,17 +70,18 @@ def hold(path: Path, what: str) -> IO:
     return f
 
 
-def owner(path: Path) -> str | None:
-    """The pid holding the lock at `path`, or None when nobody holds it."""
+def owner(path: Path, what: str = "process") -> str | None:
+    """The pid holding the lock at `path`, or None when nobody holds it (or when the
+    filesystem has no locks to tell: see `hold`)."""
     if not path.exists():
         return None
     with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        locked = _try_lock(f, path, what)
+        if locked is False:
             f.seek(0)
             return f.read().strip() or "unknown"
-        fcntl.flock(f, fcntl.LOCK_UN)
+        if locked:
+            fcntl.flock(f, fcntl.LOCK_UN)
         return None
 
 

@@ -1,4 +1,4 @@
-"""The README's config reference is generated from the schema and kept current."""
+"""The config reference (docs/config.md) is generated from the schema and kept current."""
 
 from __future__ import annotations
 
@@ -124,29 +124,31 @@ def test_field_comments_extraction():
     }
 
 
-def test_readme_block_is_current():
-    readme = REPO / "README.md"
-    text = readme.read_text(encoding="utf-8")
+def test_docs_page_block_is_current():
+    page = REPO / "docs" / "config.md"
+    assert page == config_doc.PAGE  # what `--update` rewrites is the page users read
+    text = page.read_text(encoding="utf-8")
     assert config_doc.START in text and config_doc.END in text, (
-        f"README has no {config_doc.START} ... {config_doc.END} markers; {STALE}"
+        f"{page} has no {config_doc.START} ... {config_doc.END} markers; {STALE}"
     )
-    assert config_doc.check_readme(readme), STALE
+    assert config_doc.check_page(page), STALE
+    assert config_doc.main(["--check"]) == 0
 
 
-def test_update_readme_rewrites_only_the_block(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\nbefore\n{config_doc.START}\nold\n{config_doc.END}\nafter\n")
-    assert not config_doc.check_readme(readme)
-    assert config_doc.update_readme(readme) is True
-    assert config_doc.check_readme(readme)
-    text = readme.read_text()
+def test_update_page_rewrites_only_the_block(tmp_path):
+    page = tmp_path / "config.md"
+    page.write_text(f"# Title\n\nbefore\n{config_doc.START}\nold\n{config_doc.END}\nafter\n")
+    assert not config_doc.check_page(page)
+    assert config_doc.update_page(page) is True
+    assert config_doc.check_page(page)
+    text = page.read_text()
     assert text.startswith(f"# Title\n\nbefore\n{config_doc.START}\n")
     assert text.endswith(f"{config_doc.END}\nafter\n")
-    assert config_doc.update_readme(readme) is False  # idempotent
-    readme.write_text("no markers\n")
-    assert not config_doc.check_readme(readme)
+    assert config_doc.update_page(page) is False  # idempotent
+    page.write_text("no markers\n")
+    assert not config_doc.check_page(page)
     with pytest.raises(ValueError, match="markers"):
-        config_doc.update_readme(readme)
+        config_doc.update_page(page)
 
 
 def test_main_prints_the_reference(capsys, markdown):

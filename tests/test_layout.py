@@ -2,7 +2,8 @@
 pretrain/model imports nothing else of the project; the library (pretrain/) never imports
 launch/ or data_prep/, only the CLI (pretrain/__main__.py) composes them; no import
 circle among the modules of pretrain/, launch/ and data_prep/, counting the imports made
-inside functions; and no source file over 500 lines."""
+inside functions; no source file over 500 lines; and the "Layout" block itself names only
+paths that exist and every module and package of pretrain/."""
 
 from __future__ import annotations
 
@@ -122,6 +123,37 @@ def long_files(repo: Path = REPO) -> dict[str, int]:
     return {name: lines for name, lines in sorted(sizes.items()) if lines > MAX_LINES}
 
 
+def layout_paths(readme: str) -> list[str]:
+    """The paths the README's "Layout" block names: a top-level entry per unindented line,
+    a child of the folder above per line indented two spaces (deeper lines continue text)."""
+    lines = readme.split("\n## Layout\n", 1)[1].split("```")[1].splitlines()
+    paths, folder = [], ""
+    for line in lines:
+        if line[:1].strip():
+            folder = line.split()[0]
+            paths.append(folder)
+        elif line.startswith("  ") and line[2:3].strip():
+            paths.append(folder + line.split()[0])
+    return paths
+
+
+def layout_problems(repo: Path = REPO) -> list[str]:
+    """Paths the Layout names that do not exist, and pretrain/ modules it leaves out."""
+    named = layout_paths((repo / "README.md").read_text(encoding="utf-8"))
+    missing = [
+        f"{p}: named in the README's Layout, not found" for p in named if not (repo / p).exists()
+    ]
+    library = repo / "pretrain"
+    parts = [p.name for p in library.glob("*.py") if p.name != "__init__.py"]
+    parts += [f"{p.name}/" for p in library.iterdir() if (p / "__init__.py").exists()]
+    unnamed = [
+        f"pretrain/{n}: add it to the README's Layout"
+        for n in sorted(parts)
+        if f"pretrain/{n}" not in named
+    ]
+    return missing + unnamed
+
+
 def test_the_model_imports_nothing_else_of_the_project():
     assert model_leaks(import_graph()) == {}
 
@@ -136,6 +168,31 @@ def test_no_import_circles_counting_imports_inside_functions():
 
 def test_no_source_file_is_over_500_lines():
     assert long_files() == {}
+
+
+def test_the_readme_layout_names_what_is_there():
+    assert layout_problems() == []
+
+
+def test_the_layout_check_finds_a_stale_entry(tmp_path):
+    for name in (
+        "pretrain/__init__.py",
+        "pretrain/cli.py",
+        "pretrain/new.py",
+        "pretrain/model/__init__.py",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    (tmp_path / "README.md").write_text(
+        "# x\n\n## Layout\n\n```\npretrain/    the library\n  cli.py     the CLI\n"
+        "               continued text\n  model/     the model\n  gone.py    removed\n"
+        "bench/       benchmarks\n```\n\n## Next\n"
+    )
+    assert layout_problems(tmp_path) == [
+        "pretrain/gone.py: named in the README's Layout, not found",
+        "bench/: named in the README's Layout, not found",
+        "pretrain/new.py: add it to the README's Layout",
+    ]
 
 
 def test_the_checks_catch_what_they_forbid(tmp_path):

@@ -7,6 +7,13 @@ directory". Streaming's own `clean_stale_shared_memory()` unlinks every prefix o
 machine, live ones of other runs included, so we clean only the prefixes registered to
 this run's own stream folders. The run lock (`pretrain.rundir.lock_run_dir`) guarantees that no
 live process of this run still uses them.
+
+How a rank finds its dataset's prefix is replaced too (`get_shm_prefix`): in streaming every
+rank counts the machine's prefixes up to the first free one, and the non-leaders then expect
+their local leader to have registered that one. Another run's datasets come and go between
+the counts (a job array, several runs per node), so a non-leader counts another number and
+fails with "prefix=N was not registered by local leader". Here only the leader counts; the
+other ranks look for the prefix registered with their own local folders.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.streaming_compat import streaming_module
+from pretrain.data.streaming_compat import PATCHED_VERSION, streaming_module
 
 log = logging.getLogger("pretrain")
 SHM_DIR = Path("/dev/shm")
@@ -65,6 +72,7 @@ def registering_in_turn() -> Iterator[None]:
     FileExistsError. The local leader holds an exclusive lock on a file in /dev/shm (which
     is per node, like the segments) from before its ranks look until after they created;
     the barrier makes every rank of the run look only once its leader holds the lock.
+    Inside, StreamingDataset looks its prefix up with our `get_shm_prefix`.
     """
     import torch.distributed as dist
 
@@ -74,6 +82,12 @@ def registering_in_turn() -> Iterator[None]:
     if leader and SHM_DIR.is_dir():
         lock = open(SHM_DIR / "pretrain-streaming-register.lock", "a+")  # noqa: SIM115
         fcntl.flock(lock, fcntl.LOCK_EX)
+    streaming = streaming_module()
+    import streaming.base.dataset as dataset_module
+
+    original = dataset_module.get_shm_prefix
+    if SHM_DIR.is_dir() and streaming.__version__.startswith(PATCHED_VERSION):
+        dataset_module.get_shm_prefix = get_shm_prefix  # what StreamingDataset.__init__ calls
     try:
         if distributed:
             dist.barrier()
@@ -81,5 +95,63 @@ def registering_in_turn() -> Iterator[None]:
         if distributed:
             dist.barrier()
     finally:
+        dataset_module.get_shm_prefix = original
         if lock is not None:
             lock.close()
+
+
+def get_shm_prefix(
+    streams_local: list[str], streams_remote: list[str | None], world, retry: int = 100
+):
+    """streaming 0.13's `get_shm_prefix` (same arguments, same result, one barrier fewer),
+    except that a non-leader finds the prefix its leader registered with `streams_local`
+    instead of counting the machine's prefixes again (see the module's docstring)."""
+    import torch.distributed as dist
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared.prefix import (
+        _check_and_find_retrying,
+        _check_self,
+        _get_path,
+        _pack_locals,
+    )
+
+    _check_self(streams_local)
+    if world.is_local_leader:
+        prefix = max(
+            _check_and_find_retrying(streams_local, streams_remote, name, retry)
+            for name in SHM_TO_CLEAN
+        )
+        data = _pack_locals(streams_local, prefix)
+        shm = SharedMemory(_get_path(prefix, LOCALS), True, len(data))
+        shm.buf[: len(data)] = data
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # the leaders have registered
+    if not world.is_local_leader:
+        prefix = leader_prefix(streams_local)
+        shm = SharedMemory(_get_path(prefix, LOCALS), False)
+    return prefix, shm
+
+
+def leader_prefix(streams_local: list[str]) -> int:
+    """The prefix whose `locals` segment registers exactly `streams_local`: the one this
+    rank's local leader registered. Several (a crashed run of the same folders that
+    `clean_stale` has not met): the newest."""
+    from streaming.base.shared.prefix import _unpack_locals
+
+    found = []
+    for locals_file in SHM_DIR.glob("*_locals"):
+        number = locals_file.name.split("_", 1)[0]
+        try:
+            their_locals, their_prefix = _unpack_locals(locals_file.read_bytes())
+            registered = locals_file.stat().st_mtime_ns
+        except (OSError, ValueError, UnicodeDecodeError):  # gone, or still being written
+            continue
+        if number.isdigit() and int(number) == their_prefix and their_locals == streams_local:
+            found.append((registered, their_prefix))
+    if not found:
+        raise RuntimeError(
+            f"no shared memory in {SHM_DIR} registers {streams_local}: the local leader "
+            "(LOCAL_RANK 0) did not create this dataset with the same local folders"
+        )
+    return max(found)[1]

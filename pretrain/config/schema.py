@@ -1,5 +1,5 @@
 """The run config's typed schema: one dataclass per section, every field commented (the
-README's config reference is generated from these comments by `config.doc`).
+config reference (docs/config.md) is generated from these comments by `config.doc`).
 
 `config.load` checks every key of a YAML file or override against these dataclasses before
 anything is merged, so a typo is an error naming the key; `config.checks` then checks

@@ -291,6 +291,30 @@ def test_zero_model_state_against_deepspeeds_estimators(stage):
     )
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_reduces_and_steps_once_per_step_at_any_accumulation(stage):
+    """The trace runs 2 of a step's micro-batches; DeepSpeed must still reach its
+    accumulation boundary in the last one when the step has 4: stage 1's gradient
+    reduction and every stage's optimizer step (and its all-gather of the updated weights
+    at stages 1 and 2) happen once per step, as many at accumulation 4 as at 2."""
+    zero = ["parallel.strategy=zero", f"parallel.zero_stage={stage}", "train.micro_batch_size=1"]
+    two = traced(small(*zero, "train.global_batch_size=4"), 2)
+    four = traced(small(*zero, "train.global_batch_size=8"), 2)
+    assert (two.accum, four.accum) == (2, 4)
+    for t in (two, four):
+        assert t.optimizer.ops > 0  # AdamW over the rank's partition, not nothing
+        assert sum(t.last.comm_bytes.values()) > 0  # the gradients leave the rank
+    assert four.optimizer.ops == two.optimizer.ops
+    assert four.optimizer.op_costs == two.optimizer.op_costs
+    assert four.optimizer.comm_bytes == two.optimizer.comm_bytes
+    assert four.last.comm_bytes == two.last.comm_bytes
+    assert sum(four.optimizer.comm_bytes.values()) > 0  # the updated weights (1, 2), a norm
+    # the whole step: two more micro-batches like the first (which sends at stages 2 and 3)
+    for kind in four.counts.comm_bytes | two.counts.comm_bytes:
+        extra = four.counts.comm_bytes[kind] - two.counts.comm_bytes[kind]
+        assert extra == 2 * four.micro.comm_bytes[kind], kind
+
+
 def test_slower_links_and_matmuls_lengthen_the_step():
     """Between nodes a collective runs at the network port; on one node, at NVLink."""
     from pretrain.planner.estimate import Assumptions

@@ -148,6 +148,11 @@ def _any_rank(self, flag) -> bool:
 
 
 def _backward(self, loss: torch.Tensor, last: bool = True) -> None:
+    # The trace runs 2 micro-batches of a step of `accum_steps`; DeepSpeed, counting
+    # micro-steps against its gradient_accumulation_steps, would never reach the boundary
+    # (stage 1's reduction, every stage's optimizer step) when accum > 2. The boundary is
+    # set as the trainer's `last` says instead, DeepSpeed's own manual mode.
+    self.model.set_gradient_accumulation_boundary(last)
     if self.cfg.parallel.zero_stage == 3:
         torch.isfinite(loss)  # ZeroStrategy's check and all-reduce, the value not read
         self.any_rank(False)

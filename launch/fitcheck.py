@@ -3,8 +3,10 @@
 A config that will not fit on the target GPUs is refused in one line with the planned
 figure and the smallest fix (pretrain.planner.fit.require_fit), instead of reaching an
 out-of-memory error minutes into a job on hundreds of GPUs. The GPU type comes from
---gpu-type, else from the cluster: the partition's GRES under SLURM (gpu:h100:8), the local
-GPU's name under `launch`. CPU runs are not checked (the planner models GPUs).
+--gpu-type, else from the cluster: the partition's GRES under SLURM (gpu:h100:8, or the
+name GRES autodetection writes, gpu:nvidia_h100_80gb_hbm3:8), the local GPU's name under
+`launch`. The card's capacity is its usable memory (79.11 GiB on an H100 80GB,
+pretrain.hardware), not the nominal size. CPU runs are not checked (the planner models GPUs).
 `--no-fit-check` skips it. It runs where the command is typed (a login node for submit,
 each node's launcher for a multi-node launch: the same answer everywhere, from the config
 alone, no file touched); the jobs that `submit` starts launch with --no-fit-check, so a
@@ -16,18 +18,12 @@ from __future__ import annotations
 import re
 
 from pretrain import hardware
-from pretrain.errors import ConfigError
 
 
 def card_named(gpu_type: str, source: str) -> hardware.Accelerator:
-    try:
-        return hardware.by_name(gpu_type)
-    except KeyError:
-        known = ", ".join(hardware.known_names())
-        raise ConfigError(
-            f"{source} {gpu_type!r} is not a GPU type the planner knows ({known}): pass "
-            "--gpu-type or --no-fit-check"
-        ) from None
+    """The card of a --gpu-type or GRES type (`h100`, `nvidia_h100_80gb_hbm3`), or a
+    one-line ConfigError; `a100` is refused (40 or 80 GB) with the names to pass."""
+    return hardware.lookup(gpu_type, source, ": pass --gpu-type or --no-fit-check")
 
 
 def gres_gpu_type(gres: list[str]) -> str | None:

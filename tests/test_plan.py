@@ -108,7 +108,7 @@ def test_approach_3_prefers_chinchilla_to_gopher():
 def test_budget_and_peak_flops():
     assert budget_flops(64, 72, 989e12, 0.4) == pytest.approx(64 * 72 * 3600 * 989e12 * 0.4)
     assert peak_flops("h100") == peak_flops("H100") == 989e12
-    assert peak_flops("a100") == 312e12
+    assert peak_flops("a100-sxm-80gb") == peak_flops("nvidia_a100-sxm4-40gb") == 312e12
     assert all(v > 1e14 or k in ("V100", "L4") for k, v in PEAK_FLOPS.items())
     with pytest.raises(ConfigError, match=r"TPU9.*known: .*H100"):
         peak_flops("TPU9")

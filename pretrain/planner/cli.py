@@ -10,7 +10,7 @@ import time
 from pretrain import hardware
 from pretrain.config.load import load_config
 from pretrain.errors import ConfigError
-from pretrain.planner.estimate import Assumptions
+from pretrain.planner.estimate import Assumptions, add_network_flags, network_flags
 from pretrain.planner.fit import MAX_NODE_DOUBLINGS, find_fix
 from pretrain.planner.plan import GIB, Cluster, Plan, plan
 
@@ -41,17 +41,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--matmul-efficiency", type=float, default=a.matmul_efficiency,
         help=f"achievable fraction of the dense peak for matmuls (default {a.matmul_efficiency})",
     )  # fmt: skip
-    p.add_argument(
-        "--network-gbps", type=float, default=a.network_gbit_s,
-        help=f"network bandwidth per GPU between nodes, Gb/s (default {a.network_gbit_s:g})",
-    )  # fmt: skip
+    add_network_flags(p)
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--no-fix", action="store_true", help="do not search for a fix")
     args = p.parse_intermixed_args(argv)
     if not 0 < args.matmul_efficiency <= 1:
         raise ConfigError(f"--matmul-efficiency must be in (0, 1], got {args.matmul_efficiency}")
-    if not args.network_gbps > 0:
-        raise ConfigError(f"--network-gbps must be positive, got {args.network_gbps}")
+    args.network = network_flags(args)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not key=value")
@@ -140,7 +136,8 @@ def main(argv: list[str]) -> int:
     cluster = Cluster.of(args.nodes, args.gpus_per_node, args.gpu_type)
     cfg = load_config(args.config, args.overrides)
     started = time.perf_counter()
-    a = Assumptions(matmul_efficiency=args.matmul_efficiency, network_gbit_s=args.network_gbps)
+    a = Assumptions(matmul_efficiency=args.matmul_efficiency, **args.network)
+    a = a.for_node(cluster.card, cluster.gpus_per_node)  # printed: the NICs it plans with
     p = plan(cfg, cluster, a)
     fix = None if p.fits or args.no_fix else find_fix(cfg, cluster, a)
     if args.json:

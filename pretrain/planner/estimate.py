@@ -6,23 +6,42 @@ Memory: the tracker's peak is tensor memory. A GPU process also holds its CUDA c
 cuBLAS workspaces and NCCL's buffers (together about 1-2 GiB on H100-class cards), and
 the caching allocator rounds and fragments (reserved memory runs 5-15% over allocated in
 long runs). So the headroom is a fixed `overhead_gib` plus `fragmentation` x the peak, and a
-config fits when peak + headroom <= the card's memory.
+config fits when peak + headroom <= the card's usable memory (`Accelerator.usable_gib`).
 
-Time: compute is the roofline of the traced ops (counters.roofline_seconds). A collective
-sends its bytes at the slower link it crosses: NVLink/Infinity Fabric inside a node (the
-table's bidirectional figure halved), the per-GPU network port across nodes
-(`network_gbit_s`, 400 Gb/s InfiniBand/RoCE per GPU as on DGX H100 nodes), at
-`link_efficiency` of either, plus a latency per call. Collectives overlap the compute of
-their micro-batch (FSDP prefetches, DDP and ZeRO reduce in buckets during backward), except
-for at least one block's share (the first gather, the last reduction): exposed
-communication is max(comm - compute, comm / (layers + 1)) per micro-batch.
+Time: compute is the roofline of the traced ops (counters.roofline_seconds). Collectives
+are NCCL rings; the trace counts the bytes each rank sends, (n-1)/n of the buffer for an
+all-gather or reduce-scatter and twice that for an all-reduce, which is what nccl-tests
+call bus bandwidth (busbw): time = bytes / busbw + latency.
+
+* Bandwidth. Inside a node every ring hop is the GPU link (NVLink, Infinity Fabric: the
+  table's bidirectional figure halved). Across nodes NCCL lays one ring per channel, and
+  gives the channels different NICs (rails): each ring enters and leaves a node once, so
+  the node's NICs together carry what one ring hop carries, while each GPU still sends
+  its whole share over the in-node link. A ring's busbw across nodes is therefore
+  min(in-node link, NICs per node x NIC speed) - not one GPU's port: 8 x 400 Gb/s = 400
+  GB/s on a DGX H100, against 450 GB/s of NVLink a direction (a node needs each gathered
+  byte once, whatever its GPU count). Both at `link_efficiency`. NICs per node default to
+  the card's reference node in pretrain.hardware, scaled to the GPUs per node used.
+* Latency, after NCCL's own tuning model (src/graph/tuning.cc, Simple protocol, the one
+  its large FSDP/ZeRO/DDP buffers use): a base per call plus one hop latency per ring
+  step, in-node hops at `intra_hop_us`, node-to-node hops at `net_hop_us`. An all-gather
+  or reduce-scatter on n ranks over N nodes takes n-1 steps, N-1 of them across nodes;
+  an all-reduce twice that, or a tree (NCCL picks it where it is faster): 2 x (the
+  node's G-1 hops + log2(N) network hops). Latency grows with the hop count, not log2(n).
+
+Collectives overlap the compute of their micro-batch (FSDP prefetches, DDP and ZeRO reduce
+in buckets during backward), except for at least one block's share (the first gather, the
+last reduction): exposed communication is max(comm - compute, comm / (layers + 1)) per
+micro-batch.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from pretrain.errors import ConfigError
 from pretrain.hardware import Accelerator
 from pretrain.planner.counters import OpCounts, Rates, roofline_seconds
 
@@ -34,24 +53,76 @@ class Assumptions:
     matmul_efficiency: float = 0.6  # of the dense tensor peak, for matmuls and attention
     memory_efficiency: float = 0.8  # of the HBM bandwidth, for everything else
     launch_us: float = 4.0  # the least time a kernel takes
-    link_efficiency: float = 0.75  # of link bandwidth a collective achieves (NCCL busbw)
-    network_gbit_s: float = 400.0  # per GPU, between nodes
-    collective_latency_us: float = 15.0  # per collective call, per log2(ranks)
+    link_efficiency: float = 0.75  # of link and NIC bandwidth a collective achieves (busbw)
+    nics_per_node: float | None = None  # None: the card's reference node's, per GPU used
+    nic_gbit_s: float | None = None  # None: the card's reference node's
+    network: str = ""  # where the two figures above came from (set by `for_node`)
+    # NCCL tuning.cc (NVIDIA/nccl 01afd20), ring, Simple protocol: baseLat, hwLat NVLink
+    # and NET, in microseconds.
+    base_latency_us: float = 8.4
+    intra_hop_us: float = 3.4
+    net_hop_us: float = 9.6
     overhead_gib: float = 1.5  # CUDA context, cuBLAS and NCCL buffers
     fragmentation: float = 0.10  # caching allocator's reserve over allocated
 
+    def for_node(self, card: Accelerator, gpus_per_node: int) -> Assumptions:
+        """These assumptions with the network figures filled in: given, or the card's
+        reference node's (its NICs per GPU x `gpus_per_node`)."""
+        ref = card.network
+        nics = self.nics_per_node
+        speed = self.nic_gbit_s
+        given = [flag for flag, v in (("--nics-per-node", nics), ("--nic-gbps", speed)) if v]
+        source = f"{ref.platform}'s: {ref.nics:g} per {ref.gpus} GPUs"
+        if given:
+            source = " and ".join(given) + (", the rest " + source if len(given) == 1 else "")
+        return replace(
+            self,
+            nics_per_node=nics if nics is not None else ref.nics_for(gpus_per_node),
+            nic_gbit_s=speed if speed is not None else ref.nic_gbit_s,
+            network=self.network or source,
+        )
+
     def lines(self) -> list[str]:
+        if self.nics_per_node is None or self.nic_gbit_s is None:
+            nics = "the card's reference node's NICs"
+        else:
+            nics = f"{self.nics_per_node:g} x {self.nic_gbit_s:g} Gb/s NICs per node"
+            nics += f" ({self.network})" if self.network else ""
         return [
             f"matmuls/attention at {self.matmul_efficiency:.0%} of peak, other ops at "
             f"{self.memory_efficiency:.0%} of HBM bandwidth, >= {self.launch_us:g} us a kernel "
             "(eager, compile off)",
-            f"collectives at {self.link_efficiency:.0%} of the link: in-node link, or "
-            f"{self.network_gbit_s:g} Gb/s per GPU across nodes; "
-            f"{self.collective_latency_us:g} us x log2(ranks) a call; overlapped with "
-            "compute except one block's share",
+            f"collectives are NCCL rings at {self.link_efficiency:.0%} of the in-node link or, "
+            f"across nodes, of the lesser of it and {nics}; {self.base_latency_us:g} us a call "
+            f"+ {self.intra_hop_us:g} us an in-node hop + {self.net_hop_us:g} us a network hop "
+            "(all-reduce: or a tree's hops); overlapped with compute except one block's share",
             f"headroom: {self.overhead_gib:g} GiB (CUDA context, NCCL, cuBLAS) + "
             f"{self.fragmentation:.0%} of the tracked peak (allocator fragmentation)",
         ]
+
+
+def add_network_flags(p: argparse.ArgumentParser) -> None:
+    """`pretrain plan`'s flags for a cluster whose network is not its card's reference node."""
+    p.add_argument(
+        "--nics-per-node", type=float,
+        help="NICs per node carrying GPU traffic between nodes (default: the card's reference "
+        "node's per GPU, e.g. 8 for 8 H100s as on a DGX H100)",
+    )  # fmt: skip
+    p.add_argument("--nic-gbps", type=float, help="one NIC's speed in Gb/s (default: as above)")
+    p.add_argument("--network-gbps", type=float, help=argparse.SUPPRESS)  # retired: an error
+
+
+def network_flags(args: argparse.Namespace) -> dict:
+    """The Assumptions fields the network flags set; a one-line ConfigError for a bad one."""
+    if args.network_gbps is not None:
+        raise ConfigError(
+            "--network-gbps (one GPU's port) is replaced by --nic-gbps (one NIC's speed) and "
+            "--nics-per-node: a ring across nodes uses all of a node's NICs at once"
+        )
+    for flag, value in (("--nics-per-node", args.nics_per_node), ("--nic-gbps", args.nic_gbps)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    return {"nics_per_node": args.nics_per_node, "nic_gbit_s": args.nic_gbps}
 
 
 def headroom_bytes(peak: int, a: Assumptions) -> int:
@@ -65,20 +136,47 @@ def rates(card: Accelerator, precision: str, a: Assumptions) -> Rates:
     )
 
 
-def link_bytes_s(card: Accelerator, world: int, gpus_per_node: int, a: Assumptions) -> float:
-    """What a ring collective over `world` ranks gets per rank: the in-node link when the
-    ranks share a node, the network port when they span nodes."""
-    if world <= gpus_per_node:
-        per_direction = card.link_gb_s * 1e9 / 2
-    else:
-        per_direction = min(card.link_gb_s * 1e9 / 2, a.network_gbit_s * 1e9 / 8)
-    return per_direction * a.link_efficiency
+@dataclass(frozen=True)
+class Fabric:
+    """What a collective over all `ranks` crosses: its busbw per rank and its ring's hops."""
+
+    ranks: int
+    nodes: int
+    bytes_s: float  # busbw per rank (module doc)
+    a: Assumptions
+
+    def latency_s(self, kind: str) -> float:
+        """One call's latency: NCCL's base plus a hop latency per ring (or tree) step."""
+        n, nodes, a = self.ranks, self.nodes, self.a
+        if n < 2:
+            return 0.0
+        twice = 2 if kind == "all_reduce" else 1
+        steps, net_steps = twice * (n - 1), twice * (nodes - 1)
+        ring = (steps - net_steps) * a.intra_hop_us + net_steps * a.net_hop_us
+        if kind == "all_reduce":
+            per_node = n // nodes
+            tree = 2 * ((per_node - 1) * a.intra_hop_us + math.log2(nodes) * a.net_hop_us)
+            ring = min(ring, tree)
+        return (a.base_latency_us + ring) * 1e-6
+
+    def seconds(self, counts: OpCounts) -> float:
+        """The traced collectives' time: bytes at busbw plus each call's latency."""
+        latency = sum(calls * self.latency_s(kind) for kind, calls in counts.comm_calls.items())
+        return sum(counts.comm_bytes.values()) / self.bytes_s + latency
 
 
-def comm_seconds(counts: OpCounts, world: int, bandwidth: float, a: Assumptions) -> float:
-    calls = sum(counts.comm_calls.values())
-    latency = a.collective_latency_us * 1e-6 * max(1.0, math.log2(max(world, 2)))
-    return sum(counts.comm_bytes.values()) / bandwidth + calls * latency
+def fabric(card: Accelerator, world: int, gpus_per_node: int, a: Assumptions) -> Fabric:
+    """The links of `world` ranks, `gpus_per_node` to a node (module doc)."""
+    a = a.for_node(card, gpus_per_node)
+    in_node = card.link_gb_s * 1e9 / 2
+    nodes = max(1, -(-world // gpus_per_node))
+    per_rank = in_node if nodes == 1 else min(in_node, a.nics_per_node * a.nic_gbit_s * 1e9 / 8)
+    return Fabric(world, nodes, per_rank * a.link_efficiency, a)
+
+
+# The name plan.py (owned by the planner's maintainers) imports; it passes the result on to
+# step_time untouched.
+link_bytes_s = fabric
 
 
 @dataclass(frozen=True)
@@ -96,19 +194,20 @@ def step_time(
     accum: int,
     n_layers: int,
     r: Rates,
-    bandwidth: float,
+    network: Fabric,
     world: int,
     a: Assumptions,
 ) -> StepTime:
-    """(accum - 1) micro-batches like `micro`, the last like `last`, then the optimizer."""
+    """(accum - 1) micro-batches like `micro`, the last like `last`, then the optimizer.
+    (`world` and `a` are `network`'s; plan.py passes them too.)"""
     total = compute = comm = exposed = 0.0
     for counts, times in ((micro, accum - 1), (last, 1)):
         c = roofline_seconds(counts, r)
-        m = comm_seconds(counts, world, bandwidth, a)
+        m = network.seconds(counts)
         e = max(m - c, m / (n_layers + 1))
         total += times * (c + e)
         compute, comm, exposed = compute + times * c, comm + times * m, exposed + times * e
     c = roofline_seconds(optimizer, r)
-    m = comm_seconds(optimizer, world, bandwidth, a)  # clipping's norm: not overlapped
+    m = network.seconds(optimizer)  # clipping's norm: not overlapped
     total += c + m
     return StepTime(total, compute + c, comm + m, exposed + m)

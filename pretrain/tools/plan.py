@@ -77,13 +77,9 @@ def tokens_rule_optimal(flops: float, ratio: float = TOKENS_PER_PARAM) -> tuple[
 
 
 def accelerator(gpu_type: str) -> hardware.Accelerator:
-    """The table entry for a --gpu-type (case-insensitive; H100 = H100-SXM, H200 = H200-SXM,
-    A100 = A100-SXM-80GB); ConfigError naming the known ones if there is none."""
-    try:
-        return hardware.by_name(gpu_type)
-    except KeyError:
-        known = ", ".join(hardware.known_names())
-        raise ConfigError(f"unknown --gpu-type {gpu_type!r}; known: {known}") from None
+    """The table entry for a --gpu-type (case-insensitive; H100 = H100-SXM, H200 = H200-SXM;
+    SLURM GRES names too); ConfigError naming the known ones if there is none."""
+    return hardware.lookup(gpu_type, "--gpu-type")
 
 
 def peak_flops(gpu_type: str) -> float:

@@ -106,10 +106,15 @@ def overrides(row: Published, gpus: int, ac: str) -> list[str]:
 
 
 def plan_row(plan: Callable, cluster_of: Callable, row: Published, gpus: int, ac: str) -> Any:
+    """Our plan of the row's run; on the row's network where its source states one (as one
+    NIC of the node's bandwidth: the planner uses their product), else the card's node's."""
+    from pretrain.planner.estimate import Assumptions
+
     cfg = load_config(base_config(row.model), overrides(row, gpus, ac))
     nodes = max(1, gpus // GPUS_PER_NODE)
     cluster = cluster_of(nodes=nodes, gpus_per_node=gpus // nodes, gpu_type=row.gpu)
-    return plan(cfg, cluster)
+    net = {"nics_per_node": 1, "nic_gbit_s": row.node_gbit_s} if row.node_gbit_s else {}
+    return plan(cfg, cluster, Assumptions(**net))
 
 
 def planned_gib(p: Any, kind: str | None) -> tuple[float, str]:

@@ -19,6 +19,8 @@ What the fields mean:
   shard_group HSDP: FSDP inside groups of this many GPUs, replicated across the groups
   memory_kind reserved: torch.cuda max_memory_reserved (allocator pool, includes its
               fragmentation); active: max active bytes of live tensors
+  node_gbit_s a node's network bandwidth to other nodes where the source states it (else
+              the planner's reference node for the card: 8 x 400 Gb/s for DGX H100)
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Published:
     memory_kind: str | None = None
     mfu: float | None = None
     source: str
+    node_gbit_s: float | None = None
     note: str = ""
 
 
@@ -114,6 +117,9 @@ FMS_MAY24 = _GH + (
     "foundation-model-stack/fms-fsdp/blob/ed74fd5ddec00e309eac20f478de883464c86526/README.md"
 )
 FMS = dict(precision="bf16", micro_batch=2, grad_accum=1, seq_len=4096)
+# The README's "(400 Gbps)" and "(800 Gbps)" are the node's network: a quarter of a DGX
+# A100's 8 x 200 Gb/s and of a DGX H100's 8 x 400 Gb/s.
+FMS_A100_NET, FMS_H100_NET = {"node_gbit_s": 400}, {"node_gbit_s": 800}
 # llm-foundry scripts/train/benchmarking/README.md (MPT, seq 2048, FSDP FULL_SHARD,
 # Composer amp_bf16 with FSDP mixed precision DEFAULT unless noted; flash attention; no
 # torch.compile: neither the yamls nor submit_benchmarks.py at 5e85bd6 set one).
@@ -186,25 +192,26 @@ PUBLISHED: tuple[Published, ...] = (
     # --- fms-fsdp (IBM), Llama 2 shapes, March 2024 (no compile) and May 2024 (compile).
     Published(key="fms-l2-7b-a100x128-hsdp", model="llama2-7b", gpu="A100-SXM-80GB",
               gpus=128, parallel="HSDP", shard_group=8, ac="none", compile=False,
-              tokens_per_s=3700, mfu=0.57, source=FMS_MAR24, **FMS),
+              tokens_per_s=3700, mfu=0.57, source=FMS_MAR24, **FMS, **FMS_A100_NET),
     Published(key="fms-l2-7b-h100x96-hsdp", model="llama2-7b", gpu="H100", gpus=96,
               parallel="HSDP", shard_group=8, ac="none", compile=False, tokens_per_s=7500,
-              mfu=0.37, source=FMS_MAR24, **FMS),
+              mfu=0.37, source=FMS_MAR24, **FMS, **FMS_H100_NET),
     Published(key="fms-l2-70b-a100x128-full", model="llama2-70b", gpu="A100-SXM-80GB",
               gpus=128, parallel="FSDP", ac="full", compile=False, tokens_per_s=370,
-              mfu=0.50, source=FMS_MAR24, **FMS),
+              mfu=0.50, source=FMS_MAR24, **FMS, **FMS_A100_NET),
     Published(key="fms-l2-70b-h100x96-full", model="llama2-70b", gpu="H100", gpus=96,
               parallel="FSDP", ac="full", compile=False, tokens_per_s=800, mfu=0.34,
-              source=FMS_MAR24, **FMS),
+              source=FMS_MAR24, **FMS, **FMS_H100_NET),
     Published(key="fms-l2-7b-a100x128-hsdp-compile", model="llama2-7b", gpu="A100-SXM-80GB",
               gpus=128, parallel="HSDP", shard_group=8, ac="none", compile=True,
-              tokens_per_s=4550, mfu=0.68, source=FMS_MAY24, **FMS),
+              tokens_per_s=4550, mfu=0.68, source=FMS_MAY24, **FMS,
+              **FMS_A100_NET),
     Published(key="fms-l2-7b-h100x96-hsdp-compile", model="llama2-7b", gpu="H100", gpus=96,
               parallel="HSDP", shard_group=8, ac="none", compile=True, tokens_per_s=9600,
-              mfu=0.46, source=FMS_MAY24, **FMS),
+              mfu=0.46, source=FMS_MAY24, **FMS, **FMS_H100_NET),
     Published(key="fms-l2-70b-h100x96-sel-compile", model="llama2-70b", gpu="H100", gpus=96,
               parallel="FSDP", ac="selective", compile=True, tokens_per_s=890, mfu=0.38,
-              source=FMS_MAY24, **FMS),
+              source=FMS_MAY24, **FMS, **FMS_H100_NET),
     # --- llm-foundry MPT, tables "H100 80GB BF16 (Large Scale, >= 128 GPUs)", "H100 80GB
     # BF16" and "A100 80GB with 1600 Gbps node-node interconnect (RoCE)".
     *(
@@ -230,8 +237,8 @@ PUBLISHED: tuple[Published, ...] = (
               micro_batch=6, grad_accum=2, global_batch=96, ac="none", tokens_per_s=4641,
               mfu=0.6423, **FOUNDRY),
     Published(key="mpt-70b-a100x64-pure", model="mpt-70b", gpu="A100-SXM-80GB", gpus=64,
-              precision="bf16-pure", micro_batch=8, grad_accum=4, global_batch=2048,
-              ac="full", tokens_per_s=410, mfu=0.5333, **FOUNDRY,
+              node_gbit_s=1600, precision="bf16-pure", micro_batch=8, grad_accum=4,
+              global_batch=2048, ac="full", tokens_per_s=410, mfu=0.5333, **FOUNDRY,
               note="Precision 'bf16', MP Mode 'PURE' in the table"),
     # --- OLMo-core, Llama 3 8B shape (OLMo tokenizer), H100, GPU count not published.
     Published(key="olmo-l3-8b-h100", model="olmo-llama3-8b", gpu="H100", gpus=None,

@@ -9,9 +9,13 @@ OUT/_prep/ holds the job's bookkeeping, next to the dataset:
                         and its end summary
     summary.json        the merge's totals
 
-Every task reads the plan, skips its parts that already have a manifest, removes what a
-killed attempt left of the others, checks its documents (a first pass, as one machine does),
-then tokenizes and publishes its parts one by one. The task that finds every manifest
+Every task reads the plan and takes its parts that have no manifest one at a time: it stages
+the part's inputs in a folder of its own on node-local scratch (--scratch, $PRETRAIN_SCRATCH,
+else the temp folder), checks its documents (a first pass, as one machine does), tokenizes
+and packs it there, publishes it (target.py: each file whole under its name, so a killed
+attempt leaves nothing to remove and a duplicate task only rewrites the same bytes), then
+writes its manifest and empties the folder. Nothing is ever deleted from the output, so a
+task can never take away a part that another has completed. The task that finds every manifest
 present after writing its own merges: it concatenates the parts' indexes in part order into
 train/index.json and val/index.json and writes meta.json last. Two tasks finishing at once
 both merge to the same bytes. The merged dataset is the one a single `prep shards` writes
@@ -20,7 +24,9 @@ both merge to the same bytes. The merged dataset is the one a single `prep shard
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -148,7 +154,22 @@ def done_parts(target: Target) -> set[int]:
     return {int(Path(n).stem) for n in target.names(f"{PREP_DIR}/parts") if n.endswith(".json")}
 
 
-def run_task(out: str, index: int, workers: int | None = None) -> dict[str, Any] | None:
+def scratch_base(scratch: str | Path | None) -> Path:
+    """Where tasks stage their parts: `scratch`, else $PRETRAIN_SCRATCH, else the temp dir."""
+    from pretrain.train.process import SCRATCH_ENV
+
+    base = scratch or os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()
+    path = Path(base).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepError(f"--scratch {path}: cannot create it ({e.strerror})") from None
+    return path
+
+
+def run_task(
+    out: str, index: int, workers: int | None = None, scratch: str | Path | None = None
+) -> dict[str, Any] | None:
     """Task `index` of the job in `out`: its missing parts, then the merge if it is the last.
     Returns the merge's summary when this task merged."""
     target = Target(out)
@@ -165,7 +186,8 @@ def run_task(out: str, index: int, workers: int | None = None) -> dict[str, Any]
     todo = [p for p in mine if p.index not in done]
     status = _TaskStatus(target, index, len(mine))
     try:
-        with status, tempfile.TemporaryDirectory(prefix="pretrain-prep-") as work:
+        base = scratch_base(scratch)
+        with status, tempfile.TemporaryDirectory(prefix="pretrain-prep-", dir=base) as work:
             if todo:
                 _write_task(target, todo, tokenizer, settings, workers, Path(work), status)
             status.finish()
@@ -186,29 +208,25 @@ def _write_task(target, todo, tokenizer, settings, workers, work: Path, status) 
                 f"{piece.name} changed since the job was planned ({piece.size:,} bytes, now "
                 f"{'missing' if size is None else f'{size:,}'}); start a new job"
             )
-    sources = fetch_pieces(todo, work / "inputs")
-    documents = count_documents(todo, sources, settings)  # bad input fails before writing
-    for part in todo:  # what a killed attempt left of them
-        for split in SPLITS:
-            target.remove(f"{split}/{part.folder}")
-    stage = work / "stage" if target.remote else Path(target.out)
+    for part in todo:
+        if target.exists(part_key(part.index)):  # a duplicate of this task wrote it meanwhile
+            print(f"task {status.index}: part {part.index} was written by another task", flush=True)  # fmt: skip
+            continue
+        folder = work / part.folder  # this part's inputs and shards, and nothing else
+        sources = fetch_pieces([part], folder / "inputs")
+        documents = count_documents([part], sources, settings)  # bad input fails before writing
+        stage = folder / "stage"
+        publish = functools.partial(_publish, target, stage, status)
+        write_parts([part], sources, tokenizer, stage, settings, workers, documents, publish)
+        shutil.rmtree(folder)
 
-    def publish(manifest: dict[str, Any]) -> None:
-        folder = f"{manifest['part']:05d}"
-        if target.remote:
-            files = sorted(
-                p.relative_to(stage).as_posix()
-                for split in SPLITS
-                for p in (stage / split / folder).glob("*")
-            )
-            target.upload(stage, files)
-            for split in SPLITS:
-                for p in (stage / split / folder).glob("*"):
-                    p.unlink()  # a task's disk holds one part at a time
-        target.write_json(part_key(manifest["part"]), {**manifest, "task": status.index})
-        status.part_done(manifest)
 
-    write_parts(todo, sources, tokenizer, stage, settings, workers, documents, on_part=publish)
+def _publish(target: Target, stage: Path, status: _TaskStatus, manifest: dict[str, Any]) -> None:
+    """A written part: its files (shards, then indexes), then its manifest."""
+    files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+    target.upload(stage, files)
+    target.write_json(part_key(manifest["part"]), {**manifest, "task": status.index})
+    status.part_done(manifest)
 
 
 def merge(target: Target) -> dict[str, Any]:

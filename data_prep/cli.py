@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from data_prep.array import Cancelled, run_task
 from data_prep.inputs import expand_inputs, fetch_inputs
-from data_prep.jobs import add_slurm_arguments, resume, status
+from data_prep.jobs import SCRATCH_HELP, add_slurm_arguments, resume, status
 from data_prep.parts import DEFAULT_PART_SIZE
 from data_prep.remote import check_out_prefix, publish
 from data_prep.shards import Settings, ShardsResult, split_files, write_shards
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("out", metavar="OUT")
     task.add_argument("--index", type=int, required=True)
     task.add_argument("--workers", type=int)
+    task.add_argument("--scratch", metavar="DIR", help=SCRATCH_HELP)
     for name, what in (
         ("status", "parts done, running, failed"),
         ("resume", "rerun what is missing"),
@@ -203,7 +204,8 @@ def run_array(args: argparse.Namespace) -> None:
     if args.slurm == (args.task_index is not None):
         raise PrepError("--tasks N needs either --slurm (submit N array tasks) or --task-index I")
     if args.local is not None:
-        raise PrepError("--local is for a one-machine write; array tasks stage their own parts")
+        raise PrepError("--local is for a one-machine write; array tasks stage their parts "
+                        "in --scratch")  # fmt: skip
     if args.task_index is not None and args.overwrite:
         raise PrepError("--overwrite with --task-index would remove the other tasks' parts; "
                         "empty --out first, or use --slurm")  # fmt: skip
@@ -215,7 +217,7 @@ def run_array(args: argparse.Namespace) -> None:
         submit(target, plan, list(range(args.tasks)))
     else:
         open_plan(target, plan, overwrite=False)
-        run_task(args.out, args.task_index, args.workers)
+        run_task(args.out, args.task_index, args.workers, args.scratch)
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "tokenizer": run_tokenizer,
             "shards": run_shards,
             "tasks": run_tasks,
-            "task": lambda a: run_task(a.out, a.index, a.workers),
+            "task": lambda a: run_task(a.out, a.index, a.workers, a.scratch),
             "status": lambda a: status(a.out),
             "resume": lambda a: resume(a.out),
         }

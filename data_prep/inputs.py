@@ -199,7 +199,7 @@ def _iter_parquet(item: InputFile, text_field: str, start: int, end: int | None)
     groups = [
         i
         for i in range(parquet.metadata.num_row_groups)
-        if start <= _row_group_offset(parquet.metadata.row_group(i)) < (end or float("inf"))
+        if start <= row_group_offset(parquet.metadata.row_group(i)) < (end or float("inf"))
     ]
     if not groups:
         return
@@ -214,9 +214,13 @@ def _iter_parquet(item: InputFile, text_field: str, start: int, end: int | None)
         raise PrepError(f"{item.name}: cannot read ({reason})") from None
 
 
-def _row_group_offset(group) -> int:
+def row_group_offset(group) -> int:
     """The byte where a parquet row group begins: its first column chunk's first page."""
-    column = group.column(0)
+    return chunk_offset(group.column(0))
+
+
+def chunk_offset(column) -> int:
+    """The byte where a parquet column chunk begins (its dictionary page, if any)."""
     if column.has_dictionary_page and column.dictionary_page_offset:
         return min(column.dictionary_page_offset, column.data_page_offset)
     return column.data_page_offset

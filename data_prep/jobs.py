@@ -11,6 +11,10 @@ has a manifest; failed when it is not, it is no longer queued, and its record sa
 error, SIGTERM) or its heartbeat stopped (kill -9, a lost node). `prep resume OUT` submits an
 array of only the tasks that are neither done nor queued (or, for a job started by hand, runs
 them here), and merges when every part is written but the merge never ran.
+
+Without an answer from squeue (a controller timeout, common on big clusters; no squeue on
+PATH) nobody can tell a running task from a dead one: status says so and resume refuses,
+rather than resubmitting tasks that are still running.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ from pretrain.data.format import META_NAME, PREP_DIR
 from pretrain.errors import PrepError
 
 PASSTHROUGH = ("partition", "time", "cpus_per_task", "mem", "account", "qos")
+SCRATCH_HELP = (
+    "node-local folder where a task stages one part at a time (its inputs and shards), "
+    "emptied after each part (default: $PRETRAIN_SCRATCH, else the temp folder, $TMPDIR)"
+)
 
 
 def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +60,7 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument("--" + name.replace("_", "-"))
     g.add_argument("--max-parallel", type=int, metavar="K", help="array tasks running at once")
     g.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG")
+    g.add_argument("--scratch", metavar="DIR", help=SCRATCH_HELP)
     g.add_argument(
         "--log-dir",
         type=Path,
@@ -69,6 +78,7 @@ def slurm_options(args: argparse.Namespace) -> dict[str, Any]:
     )
     opts["log_dir"] = str((args.log_dir or default_logs).resolve())
     opts["cwd"] = str(Path.cwd())
+    opts["scratch"] = args.scratch  # a path on each task's node: not resolved here
     return opts
 
 
@@ -83,7 +93,8 @@ def render(target: Target, opts: dict[str, Any], tasks: list[int]) -> str:
         *(f"#SBATCH {arg}" for arg in opts.get("sbatch_args", [])),
         f"cd {shlex.quote(opts['cwd'])}",
         f"exec {shlex.quote(sys.executable)} -m pretrain prep task {shlex.quote(target.out)} "
-        '--index "$SLURM_ARRAY_TASK_ID"',
+        '--index "$SLURM_ARRAY_TASK_ID"'
+        + (f" --scratch {shlex.quote(opts['scratch'])}" if opts.get("scratch") else ""),
     ]
     return "\n".join(lines) + "\n"
 
@@ -109,25 +120,46 @@ def submit(target: Target, plan: dict[str, Any], tasks: list[int]) -> str:
     return job
 
 
+SQUEUE_TIMEOUT_S = 60
+
+
+class SlurmUnreachable(PrepError):
+    """squeue gave no answer: which tasks still run is unknown."""
+
+
 def queued(plan: dict[str, Any]) -> dict[int, str]:
-    """Array task -> SLURM state (PENDING, RUNNING, ...) of the job's tasks still queued."""
+    """Array task -> SLURM state (PENDING, RUNNING, ...) of the job's tasks still queued.
+    Raises SlurmUnreachable when squeue does not answer."""
     states: dict[int, str] = {}
-    if not plan.get("jobs") or not shutil.which("squeue"):
+    if not plan.get("jobs"):
         return states
+    if not shutil.which("squeue"):
+        raise SlurmUnreachable("squeue not found on PATH")
     for job in plan["jobs"]:  # later submissions win
-        r = subprocess.run(["squeue", "-h", "-r", "-j", job["id"], "-o", "%K %T"],
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
-        for line in r.stdout.splitlines() if r.returncode == 0 else []:
+        try:
+            r = subprocess.run(["squeue", "-h", "-r", "-j", job["id"], "-o", "%K %T"],
+                               capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise SlurmUnreachable(f"squeue gave no answer in {SQUEUE_TIMEOUT_S} s") from None
+        if r.returncode != 0:
+            if "invalid job id" in r.stderr.lower():  # long ended: the controller forgot it
+                continue
+            lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+            raise SlurmUnreachable(f"squeue failed ({lines[-1] if lines else f'exit {r.returncode}'})")  # fmt: skip
+        for line in r.stdout.splitlines():
             task, _, state = line.strip().partition(" ")
             if task.isdigit():
                 states[int(task)] = state
     return states
 
 
-def task_states(target: Target, plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each task's state, parts done and record."""
-    parts, done, queue = parts_of(plan), done_parts(target), queued(plan)
-    by_slurm = bool(plan.get("jobs")) and shutil.which("squeue") is not None
+def task_states(
+    target: Target, plan: dict[str, Any], queue: dict[int, str] | None
+) -> list[dict[str, Any]]:
+    """Each task's state, parts done and record. `queue`: from `queued`, None when squeue
+    gave no answer (then an unfinished task of a SLURM job is "unknown")."""
+    parts, done = parts_of(plan), done_parts(target)
+    by_slurm = bool(plan.get("jobs"))
     records = target.read_many([task_key(i) for i in range(plan["tasks"])])
     rows = []
     for i in range(plan["tasks"]):
@@ -137,7 +169,9 @@ def task_states(target: Target, plan: dict[str, Any]) -> list[dict[str, Any]]:
         state, why = record.get("state", "not started"), record.get("error")
         if finished == len(mine):
             state, why = "done", None
-        elif i in queue:
+        elif by_slurm and queue is None:
+            state, why = "unknown", "squeue gave no answer"
+        elif i in (queue or {}):
             state, why = queue[i].lower(), None
         elif state == "running":
             silent = time.time() - record.get("updated", 0)
@@ -155,7 +189,11 @@ def task_states(target: Target, plan: dict[str, Any]) -> list[dict[str, Any]]:
 def status(out: str) -> int:
     target = Target(out)
     plan = _plan(target)
-    rows = task_states(target, plan)
+    try:
+        queue: dict[int, str] | None = queued(plan)
+    except SlurmUnreachable as e:
+        queue, unreachable = None, str(e)
+    rows = task_states(target, plan, queue)
     s = plan["settings"]
     jobs = ", ".join(j["id"] for j in plan.get("jobs", [])) or "none (started by hand)"
     print(f"prep job {target.out}: {plan['tasks']} tasks, {len(parts_of(plan))} parts of "
@@ -172,6 +210,9 @@ def status(out: str) -> int:
         print(f"merged: {describe(summary)}; wall {summary.get('wall_seconds', 0):.1f} s "
               f"= {summary['text_bytes'] / 1e6 / max(summary.get('wall_seconds', 0), 1e-9):.2f} MB/s; "
               f"merge {summary['merge_seconds']:.2f} s")  # fmt: skip
+    elif queue is None and any(r["state"] == "unknown" for r in rows):
+        print(f"parts written {n_done}/{n_parts}; {unreachable}: cannot tell which tasks still "
+              "run; run status again when squeue answers, before any resume")  # fmt: skip
     else:
         missing = [r["task"] for r in rows if r["state"] in ("failed", "cancelled", "not started")]
         advice = f"; `pretrain prep resume {target.out}` reruns task(s) {missing}" if missing else ""  # fmt: skip
@@ -185,7 +226,12 @@ def resume(out: str) -> int:
     if target.exists(META_NAME):
         print(f"{target.out}: complete (meta.json is there); nothing to resume")
         return 0
-    rows = task_states(target, plan)
+    try:
+        queue = queued(plan)
+    except SlurmUnreachable as e:
+        raise PrepError(f"{e}: cannot tell which tasks of {target.out} still run, so none is "
+                        "resubmitted; try again when squeue answers") from None  # fmt: skip
+    rows = task_states(target, plan, queue)
     active = [r["task"] for r in rows if r["state"] in ("pending", "running", "configuring", "completing")]  # fmt: skip
     missing = [r["task"] for r in rows if r["state"] != "done" and r["task"] not in active]
     if not missing:

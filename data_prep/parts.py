@@ -10,8 +10,11 @@ remainder of each split is dropped at its end) and its shards are its own, so th
 dataset is the same bytes whether one machine writes it or any number of tasks: N tasks only
 decide who writes which parts (contiguous runs of parts, as equal in count as they can be).
 
-Planning reads nothing but a listing. A task reads only its parts: a remote JSONL part is a
-ranged GET of its bytes (plus the end of its last line), not the whole file.
+Planning reads nothing but a listing. A task reads only its parts, one part at a time: a
+remote JSONL part is a ranged GET of its bytes (plus the end of its last line), a remote
+parquet part ranged GETs of the footer and of its row groups, written at their offsets into a
+sparse local file (the other row groups are holes), not the whole file; only a remote .txt
+file (one document) is downloaded whole.
 """
 
 from __future__ import annotations
@@ -21,13 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.inputs import JSONL_SUFFIXES, PARQUET_SUFFIXES, InputFile
-from pretrain import objstore
+from data_prep.inputs import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    InputFile,
+    chunk_offset,
+    row_group_offset,
+)
+from pretrain import iotrace, objstore
 from pretrain.errors import PrepError
 
 DEFAULT_PART_SIZE = 512 << 20
 _LINE_END_CHUNK = 1 << 20  # read past a remote part's end this much at a time, to a newline
 _RANGE_CHUNK = 64 << 20
+_FOOTER_GUESS = 64 << 10  # one GET holds the footer of most parquet files
 IO_THREADS = 8
 
 
@@ -106,8 +116,8 @@ class Source:
 
 
 def fetch_pieces(parts: Sequence[Part], folder: Path) -> dict[Piece, Source]:
-    """A local Source for every piece of `parts`: local inputs as they are; remote .txt and
-    parquet files downloaded whole (once each); remote JSONL pieces by ranged GETs."""
+    """A local Source for every piece of `parts`: local inputs as they are; remote .txt files
+    downloaded whole (once each); remote JSONL and parquet pieces by ranged GETs."""
     sources: dict[Piece, Source] = {}
     whole: dict[str, Path] = {}
     ranged: list[tuple[Piece, Path]] = []
@@ -115,8 +125,8 @@ def fetch_pieces(parts: Sequence[Part], folder: Path) -> dict[Piece, Source]:
         for i, piece in enumerate(part.pieces):
             if not objstore.is_remote(piece.name):
                 sources[piece] = Source(InputFile.local(piece.name), piece.start, piece.end)
-            elif piece.name.endswith(JSONL_SUFFIXES):
-                ranged.append((piece, folder / f"{part.folder}-{i}.jsonl"))
+            elif piece.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
+                ranged.append((piece, folder / f"{part.folder}-{i}{Path(piece.name).suffix}"))
             else:
                 whole.setdefault(piece.name, folder / f"{len(whole):06d}{Path(piece.name).suffix}")
     if whole or ranged:
@@ -125,7 +135,7 @@ def fetch_pieces(parts: Sequence[Part], folder: Path) -> dict[Piece, Source]:
         folder.mkdir(parents=True, exist_ok=True)
         download(list(whole.items()))
         with ThreadPoolExecutor(IO_THREADS) as pool:
-            fetched = dict(zip(ranged, pool.map(lambda j: _fetch_range(*j), ranged), strict=True))
+            fetched = dict(zip(ranged, pool.map(lambda j: _fetch(*j), ranged), strict=True))
         for (piece, path), offset in fetched.items():
             item = InputFile(piece.name, path, offset)
             sources[piece] = Source(item, piece.start - offset, piece.end - offset)
@@ -138,6 +148,47 @@ def fetch_pieces(parts: Sequence[Part], folder: Path) -> dict[Piece, Source]:
     return sources
 
 
+def _fetch(piece: Piece, path: Path) -> int:
+    if piece.name.endswith(PARQUET_SUFFIXES):
+        return _fetch_row_groups(piece, path)
+    return _fetch_range(piece, path)
+
+
+def _get(url: str, start: int, end: int) -> bytes:
+    """One ranged GET, counted by iotrace (DOWNLOAD, naming the range)."""
+    data = objstore.read_range(url, start, end)
+    iotrace.record(iotrace.DOWNLOAD, f"{url} [{start}, {start + len(data)})")
+    return data
+
+
+def _fetch_row_groups(piece: Piece, path: Path) -> int:
+    """A sparse copy of a remote parquet file holding what a piece reads: the footer, and
+    the row groups that begin in [piece.start, piece.end), each at its own offset (reading
+    the copy picks those row groups by the same offsets). Returns 0 (the copy's offset)."""
+    import pyarrow.parquet as pq
+
+    tail = _get(piece.name, max(piece.size - _FOOTER_GUESS, 0), piece.size)
+    footer = int.from_bytes(tail[-8:-4], "little") + 8  # metadata length, then b"PAR1"
+    if footer > len(tail):
+        tail = _get(piece.name, piece.size - footer, piece.size)
+    with open(path, "wb") as f:
+        f.truncate(piece.size)
+        f.write(b"PAR1")  # the magic every parquet file begins with
+        f.seek(piece.size - len(tail))
+        f.write(tail)
+    meta = pq.ParquetFile(path).metadata
+    with open(path, "r+b") as f:
+        for i in range(meta.num_row_groups):
+            group = meta.row_group(i)
+            start = row_group_offset(group)
+            if piece.start <= start < piece.end:
+                columns = [group.column(c) for c in range(group.num_columns)]
+                end = max(chunk_offset(c) + c.total_compressed_size for c in columns)
+                f.seek(start)
+                f.write(_get(piece.name, start, end))
+    return 0
+
+
 def _fetch_range(piece: Piece, path: Path) -> int:
     """Write the bytes a JSONL piece needs to `path`: from one byte before its start (to see
     whether a line begins there) through the end of the last line that begins in it. Returns
@@ -146,11 +197,11 @@ def _fetch_range(piece: Piece, path: Path) -> int:
     with open(path, "wb") as f:
         pos, last = first, b""
         while pos < piece.end:
-            data = objstore.read_range(piece.name, pos, min(piece.end, pos + _RANGE_CHUNK))
+            data = _get(piece.name, pos, min(piece.end, pos + _RANGE_CHUNK))
             f.write(data)
             pos, last = pos + len(data), data[-1:] or last
         while last != b"\n" and pos < piece.size:  # the last line runs on past the end
-            data = objstore.read_range(piece.name, pos, min(piece.size, pos + _LINE_END_CHUNK))
+            data = _get(piece.name, pos, min(piece.size, pos + _LINE_END_CHUNK))
             newline = data.find(b"\n")
             data = data if newline < 0 else data[: newline + 1]
             f.write(data)

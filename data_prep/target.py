@@ -2,8 +2,10 @@
 s3:// prefix, behind the few operations the tasks, the merge and `prep status` need.
 
 Small JSON files (the plan, part manifests, task progress) are replaced atomically: a local
-file through a temporary name and a rename, an object by a single PUT. A part's files go up
-shards first, then its index, so nothing lists a shard that is not there yet.
+file through a temporary name and a rename, an object by a single PUT. A part's files, staged
+on the task's scratch, go up the same way, shards first, then its index, so nothing lists a
+shard that is not there yet, and a second task writing the same part (a duplicate) replaces
+each file with the same bytes: no file of a part is ever partly written or removed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from data_prep.remote import IO_THREADS, guard
 from pretrain import objstore
-from pretrain.files import write_atomic
+from pretrain.files import atomic_open, write_atomic
 
 
 class Target:
@@ -88,12 +90,18 @@ class Target:
             shutil.rmtree(self.where(rel), ignore_errors=True)
 
     def upload(self, local: Path, rels: list[str]) -> None:
-        """Remote only: files `local/rel` to `rel`, shards before index.json files."""
+        """Files `local/rel` to `rel`, each whole or not at all, shards before index.json."""
         from concurrent.futures import ThreadPoolExecutor
 
         shards = [r for r in rels if not r.endswith("/index.json")]
         indexes = [r for r in rels if r.endswith("/index.json")]
         for batch in (shards, indexes):
             with ThreadPoolExecutor(IO_THREADS) as pool:
-                jobs = [(self.where(r), local / r) for r in batch]
-                list(pool.map(lambda j: guard(j[0], objstore.upload_file, j[1], j[0]), jobs))
+                list(pool.map(lambda r: self._put(local / r, r), batch))
+
+    def _put(self, src: Path, rel: str) -> None:
+        if self.remote:
+            guard(self.where(rel), objstore.upload_file, src, self.where(rel))
+            return
+        with open(src, "rb") as f, atomic_open(Path(self.where(rel))) as out:
+            shutil.copyfileobj(f, out, 1 << 20)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 from pathlib import Path
 
@@ -143,7 +144,12 @@ def test_bad_input_is_one_line_and_overwrites_nothing(flags, tmp_path, capsys) -
     assert (
         f"{tmp_path / 'bin.parquet'}: not a readable parquet file" in err and err.count("\n") == 1
     )
-    assert not [p for p in (tmp_path / "p").rglob("*") if "_prep" not in p.parts]  # nothing written
+    # A task checks each part before writing it: the parts before the bad one are published
+    # (resume keeps them), the bad one has neither shards nor manifest, and no meta.json.
+    written = sorted(p.name for p in (tmp_path / "p" / "_prep" / "parts").glob("*.json"))
+    last = f"{len(written):05d}"
+    assert not (tmp_path / "p" / "meta.json").exists() and f"{last}.json" not in written
+    assert not any((tmp_path / "p" / split / last).exists() for split in ("train", "val"))
 
 
 def test_a_failed_task_is_reported_and_resume_reruns_only_it(flags, plays, tmp_path, capsys):
@@ -174,3 +180,43 @@ def test_a_failed_task_is_reported_and_resume_reruns_only_it(flags, plays, tmp_p
     assert all(files(out)[k] == v for k, v in written.items())  # task 0's parts untouched
     assert prep(*args, "--out", tmp_path / "one") == 0
     assert files(out) == files(tmp_path / "one")
+
+
+def failing_squeue(folder: Path, message: str) -> str:
+    """A PATH on which squeue fails with `message`, as a controller that times out does."""
+    folder.mkdir()
+    (folder / "squeue").write_text(f"#!/bin/sh\necho '{message}' >&2\nexit 1\n")
+    (folder / "squeue").chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def test_without_squeue_answers_status_cannot_judge_and_resume_resubmits_nothing(
+    plays, dataset, tmp_path, monkeypatch, capsys
+) -> None:
+    from data_prep.array import PLAN, make_plan, open_plan
+    from data_prep.jobs import render
+    from data_prep.shards import Settings
+    from data_prep.target import Target
+
+    # A job array submitted earlier (job 7), whose tasks may all still be running.
+    target = Target(str(tmp_path / "job"))
+    plan = make_plan([str(plays / "*")], dataset["tokenizer"], Settings(seq_len=64, part_size=150 << 10), 2, 1)  # fmt: skip
+    plan["slurm"] = {"log_dir": str(tmp_path / "logs"), "cwd": str(tmp_path), "scratch": "/ssd"}
+    plan["jobs"] = [{"id": "7", "tasks": [0, 1], "submitted": 0}]
+    open_plan(target, plan, overwrite=False)
+    assert '--index "$SLURM_ARRAY_TASK_ID" --scratch /ssd' in render(target, plan["slurm"], [0, 1])
+    err = "slurm_load_jobs error: Socket timed out on send/recv operation"
+    monkeypatch.setenv("PATH", failing_squeue(tmp_path / "bin", err))
+    assert prep("status", target.out) == 0
+    report = capsys.readouterr().out
+    assert report.count("unknown (squeue gave no answer)") == 2, report
+    assert f"squeue failed ({err}): cannot tell which tasks still run" in report
+    assert "reruns task(s)" not in report
+    assert prep("resume", target.out) == 2  # sbatch would have been the tier guard's error
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "none is resubmitted" in message and err in message
+    assert Target(target.out).read_json(PLAN)["jobs"] == plan["jobs"]  # nothing submitted
+    # A job the controller has forgotten (long ended) is no failure of squeue.
+    monkeypatch.setenv("PATH", failing_squeue(tmp_path / "bin2", "slurm_load_jobs error: Invalid job id specified"))  # fmt: skip
+    assert prep("status", target.out) == 0
+    assert capsys.readouterr().out.count("failed (no record: it never started") == 2

@@ -147,19 +147,38 @@ def write_bytes(url: str, data: bytes) -> None:
     _call(url, client().put_object, Bucket=bucket, Key=key, Body=data)
 
 
-def upload_file(local: str | Path, url: str) -> None:
+def transfer(threads: int, part_bytes: int):
+    """How one file moves: in parts of `part_bytes`, at most `threads` requests at a time.
+
+    boto3's default (10 threads, 8 MB parts) is made for one client alone. When every rank
+    of a large job moves its files into one prefix at once, it is 10 x ranks concurrent
+    requests against the store's per-prefix request rate: callers such as the checkpoint
+    mirror pass a small `threads` and large parts instead."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=part_bytes,
+        multipart_chunksize=part_bytes,
+        max_concurrency=threads,
+        use_threads=threads > 1,
+    )
+
+
+def upload_file(local: str | Path, url: str, config=None) -> None:
+    """Upload `local` to `url`; `config`: a `transfer(...)`, else boto3's default."""
     bucket, key = split_url(url)
-    _call(url, client().upload_file, str(local), bucket, key)
+    _call(url, client().upload_file, str(local), bucket, key, Config=config)
 
 
-def download_file(url: str, local: str | Path) -> None:
-    """Download to `local` atomically (a partial download never has the final name)."""
+def download_file(url: str, local: str | Path, config=None) -> None:
+    """Download to `local` atomically (a partial download never has the final name);
+    `config`: a `transfer(...)`, else boto3's default."""
     bucket, key = split_url(url)
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.part-{os.getpid()}")
     try:
-        _call(url, client().download_file, bucket, key, str(tmp))
+        _call(url, client().download_file, bucket, key, str(tmp), Config=config)
         os.replace(tmp, local)
     finally:
         tmp.unlink(missing_ok=True)

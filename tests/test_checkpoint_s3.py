@@ -18,12 +18,12 @@ from tests.helpers.runs import (
     run_torchrun,
     with_overrides,
 )
-from tests.helpers.s3server import SECRET_KEY
+from tests.helpers.s3server import SECRET_KEY, SlowProxy
 
 
-def _writer(value: float):
+def _writer(value: float, numel: int = 64):
     def write(folder):
-        torch.save({"w": torch.full((64,), value)}, folder / "model.pt")
+        torch.save({"w": torch.full((numel,), value)}, folder / "model.pt")
 
     return write
 
@@ -39,7 +39,7 @@ def test_mirror_uploads_complete_checkpoints_and_prunes_the_store(s3, tmp_path):
     ck = Checkpointer(tmp_path / "a", keep_last=2, mirror=mirror)
     for step in (2, 4, 6):
         ck.save(step, {"step": step}, _writer(step))
-    mirror.wait()
+        mirror.wait()  # each upload ends before the next save: none is skipped
     assert mirror.complete_checkpoints() == ["step_00000006", "step_00000004"]
     assert _names(s3, bucket, "run/step_00000006/") == {
         "model.pt",
@@ -59,6 +59,84 @@ def test_mirror_uploads_complete_checkpoints_and_prunes_the_store(s3, tmp_path):
     assert torch.equal(box["w"], torch.full((64,), 4.0))
     assert fresh.resume_point() == path  # nothing newer in the store: nothing downloaded again
     assert [p.name for p in fresh.complete_checkpoints()] == ["step_00000004"]
+
+
+def _through(proxy: SlowProxy, monkeypatch) -> None:
+    """This process's store requests go through `proxy` from now on."""
+    from pretrain import objstore
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", proxy.endpoint)
+    objstore._client.cache_clear()
+
+
+def _peak_part_uploads() -> dict:
+    """The most UploadPart requests in flight at once on this process's store client,
+    counted as botocore sends and receives them."""
+    from pretrain import objstore
+
+    count = {"now": 0, "peak": 0}
+
+    def sent(**_):
+        count["now"] += 1
+        count["peak"] = max(count["peak"], count["now"])
+
+    def received(**_):
+        count["now"] -= 1
+
+    events = objstore.client().meta.events
+    events.register("before-send.s3.UploadPart", sent)
+    events.register("response-received.s3.UploadPart", received)
+    return count
+
+
+def test_uploads_never_hold_up_a_save_and_the_last_one_is_never_skipped(
+    s3, tmp_path, monkeypatch, caplog
+):
+    """While step 2 is uploading (every reply delayed 0.15 s), saves 4 and 6 return at once,
+    their uploads skipped; step 2's folder stays until its upload ends, whatever keep_last
+    says; `wait` (training's end) uploads the newest, 6. Each rank's parts go up 2 at a
+    time, not boto3's 10."""
+    bucket = s3.make_bucket("mirror-skip")
+    with SlowProxy(s3.ports["s3"], delay=0.15) as proxy, caplog.at_level(logging.INFO, "pretrain"):
+        _through(proxy, monkeypatch)
+        mirror = CheckpointMirror(f"s3://{bucket}/run", keep_last=1, threads=2, part_mb=5)
+        ck = Checkpointer(tmp_path, keep_last=1, mirror=mirror)
+        parts = _peak_part_uploads()
+        ck.save(2, {"step": 2}, _writer(2, numel=4 << 20))  # 16 MB: 4 parts
+        for step in (4, 6):
+            ck.save(step, {"step": step}, _writer(step))
+        assert mirror.skipped == ["step_00000004", "step_00000006"]
+        assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000006"]
+        mirror.wait()
+    assert parts["peak"] == 2
+    assert mirror.skipped == ["step_00000004"]  # superseded by 6; 6 was owed and went up
+    assert mirror.complete_checkpoints() == ["step_00000006"]
+    assert "uploaded checkpoint step_00000002" in caplog.text
+    assert "uploaded checkpoint step_00000006" in caplog.text
+    assert caplog.text.count("is not uploaded: the upload of step_00000002 is still") == 1
+    assert mirror.failures == 0
+    # Step 2 outlived keep_last=1 while it was uploading; the next commit prunes it.
+    assert [p.name for p in ck.complete_checkpoints()] == ["step_00000006", "step_00000002"]
+
+
+def test_waiting_for_an_upload_ends_at_its_deadline(s3, tmp_path, monkeypatch, caplog):
+    """An upload slower than its deadline (here 2 x 0.05 s + size at 10 MB/s) is given up
+    with one line, on rank 0 as on the others, and the run goes on."""
+    bucket = s3.make_bucket("mirror-deadline")
+    with SlowProxy(s3.ports["s3"], delay=0.3) as proxy:
+        _through(proxy, monkeypatch)
+        mirror = CheckpointMirror(f"s3://{bucket}/run", keep_last=2, base_wait_s=0.05)
+        ck = Checkpointer(tmp_path, keep_last=2, mirror=mirror)
+        ck.save(2, {"step": 2}, _writer(2))
+        upload = mirror._thread
+        with caplog.at_level(logging.ERROR, logger="pretrain"):
+            beats = []
+            mirror.wait(lambda: beats.append(1))  # the deadline is 0.1 s away; a reply 0.3 s
+            assert upload.is_alive() and beats  # the watchdog heard from the wait
+        upload.join()  # the upload itself goes on to its end (no stray thread after the test)
+    assert mirror.failures >= 1
+    assert "upload of checkpoint step_00000002 to" in caplog.text
+    assert "not done within its deadline (it is still running)" in caplog.text
 
 
 def test_a_failed_upload_is_logged_and_training_goes_on(s3, tmp_path, caplog, monkeypatch):

@@ -89,7 +89,8 @@ class Checkpointer:
     `ranks`: the default process group's (one process when there is none). Every rank
     calls `save` (and `wait`, `resume_point`) at the same point; only rank 0
     writes the manifest, renames, moves `latest` and prunes, after every rank's part is
-    durable. With a `mirror`, every rank uploads its own files of each committed checkpoint.
+    durable. With a `mirror`, every rank uploads its own files of each committed checkpoint
+    (one at a time: see pretrain.checkpoint.mirror).
     """
 
     def __init__(
@@ -167,10 +168,6 @@ class Checkpointer:
     def _commit(self, step: int) -> Path:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}"
-        if self.mirror is not None:
-            # The last upload must have ended on every rank before rank 0 prunes what it
-            # reads; waited for here, outside any collective (it may take long).
-            self.mirror.wait()
         mine = sync_own_files(tmp, self.rank, self._extra_names)
         parts = self.ranks.gather(mine)
         info = None
@@ -191,12 +188,16 @@ class Checkpointer:
             self._verified.add(final.name)
             write_json(self.root / "latest", {"checkpoint": final.name, "step": step})
             most = max(sum(part.values()) for part in parts)
-            info = {"rank_bytes": most, "tag": uuid.uuid4().hex}
+            # A commit never waits for an upload: while the last one is in flight (rank 0's
+            # part ends last), every rank skips this one, as rank 0 decides here.
+            uploading = self.mirror.in_flight() if self.mirror is not None else None
+            info = {"rank_bytes": most, "tag": uuid.uuid4().hex, "uploading": uploading}
         info = self.ranks.broadcast(info)  # every rank: the checkpoint is in place
         if self.rank == 0:  # after the broadcast: nobody waits in a collective for a slow delete
-            self._prune()
+            self._prune(keep=info["uploading"])
         if self.mirror is not None:
-            self.mirror.upload(final, mine, info["rank_bytes"], info["tag"])
+            skip = info["uploading"] is not None
+            self.mirror.upload(final, mine, info["rank_bytes"], info["tag"], skip=skip)
         return final
 
     def resume_point(self) -> Path | None:
@@ -254,7 +255,9 @@ class Checkpointer:
             set_rng_state(torch.load(rng, weights_only=False))
         return json.loads((path / TRAIN_STATE).read_text())
 
-    def _prune(self) -> None:
+    def _prune(self, keep: str | None = None) -> None:
+        """Trash complete checkpoints beyond `keep_last`, except `keep` (one being uploaded:
+        pruned by a later commit, once its upload has ended)."""
         # Checkpoints this process committed or checked count as complete without their
         # files being checked again: that would stat every rank's files at every commit.
         kept = 0
@@ -262,7 +265,7 @@ class Checkpointer:
             if path.name in self._verified or _verify(path):
                 self._verified.add(path.name)
                 kept += 1
-                if kept > self.keep_last:
+                if kept > self.keep_last and path.name != keep:
                     _trash(path)
                     self._verified.discard(path.name)
 

@@ -8,13 +8,24 @@ success. A checkpoint folder in the store is complete exactly when its manifest 
 so a node that dies mid-upload leaves nothing a resume would take. `keep_last` applies to
 the store as well, pruned only after a complete upload.
 
+At 1,000 ranks every rank uploads into one prefix at the same moment, so each rank moves
+its files with a few threads (`threads`) in large parts (`part_mb`), not boto3's 10 threads
+of 8 MB parts: the store sees ranks x threads requests at a time, not ranks x 10.
+
+A commit never waits for an upload: when the previous checkpoint's upload is still in
+flight (uploads slower than checkpoints), rank 0 decides for every rank in the commit's
+broadcast that the new one's upload is skipped, and rank 0 does not prune the local folder
+being uploaded. The newest skipped checkpoint is owed: `wait()`, called once training ends
+(its last save, or a preemption's), uploads it after the one in flight, so the last
+checkpoint always reaches the store.
+
 A transfer takes as long as its bytes take, far longer than a collective may wait (the
 collective timeout would kill a barrier). So ranks never wait for each other's transfers
 in a collective: each reports its end (or its error, one line) in the c10d key-value store,
 and whoever must wait polls it with a deadline sized for the transfer, 300 s + bytes /
-`checkpoint.remote_min_mb_per_s`. A failed upload is logged, never fatal: the local
-checkpoint is intact and training goes on. Rank 0 prunes local checkpoints only after
-every rank's upload of them has ended.
+`checkpoint.remote_min_mb_per_s`, counted from the upload's start, the same on rank 0
+(joining its thread) as on the others (polling the store). A failed or overdue upload is
+logged, never fatal: the local checkpoint is intact and training goes on.
 
 On resume, rank 0 lists the store once; when it holds a complete checkpoint newer than any
 in the run directory (a replacement node, a lost disk), rank 0 reads its manifest and
@@ -33,8 +44,10 @@ import json
 import logging
 import shutil
 import threading
+import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from pretrain import iotrace, objstore
@@ -45,36 +58,83 @@ from pretrain.files import sync_files, sync_folders, write_durable
 log = logging.getLogger("pretrain")
 MANIFEST = "manifest.json"
 BASE_WAIT_S = 300.0
+# Per rank: 2 requests at a time in 64 MiB parts. At 1,000 ranks that is 2,000 requests in
+# flight, each moving 64 MiB (8x fewer requests per byte than boto3's 8 MB parts), instead
+# of boto3's default of 10,000 in flight.
+UPLOAD_THREADS = 2
+PART_MB = 64
+BEAT_S = 5.0  # how often a long wait for an upload tells the watchdog it is alive
 
 
 class CheckpointMirror:
-    def __init__(self, url: str, keep_last: int, min_mb_per_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        keep_last: int,
+        min_mb_per_s: float = 10.0,
+        threads: int = UPLOAD_THREADS,
+        part_mb: int = PART_MB,
+        base_wait_s: float = BASE_WAIT_S,
+    ) -> None:
         self.url = url.rstrip("/")
         self.keep_last = keep_last
         self.min_mb_per_s = min_mb_per_s
+        self.transfer = objstore.transfer(threads, part_mb << 20)
+        self.base_wait_s = base_wait_s
         self.ranks = Ranks()  # the Checkpointer using this mirror sets its own
         self._thread: threading.Thread | None = None
-        self._end: tuple[str, float] | None = None  # the upload in flight: key, wait limit
+        # The upload in flight: its checkpoint's name, store key and deadline (monotonic).
+        self._flight: tuple[str, str, float] | None = None
+        self._owed: tuple | None = None  # `upload`'s arguments of the newest skipped one
         self.failures = 0
+        self.skipped: list[str] = []  # checkpoints never uploaded (skipped), oldest first
 
     def timeout_s(self, nbytes: int) -> float:
         """How long to wait for a transfer of `nbytes` by one rank."""
-        return BASE_WAIT_S + nbytes / (self.min_mb_per_s * 1e6)
+        return self.base_wait_s + nbytes / (self.min_mb_per_s * 1e6)
 
     @staticmethod
     def _key(what: str, tag: str) -> str:
         return f"pretrain/checkpoint/{what}/{tag}"
 
     # ------------------------------------------------------------ upload
-    def upload(self, folder: Path, files: dict[str, int], rank_bytes: int, tag: str) -> None:
+    def in_flight(self) -> str | None:
+        """Rank 0: the checkpoint whose upload has not ended yet (on some rank), if any;
+        rank 0's part ends last, after every rank reported. An upload past its deadline
+        counts as ended: `wait` logs it."""
+        if self._thread is None or not self._thread.is_alive():
+            return None
+        name, _, deadline = self._flight
+        return name if time.monotonic() < deadline else None
+
+    def upload(
+        self, folder: Path, files: dict[str, int], rank_bytes: int, tag: str, skip: bool = False
+    ) -> None:
         """Start uploading this rank's `files` (name -> size) of the committed checkpoint
-        `folder` (rank 0 uploads its manifest last). `rank_bytes`: the most any rank
-        uploads, which sizes every wait; `tag`: the same on every rank, new for every
-        upload (the key-value store outlives it)."""
-        self.wait()
-        key = self._key("upload", tag)
+        `folder` (rank 0 uploads its manifest last); never waits for an earlier upload.
+        `rank_bytes`: the most any rank uploads, which sizes every wait; `tag`: the same on
+        every rank, new for every upload (the key-value store outlives it). `skip` (rank
+        0's decision, the same on every rank): an upload is in flight, so this one is only
+        owed, uploaded by `wait` unless a newer checkpoint is uploaded first."""
+        if skip:
+            self._owed = (folder, files, rank_bytes, tag)
+            self.skipped.append(Path(folder).name)
+            if self.ranks.rank == 0 and len(self.skipped) == 1:
+                log.warning(
+                    "checkpoint %s is not uploaded: the upload of %s is still in flight (uploads "
+                    "are slower than checkpoint.every); while one is, periodic uploads are "
+                    "skipped, and the last checkpoint is uploaded when training ends",
+                    Path(folder).name,
+                    self._flight[0] if self._flight else "the previous one",
+                )
+            return
+        self._owed = None
+        self._end_wait()  # rank 0 saw the last one end: nothing is left to wait for
         timeout = self.timeout_s(rank_bytes)
-        self._end = (key, timeout + BASE_WAIT_S)  # + rank 0's manifest and store pruning
+        key = self._key("upload", tag)
+        # + rank 0's manifest and store pruning after the others' files
+        deadline = time.monotonic() + timeout + self.base_wait_s
+        self._flight = (Path(folder).name, key, deadline)
         self._thread = threading.Thread(
             target=self._upload,
             args=(Path(folder), files, key, timeout),
@@ -83,28 +143,55 @@ class CheckpointMirror:
         )
         self._thread.start()
 
-    def wait(self) -> None:
-        """Block until the upload in flight, if any, has ended on every rank (or failed):
-        afterwards no rank reads its local folder any more."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._end is not None and self.ranks.rank != 0:
-            key, timeout = self._end
-            try:
-                ended = self.ranks.wait_announced(key, timeout)
-            except Exception as e:  # the store went away: nobody is left to wait for
-                ended = f"store: {e}"
-            if ended is None:
-                log.error("rank 0 did not end checkpoint upload %s within %.0f s", key, timeout)
-        self._end = None
+    def wait(self, beat: Callable[[], None] = lambda: None) -> None:
+        """Once training has ended (every rank, at the same point): wait until the upload in
+        flight has ended on every rank, then upload the newest skipped checkpoint, if any,
+        and wait for that. Each wait ends by its deadline at the latest, calling `beat`
+        (the watchdog's) every few seconds meanwhile; afterwards no rank reads its local
+        folders any more."""
+        self._wait_flight(beat)
+        if self._owed is not None:
+            self.skipped.remove(Path(self._owed[0]).name)  # uploaded after all
+            self.upload(*self._owed)
+            self._wait_flight(beat)
+
+    def _wait_flight(self, beat: Callable[[], None]) -> None:
+        if self._flight is None:
+            return
+        _, key, deadline = self._flight
+        ended = None
+        while ended is None and (left := deadline - time.monotonic()) > 0:
+            beat()
+            if self._thread is not None and self._thread.is_alive():
+                self._thread.join(min(left, BEAT_S))
+            elif self.ranks.rank == 0:
+                break
+            else:
+                try:
+                    ended = self.ranks.wait_announced(key, min(left, BEAT_S))
+                except Exception as e:  # the store went away: nobody is left to wait for
+                    ended = f"store: {e}"
+        self._end_wait()  # rank 0 logs an overdue upload (once, not once per rank)
+
+    def _end_wait(self) -> None:
+        """Forget the upload in flight; one still running (past its deadline) is logged."""
+        if self._thread is not None and self._thread.is_alive():
+            self._overdue(self._flight[0], "it is still running")
+        self._thread, self._flight = None, None
+
+    def _overdue(self, name: str, why: str) -> None:
+        self._failed(
+            name,
+            f"not done within its deadline ({why}); at least checkpoint.remote_min_mb_per_s="
+            f"{self.min_mb_per_s:g} MB/s per rank is expected",
+        )
 
     def _upload(self, folder: Path, files: dict, key: str, timeout: float) -> None:
         prefix = objstore.join(self.url, folder.name)
         error = None
         try:
             for name in files:
-                objstore.upload_file(folder / name, objstore.join(prefix, name))
+                objstore.upload_file(folder / name, objstore.join(prefix, name), self.transfer)
                 iotrace.record(iotrace.UPLOAD, objstore.join(prefix, name))
         except Exception as e:  # any failure must reach rank 0, or it waits out the timeout
             known = isinstance(e, (StoreError, OSError))
@@ -130,7 +217,7 @@ class CheckpointMirror:
                 self._failed(folder.name, failed)
             return
         try:
-            objstore.upload_file(folder / MANIFEST, objstore.join(prefix, MANIFEST))
+            objstore.upload_file(folder / MANIFEST, objstore.join(prefix, MANIFEST), self.transfer)
             iotrace.record(iotrace.UPLOAD, objstore.join(prefix, MANIFEST))
             log.info("uploaded checkpoint %s to %s", folder.name, prefix)
             self._prune(keep_up_to=folder.name)
@@ -213,7 +300,7 @@ class CheckpointMirror:
         error = None
         try:
             for file, size in self.share(files).items():
-                objstore.download_file(objstore.join(prefix, file), tmp / file)
+                objstore.download_file(objstore.join(prefix, file), tmp / file, self.transfer)
                 iotrace.record(iotrace.DOWNLOAD, objstore.join(prefix, file))
                 if sync_files(tmp, [file])[file] != size:
                     raise StoreError(
@@ -225,8 +312,9 @@ class CheckpointMirror:
         if self.ranks.rank == 0:
             outcome = self._place(tmp, Path(root) / name, plan["manifest"], key, timeout)
         else:
-            outcome = self.ranks.wait_announced(key, timeout + BASE_WAIT_S)
-            outcome = outcome or f"rank 0 did not finish within {timeout + BASE_WAIT_S:.0f} s"
+            limit = timeout + self.base_wait_s
+            outcome = self.ranks.wait_announced(key, limit)
+            outcome = outcome or f"rank 0 did not finish within {limit:.0f} s"
         if outcome != "ok":
             raise StoreError(f"download of checkpoint {name} from {self.url} failed: {outcome}")
         if self.ranks.rank == 0:

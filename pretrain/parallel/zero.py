@@ -24,7 +24,7 @@ import os
 import torch
 from torch import nn
 
-from pretrain.errors import ConfigError, TrainingStopped
+from pretrain.errors import ConfigError
 from pretrain.model import Transformer
 from pretrain.parallel.base import new_transformer, prepare_blocks
 from pretrain.parallel.distributed import DistributedStrategy
@@ -116,20 +116,26 @@ class ZeroStrategy(DistributedStrategy):
         return self.model.module
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
-        if self.cfg.parallel.zero_stage == 3 and self.any_rank(not torch.isfinite(loss).item()):
-            # Stages 1 and 2 skip a step with a non-finite gradient norm; in fp32 stage 3
-            # applies it, so stop before the weights are spoiled.
-            raise TrainingStopped(
-                "non-finite loss under ZeRO-3, which cannot skip a step; the last good "
-                "checkpoint stands: lower optim.lr or use zero_stage 1/2 or fsdp, then rerun"
-            )
+        # Nothing here reads the loss: a micro-batch queues its backward and the host goes
+        # on. A non-finite loss needs no check of ours either: every stage skips the step
+        # when the global gradient norm is not finite (DeepSpeed >= 0.19.8's stage 3 too,
+        # stage3.py `step`: `is_invalid_grad_norm` -> overflow -> gradients cleared), and
+        # the trainer counts the skipped step as for any strategy.
         self.model.backward(loss, scale_wrt_gas=False)  # the loop already divided by accumulation
         if not last:
             self.model.step()  # counts the micro-batch; the optimizer steps at the boundary
 
     def step(self, max_norm: float) -> torch.Tensor:
+        # DeepSpeed reads the norm on the host once here, to skip a non-finite step (that
+        # read waits for backward, not for the update). The norm stays on the device for
+        # the trainer to read with its other metrics: reading it here would wait for the
+        # whole update before the next forward could be queued. DeepSpeed sums it in fp64;
+        # it is logged in fp32 (a copy: DeepSpeed may reuse its tensor).
         self.model.step()  # clips to gradient_clipping (= optim.grad_clip) and steps
-        return torch.as_tensor(float(self.model.get_global_grad_norm()))
+        norm = self.model.get_global_grad_norm()  # a tensor; a float (inf) after a skip
+        if torch.is_tensor(norm):
+            return norm.detach().to(torch.float32, copy=True)
+        return torch.tensor(float(norm), dtype=torch.float32)
 
     def save(self, folder) -> None:
         self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)

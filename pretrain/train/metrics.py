@@ -9,160 +9,45 @@ before it, and the device then idles while the host queues the next kernels. So 
 loss and gradient norm stay on the device as a `PendingStep`, and the trainer reads a batch
 of them with one copy (`read_pending`) every `train.log_every` steps, or before an
 evaluation or checkpoint; each step still gets its own line, with its own time (`StepClock`).
-MFU's denominator comes from `pretrain.hardware`'s table, or is measured (`peak_flops`).
+MFU's denominator, and when an MFU is reported at all, are `pretrain.train.peak`'s.
+
+`pretrain status` reads metrics.jsonl through this module in a process that must start in a
+fraction of a second, so torch is imported only inside the functions that touch tensors.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
-import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from pretrain import files, hardware
 from pretrain.progress import fmt_duration
 from pretrain.rundir import RunDir
 
-log = logging.getLogger("pretrain")
-
-
-def measure_matmul_flops(
-    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0
-) -> float:
-    """This machine's achieved FLOP/s on square n x n matmuls: the MFU denominator on CPU
-    (timed on the host, which is exact there: a CPU op has finished when its call returns)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    _sync(device)
-    iters, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        iters += 1
-    _sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start)
-
-
-def measure_gpu_matmul_flops(
-    device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10, trials: int = 3
-) -> float:
-    """A GPU's achieved FLOP/s on n x n matmuls, timed on the device with CUDA events.
-
-    Large products reach the tensor cores' sustained rate; a small matmul timed by the host
-    in a Python loop measures launch overhead, and a peak measured too low inflates MFU.
-    The best of `trials` runs of `reps` back-to-back products, after a warm-up that lets
-    clocks and cuBLAS's kernel choice settle. (8192^2 bf16: three 128 MiB matrices,
-    about 0.1 s on an H100.)
-    """
-    with torch.cuda.device(device):
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        out = torch.empty(n, n, device=device, dtype=dtype)
-        for _ in range(3):
-            torch.mm(a, b, out=out)
-        best = 0.0
-        for _ in range(trials):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                torch.mm(a, b, out=out)
-            end.record()
-            end.synchronize()
-            best = max(best, 2 * n**3 * reps / (start.elapsed_time(end) / 1e3))
-        del a, b, out
-        torch.cuda.empty_cache()  # give the 3 matrices back before the model is built
-    return best
-
-
-def gpu_precision(precision: str) -> str:
-    """The hardware table's column for a training precision on a GPU: fp32 matmuls run on
-    TF32 tensor cores when PyTorch is allowed to (`torch.set_float32_matmul_precision`)."""
-    if precision == "bf16":
-        return "bf16"
-    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+if TYPE_CHECKING:
+    import torch
 
 
 def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """(FLOP/s, how it was obtained) for MFU: a datasheet figure on known GPUs, else measured.
+    """(FLOP/s, source) of `peak.Peak.of`, for a caller that keeps no `Peak` (and so gets
+    no re-measurement when a step beats it)."""
+    from pretrain.train.peak import Peak
 
-    GPUs are looked up by their exact device name in `pretrain.hardware`. An unknown GPU
-    (or a name the table cannot tell apart) is measured on large matmuls with CUDA events,
-    and a CPU on square matmuls. A measurement is kept per machine (GPU name; or CPU model,
-    device, precision, threads) in `$PRETRAIN_CACHE/peak_flops.json` (default
-    ~/.cache/pretrain) as the best seen so far: each start measures briefly and takes the
-    higher of the two, so a measurement made on a busy machine does not stick, MFU is
-    comparable between runs, and starting is quick.
-    """
-    if device.type == "cuda":
-        kind = gpu_precision(precision)
-        dtype = torch.bfloat16 if kind == "bf16" else torch.float32
-        name = torch.cuda.get_device_name(device)
-        return gpu_peak_flops(name, kind, lambda: measure_gpu_matmul_flops(device, dtype))
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 512 if dtype == torch.bfloat16 and device.type == "cpu" else 1024  # CPU bf16 crawls
-    measured = measure_matmul_flops(device, dtype, n=n, seconds=0.25)
-    key = f"{_machine()}|{device.type}|{precision}|{torch.get_num_threads()} threads"
-    return _best_seen(key, measured), "measured matmul peak"
-
-
-def gpu_peak_flops(name: str, kind: str, measure: Callable[[], float]) -> tuple[float, str]:
-    """(FLOP/s, source) for the GPU named `name` at table precision `kind`: its datasheet
-    figure, or, for a GPU the table does not know, `measure()`, kept per GPU name as the
-    best seen."""
-    card = hardware.from_device_name(name)
-    figure = card.peak(kind) if card is not None else None
-    if figure is not None:
-        return figure, f"{card.name} datasheet, dense {kind}"
-    best = _best_seen(f"{name}|cuda|{kind}", measure())
-    return best, f"measured {kind} matmul peak ({name!r} is not in pretrain/hardware.py)"
-
-
-def _best_seen(key: str, measured: float) -> float:
-    """The higher of `measured` and the figure cached under `key`, which it then becomes."""
-    path = Path(os.environ.get("PRETRAIN_CACHE", Path.home() / ".cache" / "pretrain"))
-    path = path / "peak_flops.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    best = max(measured, known.get(key, 0.0))
-    if best > known.get(key, 0.0):
-        known[key] = best
-        with contextlib.suppress(OSError):  # a read-only home: measure every time
-            files.write_json(path, known, durable=False)  # a cache: no fsync
-    return best
-
-
-def _machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    peak = Peak.of(device, precision)
+    return peak.flops, peak.source
 
 
 def memory_gb(device: torch.device) -> float:
     """Peak memory: allocated GPU memory, or this process's peak resident set on CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepClock:
@@ -179,6 +64,8 @@ class StepClock:
 
     def mark(self) -> float | torch.cuda.Event:
         if self.cuda:
+            import torch
+
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
@@ -213,6 +100,8 @@ def read_pending(steps: list[PendingStep]) -> list[tuple[float, float, float]]:
     sync of the batch. Values are exact (float32 -> float64 -> Python float, as `.item()`)."""
     if not steps:
         return []
+    import torch
+
     device = steps[0].loss.device
     values = [t.detach().to(device, torch.float64) for s in steps for t in (s.loss, s.grad_norm)]
     flat = torch.stack(values).tolist()
@@ -317,5 +206,11 @@ def train_line(r: dict, max_steps: int) -> str:
     return (
         f"step {r['step']:>6}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
         f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s'] / 1e3:.1f}k tok/s | "
-        f"mfu {100 * r['mfu']:.1f}% | mem {r['mem_gb']:.2f}GB | eta {fmt_duration(r['eta_s'], compact=True)}"
+        f"mfu {mfu_text(r['mfu'])} | mem {r['mem_gb']:.2f}GB | eta {fmt_duration(r['eta_s'], compact=True)}"
     )
+
+
+def mfu_text(mfu: float | None) -> str:
+    """An MFU for the console: `n/a` where none can be true (None, or above 100%: a peak
+    measured too low, see `pretrain.train.peak`), never a figure above 100%."""
+    return "n/a" if mfu is None or mfu > 1 else f"{100 * mfu:.1f}%"

@@ -188,19 +188,18 @@ def lock_run_dir(run_dir: Path) -> None:
     _RUN_LOCK = files.hold(RunDir(run_dir).lock, "training process")
 
 
-def prepare_run_dir(cfg: Config, write: bool = True) -> Path:
-    """Create the run directory, or check that an existing one holds the same experiment.
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run directory, or check that an existing one holds the same experiment
+    (global rank 0 or a launcher: one process, never every rank).
 
     The resolved config is written to `config.yaml`, so the folder alone reproduces the run.
     """
     run = RunDir(cfg.run.dir)
     if run.config.exists() and run.has_checkpoint():  # before any, nothing to protect
         check_same_experiment(cfg, run.config)
-        if write:
-            _keep_legacy_data_order(run)
-    if write:
-        run.path.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(run.config, to_yaml(cfg))
+        _keep_legacy_data_order(run)
+    run.path.mkdir(parents=True, exist_ok=True)
+    files.write_atomic(run.config, to_yaml(cfg))
     return run.path
 
 

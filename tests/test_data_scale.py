@@ -41,11 +41,11 @@ def _hashed(trace: Path) -> list[dict]:
 
 
 @pytest.mark.torchrun
-def test_only_rank0_checks_and_a_restart_hashes_nothing(sharded, tiny_overrides, tmp_path):
+def test_only_rank0_checks_and_a_restart_hashes_nothing(sharded, tiny_overrides, dataset, tmp_path):
     run, scratch = tmp_path / "run", tmp_path / "scratch"
     overrides = with_overrides(tiny_overrides, f"data.streams=[{{path: {sharded}}}]")
-    shards = sorted((sharded / "train").glob("*/shard.*.mds"))
-    assert len(shards) > 3
+    shards = sorted(sharded.glob("*/*/shard.*.mds"))  # train and val
+    assert len(shards) > 3 and {p.parent.parent.name for p in shards} == {"train", "val"}
     traces = [tmp_path / f"trace{i}" for i in range(3)]
     for trace in traces:
         trace.mkdir()
@@ -60,14 +60,25 @@ def test_only_rank0_checks_and_a_restart_hashes_nothing(sharded, tiny_overrides,
     assert iotrace.counts(hashed, iotrace.HASH) == {0: len(shards)}
     assert sorted(r["what"] for r in hashed) == [str(p) for p in shards]
     assert not [r for r in iotrace.read(traces[0]) if r["rank"] != 0]
+    # Rank 0 alone reads the tokenizer (once: both splits are checked in one round) and
+    # the run directory; rank 1 opens and lists neither.
+    opened = [json.loads((tmp_path / "out0" / f"opened{r}.json").read_text()) for r in (0, 1)]
+    tokenizer = str(dataset["tokenizer"])
+    assert [p for p in opened[0] if p == tokenizer] == [tokenizer]
+    assert [p for p in opened[0] if p.startswith(str(run))]
+    assert [p for p in opened[1] if p == tokenizer or p.startswith(str(run))] == []
     # The streaming cache is on node-local scratch, never in the shared run directory.
     (cache,) = scratch.glob("pretrain-*/cache/streams0/train")
     assert (cache / "index.json").read_bytes() == (sharded / "train" / "index.json").read_bytes()
     assert not (run / "cache").exists() and not (run / "tmp").exists()
     assert json.loads((run / "data_order.json").read_text())["num_canonical_nodes"] == 1
 
-    # The restart (resuming the saved position): no rank hashes anything.
+    # The restart (resuming the saved position): no rank hashes anything. With a checkpoint
+    # to protect, rank 0 reads the saved config and lists the checkpoints; rank 1 does not.
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
     assert start(1, 2, "--resume", tmp_path / "out0" / "state.json") == []
+    opened = json.loads((tmp_path / "out1" / "opened1.json").read_text())
+    assert [p for p in opened if p == tokenizer or p.startswith(str(run))] == []
 
     # A shard written again (new mtime) is the only one hashed again.
     st = shards[3].stat()

@@ -1,14 +1,25 @@
-"""Which rank does what in a checkpoint: small collectives and store waits (`Ranks`), and
-which rank wrote a file, read from its name (`file_owner`)."""
+"""How ranks agree: small collectives for decisions, and waits in the c10d key-value store
+for work that takes longer than a collective may wait (`Ranks`: a checkpoint's transfers,
+rank 0's start-up checks); and which rank wrote a checkpoint file, read from its name
+(`file_owner`). Every wait on another rank outside a collective polls the store here, in
+one way (`_poll`), so its load on the store is known: a request every 2 s per rank at most.
+"""
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as dist
+
+from pretrain.errors import ConfigError, DataError, StoreError
+
+T = TypeVar("T")
+_ROUNDS = itertools.count()  # `from_rank0`'s keys: every rank makes the same calls in order
+_ERRORS = {e.__name__: e for e in (ConfigError, DataError, StoreError)}
 
 # Files only rank r writes: DCP's `__{r}_{n}.distcp`, DeepSpeed's `zero_pp_rank_{r}_...pt`
 # (ZeRO optimizer state; with stage 3 model state too), our `rng_rank{r}.pt`. Everything
@@ -90,12 +101,76 @@ class Ranks:
             return None
         return self.store.get(f"{key}/end").decode()
 
+    def from_rank0(
+        self,
+        work: Callable[[Callable[[], None]], T],
+        patience_s: float,
+        what: str,
+        error: type[Exception] = DataError,
+    ) -> T:
+        """`work(progress)` on rank 0 alone; its result, or its error, on every rank.
 
-def _poll(ready: Callable[[], bool], timeout_s: float) -> bool:
-    deadline, pause = time.monotonic() + timeout_s, 0.02
+        For start-up checks of shared files that every rank would otherwise repeat: a first
+        check of a large dataset reads all of it (an hour for tens of TB), far longer than
+        a collective may wait. So the other ranks wait in the store, giving up only when
+        rank 0 has made no progress (a `progress()` call) for `patience_s`
+        (fault.collective_timeout_s); one broadcast then brings the verdict. Rank 0's
+        ConfigError, DataError or StoreError is raised alike on every rank; any other
+        becomes `error` ("rank 0 failed WHAT: ..."). `what`: e.g. "checking the data"."""
+        if self.world_size == 1:
+            return work(lambda: None)
+        key = f"pretrain/rank0/{next(_ROUNDS)}"
+        if self.rank != 0:
+            beats = lambda: self.store.add(f"{key}/beat", 0)  # noqa: E731
+            if not _poll(lambda: self.store.check([f"{key}/done"]), patience_s, beats):
+                raise error(
+                    f"global rank 0 made no progress {what} for {patience_s:.0f} s "
+                    "(fault.collective_timeout_s); see its log"
+                )
+            outcome = self.broadcast(None)
+            if outcome[0] == "error":
+                raise _ERRORS.get(outcome[1], error)(outcome[2])
+            return outcome[1]
+        failure: BaseException | None = None
+        try:
+            outcome = ("ok", work(_beat(self.store, key)))
+        except tuple(_ERRORS.values()) as e:
+            failure, outcome = e, ("error", type(e).__name__, str(e))
+        except Exception as e:
+            failure = e
+            text = " ".join(str(e).split())[:300]
+            outcome = ("error", "", f"rank 0 failed {what}: {type(e).__name__}: {text}")
+        self.store.set(f"{key}/done", "1")
+        self.broadcast(outcome)
+        if failure is not None:
+            raise failure
+        return outcome[1]
+
+
+def _beat(store: Any, key: str) -> Callable[[], None]:
+    """Rank 0's progress signal for `from_rank0`: a counter in the store, bumped at most
+    once a second."""
+    last = [0.0]
+
+    def progress() -> None:
+        if time.monotonic() - last[0] >= 1.0:
+            last[0] = time.monotonic()
+            store.add(f"{key}/beat", 1)
+
+    return progress
+
+
+def _poll(
+    ready: Callable[[], bool], timeout_s: float, progress: Callable[[], Any] | None = None
+) -> bool:
+    """Poll `ready()` until it is true (True) or `timeout_s` has passed (False); with
+    `progress`, the time counts from the last change of its value."""
+    deadline, pause, seen = time.monotonic() + timeout_s, 0.02, None
     while not ready():
+        if progress is not None and (value := progress()) != seen:
+            seen, deadline = value, time.monotonic() + timeout_s
         if time.monotonic() > deadline:
             return False
-        time.sleep(pause)
-        pause = min(pause * 2, 1.0)  # a few store requests a second per rank at most
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 2.0)  # a request or two every 2 s per rank at most
     return True

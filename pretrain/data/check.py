@@ -1,20 +1,22 @@
 """Everything checked about the data before the first training step: once, on global rank 0.
 
-For each stream (local folder or `s3://` prefix) and each split it is read from: the
-dataset is complete (`meta.json`, written last by `pretrain prep shards`), it was made
-with this tokenizer and sequence length, it has samples, and every shard listed in its
-index is present with the listed size (and, for local shards, the listed xxh64 hash when
-`data.validate_hashes`). Problems are one-line `DataError`s naming the stream, and
-object-store problems (credentials, bucket, prefix) surface here, not mid-training.
+The tokenizer (`check_tokenizer`), then for each stream (local folder or `s3://` prefix)
+and each split it is read from: the dataset is complete (`meta.json`, written last by
+`pretrain prep shards`), it was made with this tokenizer and sequence length, it has
+samples, and every shard listed in its index is present with the listed size (and, for
+local shards, the listed xxh64 hash when `data.validate_hashes`). Problems are one-line
+`DataError`s naming the stream, and object-store problems (credentials, bucket, prefix)
+surface here, not mid-training.
 
 Who does the work, and how often: at 1,000 ranks, every rank reading every index, listing
 every prefix and hashing every shard on every start and requeue would be O(ranks x data)
-against one shared filesystem or store. So only global rank 0 runs `check_streams`; its
-verdict (`CheckedStream`: the checked index, fingerprint, how to read it) goes to every
-rank (pretrain.data.loader). Hashes of local shards are kept in RUN_DIR/data_hashes.json by path,
-size and mtime, so a restart re-hashes only shards that changed: the first start costs one
-pass over the data, later ones a listing. Hashing and listing are counted by
-`pretrain.iotrace`.
+against one shared filesystem or store. So only global rank 0 runs `check_tokenizer` and
+`check_streams`, for both splits in one round; its verdict (the tokenizer, and per stream a
+`CheckedStream`: the checked index, fingerprint, how to read it) goes to every rank
+(pretrain.data.loader.check_data). Hashes of local shards are kept in
+RUN_DIR/data_hashes.json by path, size and mtime, so a restart re-hashes only shards that
+changed: the first start costs one pass over the data, later ones a listing. Hashing and
+listing are counted by `pretrain.iotrace`.
 
 Every stream is read through a folder of the node's own (`prepare_cache`, by each node's
 local leader): SCRATCH/cache/streamsN on node-local scratch (train.process.scratch_dir), local
@@ -83,11 +85,13 @@ def check_streams(
     split: str,
     validation: bool = False,
     progress: Callable[[], None] = lambda: None,
+    tokenizer: Tokenizer | None = None,
 ) -> list[CheckedStream]:
-    """Check every stream for `split` (global rank 0 only); `progress()` is called as work
-    is done, so that ranks waiting for the verdict can tell slow from stuck."""
+    """Check every stream for `split` (global rank 0 only) against `tokenizer` (else the
+    one data.tokenizer names); `progress()` is called as work is done, so that ranks
+    waiting for the verdict can tell slow from stuck."""
     field = "val_streams" if validation and cfg.data.val_streams else "streams"
-    tokenizer = Tokenizer(cfg.data.tokenizer)
+    tokenizer = tokenizer or Tokenizer(cfg.data.tokenizer)
     hashes = HashCache(RunDir(run_dir).data_hashes, progress)
     try:
         checked = [

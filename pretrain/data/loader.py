@@ -9,9 +9,9 @@ depend on the number of ranks and a run can resume on a different number of them
 `TrainBatches.state_dict()` is the loader's exact position (epoch and sample within it)
 and goes into every checkpoint.
 
-At start-up global rank 0 checks the data (`pretrain.data.check`) and sends its verdict to
-every rank (`from_rank0`); each node's local leader then prepares the node's own cache
-folder on node-local scratch. Remote shards are downloaded into that cache, with retries
+At start-up global rank 0 checks the tokenizer and the data of both splits
+(`pretrain.data.check`) and sends its verdict to every rank, in one round (`check_data`);
+each node's local leader then prepares the node's own cache folders on node-local scratch. Remote shards are downloaded into that cache, with retries
 and backoff, and checked against their xxh64 hash on arrival; one that fails ends the run
 with a one-line DataError naming it, never a hang (`_dataset_class`). DataLoader workers ignore
 the preemption signals (a signal sent to the whole process group must reach only the
@@ -21,7 +21,6 @@ trainer, which saves and exits), and batches go to pinned memory when training o
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import os
 import re
@@ -30,28 +29,28 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from pretrain.checkpoint.ranks import Ranks
 from pretrain.config.schema import Config
 from pretrain.data import order as data_order
 from pretrain.data import shm
 from pretrain.data.check import (
-    CheckedStream,
     StreamSource,
     check_streams,
+    check_tokenizer,
     prepare_cache,
     stream_sources,
 )
 from pretrain.data.streaming_compat import streaming_module
-from pretrain.errors import ConfigError, DataError, StoreError
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.errors import DataError
 from pretrain.train import process
 
 log = logging.getLogger("pretrain")
-T = TypeVar("T")
 
 
 def _dataset(
@@ -194,123 +193,47 @@ def collate_tokens(samples: list[dict[str, Any]]) -> torch.Tensor:
     return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
 
 
-def _sources(
-    cfg: Config, run_dir: Path, split: str, validation: bool
-) -> tuple[list[StreamSource], int]:
-    """This rank's streams for `split`, checked by global rank 0, and num_canonical_nodes."""
+def check_data(
+    cfg: Config, run_dir: Path, roles: tuple[str, ...] = ("train", "val")
+) -> tuple[Tokenizer, dict[str, tuple[list[StreamSource], int]]]:
+    """Start-up, in one round: global rank 0 checks the tokenizer and the streams of every
+    split in `roles` ("train", "val") and every rank gets its verdict (the tokenizer's bytes
+    with it, so no other rank reads the file); then each node's local leader prepares the
+    node's cache folders. Returns the tokenizer and, per role, this rank's streams and
+    num_canonical_nodes."""
+    splits = {"train": (cfg.data.train_split, False), "val": (cfg.data.val_split, True)}
 
-    def check(progress: Callable[[], None]) -> tuple[list[CheckedStream], int, str]:
+    def check(progress: Callable[[], None]) -> tuple:
         start = time.perf_counter()
-        checked = check_streams(cfg, run_dir, split, validation, progress)
+        tokenizer = check_tokenizer(cfg)
+        checked = {
+            role: check_streams(cfg, run_dir, *splits[role], progress, tokenizer) for role in roles
+        }
         canonical, why = data_order.resolve(cfg.data.num_canonical_nodes, run_dir)
         log.info(
             "data (%s): %d stream(s) checked by rank 0 in %.2f s; num_canonical_nodes=%d (%s); "
             "node-local scratch %s",
-            split,
-            len(checked),
+            ", ".join(splits[role][0] for role in roles),
+            sum(len(c) for c in checked.values()),
             time.perf_counter() - start,
             canonical,
             why,
             process.scratch_dir(cfg),
         )
-        return checked, canonical, why
+        return tokenizer, checked, canonical
 
-    checked, canonical, _ = from_rank0(check, cfg.fault.collective_timeout_s)
-    sources = stream_sources(checked, process.scratch_dir(cfg))
+    ranks = Ranks.current()
+    patience = cfg.fault.collective_timeout_s
+    tokenizer, checked, canonical = ranks.from_rank0(check, patience, "checking the data")
+    scratch = process.scratch_dir(cfg)
+    sources = {role: stream_sources(c, scratch) for role, c in checked.items()}
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        for source, stream in zip(sources, checked, strict=True):
-            prepare_cache(source, stream)
-        shm.clean_stale([str(Path(s.local) / s.split) for s in sources])
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # each node's cache and shared memory are prepared by its local leader
-    return sources, canonical
-
-
-_ROUNDS = itertools.count()  # every rank makes the same calls in the same order
-_ERRORS = {"ConfigError": ConfigError, "StoreError": StoreError}
-
-
-def from_rank0(work: Callable[[Callable[[], None]], T], patience_s: float) -> T:
-    """`work(progress)` on global rank 0; its result, or its error, on every rank.
-
-    The other ranks wait outside any collective: a first check of a large local dataset
-    reads all of it (an hour for tens of TB), far longer than a collective may wait. They
-    poll a key in the rendezvous store (backing off to one poll every 2 s) and give up only
-    when rank 0 has made no progress (a shard hashed, a stream checked) for `patience_s`
-    (fault.collective_timeout_s). One broadcast then brings the verdict.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return work(lambda: None)
-    store, key = _store(), f"pretrain/rank0/{next(_ROUNDS)}"
-    if dist.get_rank() != 0:
-        _wait_for(store, key, patience_s)
-        box: list = [None]
-        dist.broadcast_object_list(box, src=0)
-        if box[0][0] == "error":
-            raise _ERRORS.get(box[0][1], DataError)(box[0][2])
-        return box[0][1]
-    error: BaseException | None = None
-    try:
-        outcome: tuple = ("ok", work(_beat(store, key)))
-    except (DataError, ConfigError, StoreError) as e:
-        error, outcome = e, ("error", type(e).__name__, str(e))
-    except Exception as e:
-        error = e
-        text = " ".join(str(e).split())[:300]
-        outcome = (
-            "error",
-            "DataError",
-            f"rank 0 failed checking the data: {type(e).__name__}: {text}",
-        )
-    if store is not None:
-        store.set(f"{key}/done", "1")
-    dist.broadcast_object_list([outcome], src=0)
-    if error is not None:
-        raise error
-    return outcome[1]
-
-
-def _store():
-    """The default group's store (the rendezvous store under this attempt's prefix), or None.
-
-    Private in torch, so a torch without it falls back to waiting in the broadcast itself.
-    """
-    try:
-        from torch.distributed import distributed_c10d
-
-        return distributed_c10d._get_default_store()
-    except (AttributeError, ImportError, RuntimeError, ValueError):
-        return None
-
-
-def _beat(store, key: str) -> Callable[[], None]:
-    """Rank 0's progress signal: a counter in the store, bumped at most once a second."""
-    last = [0.0]
-
-    def progress() -> None:
-        if store is not None and time.monotonic() - last[0] >= 1.0:
-            last[0] = time.monotonic()
-            store.add(f"{key}/beat", 1)
-
-    return progress
-
-
-def _wait_for(store, key: str, patience_s: float) -> None:
-    if store is None:
-        return
-    done, beat = f"{key}/done", f"{key}/beat"
-    last, since, pause = -1, time.monotonic(), 0.01
-    while not store.check([done]):
-        count = store.add(beat, 0)
-        if count != last:
-            last, since = count, time.monotonic()
-        elif time.monotonic() - since > patience_s:
-            raise DataError(
-                f"global rank 0 made no progress checking the data for {patience_s:.0f} s "
-                "(fault.collective_timeout_s); see its log"
-            )
-        time.sleep(pause)
-        pause = min(2 * pause, 2.0)
+        for role in roles:
+            for source, stream in zip(sources[role], checked[role], strict=True):
+                prepare_cache(source, stream)
+        shm.clean_stale([str(Path(s.local) / s.split) for role in roles for s in sources[role]])
+    ranks.barrier()  # each node's cache and shared memory are prepared by its local leader
+    return tokenizer, {role: (sources[role], canonical) for role in roles}
 
 
 class _StreamingThreadErrors(logging.Filter):
@@ -389,10 +312,17 @@ def _pinned(device: torch.device | str | None) -> bool:
 class TrainBatches:
     """An endless stream of (micro_batch_size, seq_len + 1) token batches for this rank."""
 
-    def __init__(self, cfg: Config, run_dir: Path, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        device: torch.device | None = None,
+        checked: tuple[list[StreamSource], int] | None = None,
+    ) -> None:
+        """`checked`: `check_data`'s "train" verdict; None: a round of its own."""
         bs = cfg.train.micro_batch_size
         _watch_streaming_threads()
-        self.sources, canonical = _sources(cfg, run_dir, cfg.data.train_split, validation=False)
+        self.sources, canonical = checked or check_data(cfg, run_dir, ("train",))[1]["train"]
         self.dataset = _dataset(cfg, self.sources, cfg.data.shuffle, bs, canonical)
         self.loader = _loader(self.dataset, cfg, bs, pin_memory=_pinned(device))
         self._iter: Iterator | None = None
@@ -420,10 +350,17 @@ class TrainBatches:
 class ValBatches:
     """The first `n` validation batches, the same ones at every evaluation."""
 
-    def __init__(self, cfg: Config, run_dir: Path, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        device: torch.device | None = None,
+        checked: tuple[list[StreamSource], int] | None = None,
+    ) -> None:
+        """`checked`: `check_data`'s "val" verdict; None: a round of its own."""
         bs = cfg.train.micro_batch_size
         _watch_streaming_threads()
-        self.sources, canonical = _sources(cfg, run_dir, cfg.data.val_split, validation=True)
+        self.sources, canonical = checked or check_data(cfg, run_dir, ("val",))[1]["val"]
         self.dataset = _dataset(cfg, self.sources, False, bs, canonical)
         self.loader = _loader(self.dataset, cfg, bs, pin_memory=_pinned(device))
 

@@ -23,14 +23,17 @@ _SPACE_SYMBOL = "\u2581"
 class Tokenizer:
     """A sentencepiece model loaded from `path`; encode/decode never add BOS/EOS themselves."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], data: bytes | None = None) -> None:
+        """The model at `path`; `data`: its bytes, already read (the file is not opened)."""
         self.path = Path(path)
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"tokenizer model not found: {self.path}") from None
-        except OSError as e:
-            raise ValueError(f"cannot read tokenizer model {self.path}: {e.strerror}") from None
+        if data is None:
+            try:
+                data = self.path.read_bytes()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"tokenizer model not found: {self.path}") from None
+            except OSError as e:
+                raise ValueError(f"cannot read tokenizer model {self.path}: {e.strerror}") from None
+        self._data = data
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(data)
@@ -75,9 +78,11 @@ class Tokenizer:
         as_list = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         return self._sp.decode(as_list)
 
-    def __reduce__(self) -> tuple[type[Tokenizer], tuple[Path]]:
-        # The sentencepiece processor does not pickle; reload from the file instead.
-        return (Tokenizer, (self.path,))
+    def __reduce__(self) -> tuple[type[Tokenizer], tuple[Path, bytes]]:
+        # The sentencepiece processor does not pickle; its model's bytes do. Sent with them,
+        # a tokenizer needs no file where it arrives: rank 0 reads the model once and
+        # broadcasts it, instead of every rank reading it from a shared filesystem.
+        return (Tokenizer, (self.path, self._data))
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pretrain.checkpoint.ranks import Ranks
 from pretrain.config.schema import Config
 from pretrain.errors import ConfigError
 from pretrain.rundir import lock_run_dir, prepare_run_dir
@@ -34,11 +35,16 @@ def setup_logging(rank: int = 0) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def start(cfg: Config, rank: int = 0) -> Path:
+def start(cfg: Config) -> Path:
     """Prepare this process for training; returns the run directory."""
-    if rank == 0:
-        lock_run_dir(Path(cfg.run.dir))
-    run_dir = prepare_run_dir(cfg, write=rank == 0)
+    # Global rank 0 alone locks, checks and writes the run directory (on a shared filesystem,
+    # not 1,000 ranks reading config.yaml and listing checkpoints); its refusal stops all.
+    run_dir = Ranks.current().from_rank0(
+        lambda _: _own_run_dir(cfg),
+        cfg.fault.collective_timeout_s,
+        "preparing the run directory",
+        ConfigError,
+    )
     if cfg.parallel.threads:
         torch.set_num_threads(cfg.parallel.threads)
     if cfg.train.deterministic:
@@ -47,6 +53,11 @@ def start(cfg: Config, rank: int = 0) -> Path:
     seed_everything(cfg.run.seed)
     scope_temp_files(scratch_dir(cfg))
     return run_dir
+
+
+def _own_run_dir(cfg: Config) -> Path:
+    lock_run_dir(Path(cfg.run.dir))
+    return prepare_run_dir(cfg)
 
 
 def die_with_launcher() -> None:

@@ -19,8 +19,7 @@ from pretrain.checkpoint.checkpointer import Checkpointer
 from pretrain.checkpoint.mirror import CheckpointMirror
 from pretrain.config.load import to_dict, to_yaml
 from pretrain.config.schema import Config
-from pretrain.data.check import check_tokenizer
-from pretrain.data.loader import TrainBatches, ValBatches
+from pretrain.data.loader import TrainBatches, ValBatches, check_data
 from pretrain.errors import ConfigError, TrainingStopped
 from pretrain.model import count_params, flops_per_token
 from pretrain.parallel import build_strategy
@@ -47,11 +46,12 @@ class Trainer:
         self.cfg = cfg
         self.strategy = build_strategy(cfg)
         self.strategy.accum_steps  # noqa: B018 - checks the batch sizes against the ranks now
-        self.run_dir = process.start(cfg, rank=self.strategy.rank)
-        # Data first: anything wrong with it is reported before a model is built.
-        self.tokenizer = check_tokenizer(cfg)
-        self.train_data = TrainBatches(cfg, self.run_dir, self.strategy.device)
-        self.val_data = ValBatches(cfg, self.run_dir, self.strategy.device)
+        self.run_dir = process.start(cfg)
+        # Data first: anything wrong with it is reported before a model is built. Global
+        # rank 0 checks the tokenizer and both splits in one round and tells every rank.
+        self.tokenizer, data = check_data(cfg, self.run_dir)
+        self.train_data = TrainBatches(cfg, self.run_dir, self.strategy.device, data["train"])
+        self.val_data = ValBatches(cfg, self.run_dir, self.strategy.device, data["val"])
         self.evaluator = self._evaluator()  # task files are data too: checked before the model
         self.evaluated: set[int] = set()  # steps whose task scores are already in metrics.jsonl
         self.strategy.setup()

@@ -172,6 +172,7 @@ _RANGES = (
             "parallel.activation_checkpointing_every",
             "fault.collective_timeout_s",
             "checkpoint.remote_min_mb_per_s",
+            "checkpoint.remote_threads",
         ),
         _positive,
         "must be > 0",

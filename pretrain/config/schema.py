@@ -157,6 +157,10 @@ class CheckpointConfig:
     # Slowest per-rank transfer rate (MB/s) to wait for when checkpoint files move to or
     # from `remote`: ranks wait for each other's transfers up to 300 s + size / this rate.
     remote_min_mb_per_s: float = 10.0
+    # Requests in flight per rank to and from `remote` (64 MiB parts). The store sees ranks x
+    # this at once: boto3's default of 10 makes thousands at 512+ ranks, past S3's per-prefix
+    # request rate.
+    remote_threads: int = 2
 
 
 @dataclass

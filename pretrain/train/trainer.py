@@ -60,7 +60,7 @@ class Trainer:
         self.checkpointer = Checkpointer(  # on the strategy's process group, if any
             rundir.RunDir(self.run_dir).checkpoints,
             c.keep_last,
-            mirror=CheckpointMirror(c.remote, c.keep_last, c.remote_min_mb_per_s)
+            mirror=CheckpointMirror(c.remote, c.keep_last, c.remote_min_mb_per_s, c.remote_threads)
             if c.remote
             else None,
         )

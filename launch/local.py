@@ -18,6 +18,10 @@
    node that joins a running job can start its workers.
 6. The workers get PRETRAIN_NNODES_RANGE=MIN:MAX (`--nnodes 3:4`, or N:N), so the data
    order can be fixed at the first start for every node count the job may run on.
+7. When a worker fails (killed, or exited non-zero but for a preemption), the agent posts
+   the failure notice in the workers' store before torchrun stops the others with SIGTERM,
+   so they exit at once instead of taking the stop for a preemption
+   (`resilience.Preemption`): a worker killed by -9 or the OOM killer posts nothing itself.
 
 The agent is torchrun's own `LocalElasticAgent` (c10d rendezvous, restarts, elastic
 node ranges, multi-node); only its failure handling, rendezvous and worker environment
@@ -116,7 +120,7 @@ def run_workers(
     requeue = cfg.fault.requeue_exit_code
     final = {CONFIG_OR_DATA_ERROR, TRAINING_STOPPED, requeue}
     torch_agent = api.LocalElasticAgent
-    api.LocalElasticAgent = _agent_class(torch_agent, final, worker_env)
+    api.LocalElasticAgent = _agent_class(torch_agent, final, worker_env, requeue)
     try:
         api.elastic_launch(config, cmd)(*cmd_args)
         return 0, "training finished"
@@ -132,12 +136,18 @@ def run_workers(
         api.LocalElasticAgent = torch_agent
 
 
-def worker_exit_code(codes: dict[int, int], requeue: int) -> tuple[int, str]:
-    """The launch's exit code from the failed workers' codes (negative: killed by signal)."""
-    why = ", ".join(
+def describe_exits(codes: dict[int, int]) -> str:
+    """Workers' exit codes in words, e.g. "rank 1 exited 2, rank 3 killed by SIGKILL" (a
+    negative code is the signal that killed the worker)."""
+    return ", ".join(
         f"rank {rank} {'exited ' + str(c) if c >= 0 else 'killed by ' + signal.Signals(-c).name}"
         for rank, c in sorted(codes.items())
     )
+
+
+def worker_exit_code(codes: dict[int, int], requeue: int) -> tuple[int, str]:
+    """The launch's exit code from the failed workers' codes (negative: killed by signal)."""
+    why = describe_exits(codes)
     for meaning, code in (
         ("preempted, checkpointed", requeue),
         ("config or data error", CONFIG_OR_DATA_ERROR),
@@ -149,10 +159,11 @@ def worker_exit_code(codes: dict[int, int], requeue: int) -> tuple[int, str]:
     return (first if first > 0 else 128 - first), f"failed: {why}"
 
 
-def _agent_class(base, final_codes: set[int], worker_env: dict[str, str]):
+def _agent_class(base, final_codes: set[int], worker_env: dict[str, str], requeue: int):
     class Agent(base):
-        """torchrun's agent that does not restart workers after a final exit code, and
-        numbers each start of the workers by the rendezvous round."""
+        """torchrun's agent that does not restart workers after a final exit code, numbers
+        each start of the workers by the rendezvous round, and posts a worker's failure
+        for the others before they are stopped."""
 
         def __init__(self, spec, *args, **kwargs) -> None:
             spec.rdzv_handler = SharedStoreAddress(spec.rdzv_handler)
@@ -166,13 +177,34 @@ def _agent_class(base, final_codes: set[int], worker_env: dict[str, str]):
 
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
-            if result.is_failed() and any(
-                f.exitcode in final_codes for f in result.failures.values()
-            ):
+            if not result.is_failed():
+                return result
+            codes = {rank: f.exitcode for rank, f in result.failures.items()}
+            if set(codes.values()) != {requeue}:  # a preempted rank's exit is no failure
+                spec = worker_group.spec
+                attempt = worker_env.get(
+                    "TORCHELASTIC_RESTART_COUNT", str(spec.max_restarts - self._remaining_restarts)
+                )
+                post_failure(worker_group, attempt, codes)
+            if any(code in final_codes for code in codes.values()):
                 self._remaining_restarts = 0
             return result
 
     return Agent
+
+
+def post_failure(worker_group, attempt: str, codes: dict[int, int]) -> None:
+    """Post the failure notice of workers' start `attempt` in their store (a client of its
+    own: the store is the rank-0 agent's, maybe on another node)."""
+    from pretrain.train.resilience import announce_failure, job_store
+
+    why = f"{describe_exits(codes)} (seen by node {worker_group.group_rank}'s launcher)"
+    try:
+        store = job_store(worker_group.master_addr, worker_group.master_port, attempt)
+    except Exception as e:  # the store's node is gone: the workers find no store either
+        log.warning("could not reach the workers' store to post %s (%s)", why, e)
+        return
+    announce_failure(why, store)
 
 
 class SharedStoreAddress:

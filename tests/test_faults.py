@@ -208,6 +208,30 @@ def test_a_hung_rank_is_dumped_and_aborted_then_the_restart_resumes(
 
 
 @pytest.mark.torchrun
+def test_a_failing_rank_ends_the_job_at_once_and_its_stuck_peer_is_not_preempted(
+    tiny_overrides, tmp_path
+):
+    """Rank 1 raises at step 5 while rank 0 is stuck there (asleep: like a rank in an NCCL
+    collective, a closed connection does not wake it). Rank 1 posts its failure notice and
+    aborts; torchrun's SIGTERM then ends rank 0 at once, not as a preemption (before:
+    rank 0 took it for one and slept on until torchrun's SIGKILL, 30 s later)."""
+    run = tmp_path / "run"
+    proc = start(tiny_overrides, "ddp", env={"PRETRAIN_FAULTS": "raise@5:1 hang@5:0"})
+    wait_for_step(proc, run, 1, 0)  # logged at once; steps 2 to 4 take a second or so
+    t0 = time.monotonic()
+    code, out = finish(proc, timeout=120)
+    took = time.monotonic() - t0
+    assert code != 0 and "RuntimeError: PRETRAIN_FAULTS: rank 1 fails in step 5" in out, out
+    assert (
+        "rank 0: SIGTERM after rank 1 failed: RuntimeError: PRETRAIN_FAULTS: rank 1 fails in "
+        "step 5: the job is stopping, not a preemption; exiting without a checkpoint"
+    ) in out, out
+    assert "preempted (" not in out and "Sending process" in out
+    assert not [r for r in read_metrics(run) if r.get("event") == "preempted"]
+    assert took < 20, f"the job took {took:.0f} s to end after step 1\n{out}"
+
+
+@pytest.mark.torchrun
 def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(
     tiny_overrides, tmp_path, reference
 ):
@@ -254,9 +278,16 @@ def test_step_vote_answers_one_step_late_in_one_process():
 
 
 VOTE_RANKS = """
-import json, os, sys
+import json, os, sys, weakref
 import torch, torch.distributed as dist
 from pretrain.train.resilience import StepVote
+
+given = []  # every tensor a vote hands to a collective, as a weak reference
+all_reduce = dist.all_reduce
+def spy(tensor, *args, **kwargs):
+    given.append(weakref.ref(tensor))
+    return all_reduce(tensor, *args, **kwargs)
+dist.all_reduce = spy
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -269,8 +300,10 @@ for step in range(1, 7):
     vote.cast(preempted=rank == 1 and step >= 3)  # a signal on rank 1 only, at step 3
 vote.collect()
 dist.destroy_process_group()
+# Owned by the vote to the end: no collective's thread ever frees a vote's tensor.
+owned = len(given) == 6 and all(ref() is not None for ref in given)
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
-    json.dump(seen, f)
+    json.dump({"seen": seen, "owned": owned}, f)
 """
 
 
@@ -279,7 +312,9 @@ def test_step_vote_gives_every_rank_the_same_answer_at_the_same_step(tmp_path):
     script = tmp_path / "vote.py"
     script.write_text(VOTE_RANKS)
     run_torchrun(2, script, tmp_path)
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["owned"] for r in ranks] == [True, True]
+    seen = [r["seen"] for r in ranks]
     assert seen[0] == seen[1]  # the same decisions on every rank at every step
     preempted = [step for step, p, _ in seen[0] if p]
     writing = [step for step, _, w in seen[0] if w]

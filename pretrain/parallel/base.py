@@ -14,6 +14,7 @@ state is saved in checkpoints, so a resume continues each rank's own stream.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -153,6 +154,19 @@ class Strategy(ABC):
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+
+    def abort(self, why: str) -> None:
+        """Leave after an error on this rank (`why`, one line): `close`, without waiting for
+        any other rank. One process has no other rank to wait for."""
+        self.close()
+
+    def release_model(self) -> None:
+        """Drop the model and optimizer (and any wrapper around them) now, in this thread:
+        a wrapper may hold the process group (DDP's Reducer, DeepSpeed's engine), and the
+        group freed with it after it was destroyed can hang (`DistributedStrategy.close`)."""
+        for name in ("model", "optimizer"):
+            self.__dict__.pop(name, None)
+        gc.collect()  # a wrapper in a reference cycle goes now, not at some later collection
 
     # ------------------------------------------------------------ checkpoints
     # The process group background checkpoint writes use (None: the default one).

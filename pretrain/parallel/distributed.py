@@ -4,13 +4,14 @@ started by torchrun and joined into one process group.
 The group is joined in the constructor (`device.init_distributed`, where every rank
 agrees on the device before a backend is chosen: NCCL on CUDA, gloo on CPU), so rank,
 world size and device are known before data or a model is built. Metrics are averaged,
-votes taken and barriers held over that group, and the group is destroyed at `close`.
-How the model is held (replicated, sharded, inside a DeepSpeed engine), how gradients
+votes taken and barriers held over that group, and the group is destroyed at `close`, or
+aborted (`abort`) when this rank leaves on an error. How the model is held (replicated, sharded, inside a DeepSpeed engine), how gradients
 travel and how checkpoints are written is each subclass's own.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from pretrain.parallel.base import Strategy
 from pretrain.parallel.device import choose_device, cuda_usable, init_distributed
+from pretrain.train.resilience import announce_failure
 
 
 def local_device(kind: str) -> torch.device:
@@ -35,9 +37,12 @@ class DistributedStrategy(Strategy):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         requested = cfg.parallel.device
+        joined = not dist.is_initialized()
         self.rank, self.world_size = init_distributed(cfg.fault.collective_timeout_s, requested)
         if dist.is_initialized():  # the backend is the device all ranks agreed on
             kind = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            if joined:  # ours to end: a process that leaves without `close` aborts it
+                atexit.register(self._abort_if_open)
         else:
             kind = choose_device(requested, cuda_usable())
         self.device = local_device(kind)
@@ -68,6 +73,34 @@ class DistributedStrategy(Strategy):
             dist.barrier()
 
     def close(self) -> None:
+        """Free the model, then destroy every process group (every rank, at the same point).
+
+        The model goes first: DDP's Reducer (a DeepSpeed engine likewise) holds the group, so
+        destroying the group first leaves the Reducer to free the last of it later, in
+        `~ProcessGroupGloo`, which waits for gloo's worker threads while holding the GIL:
+        a worker that needs the GIL to free a tensor then hangs the process for good (at
+        the latest when the interpreter shuts down)."""
         super().close()
         if dist.is_initialized():
+            self.release_model()
             dist.destroy_process_group()
+
+    def abort(self, why: str) -> None:
+        """Leave after an error on this rank: post the failure notice for the peers (their
+        stop is then no preemption, `resilience.Preemption`), free the model, and abort
+        every process group. Aborting waits for nothing: destroying would wait for the
+        collectives in flight (NCCL: until its timeout), which peers may never join."""
+        if not dist.is_initialized():
+            return super().abort(why)
+        announce_failure(f"rank {self.rank} failed: {why}")
+        super().close()
+        self.release_model()
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()  # every group: the default one and those made after it
+
+    def _abort_if_open(self) -> None:
+        # The process is exiting with the group still up: `close` never ran (an error
+        # before training began). Abort while the interpreter can still run the teardown.
+        if dist.is_initialized():
+            self.abort("it left before training ended")

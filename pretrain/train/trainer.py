@@ -36,7 +36,14 @@ from pretrain.train.metrics import (
     train_line,
 )
 from pretrain.train.optim import lr_at, set_lr
-from pretrain.train.resilience import Preemption, StepVote, Watchdog, restart_count
+from pretrain.train.resilience import (
+    Preemption,
+    StepVote,
+    Watchdog,
+    bound_teardown,
+    restart_count,
+)
+
 
 log = logging.getLogger("pretrain")
 
@@ -85,7 +92,8 @@ class Trainer:
         self.sync_every_step = False  # True: read every step at once (bench/throughput.py)
         self.preempted = False
         self.injected = FaultInjection.from_env(self.strategy.rank)
-        self.preemption = Preemption(f.preempt_signals)
+        self.preemption = Preemption(f.preempt_signals, self.strategy.rank)
+        self.failure: BaseException | None = None  # what ended `fit`, if it did not finish
         self.watchdog: Watchdog | None = None  # started once resumed (a fetch may be long)
 
     # ------------------------------------------------------------ state
@@ -326,6 +334,14 @@ class Trainer:
 
     # ------------------------------------------------------------ the job
     def fit(self) -> dict:
+        """`_fit`, noting an error that ends it, so that `close` aborts instead of draining."""
+        try:
+            return self._fit()
+        except BaseException as e:
+            self.failure = e
+            raise
+
+    def _fit(self) -> dict:
         """Resume, then train to train.max_steps with evaluations, logs and checkpoints on
         the way; returns the last step's record.
 
@@ -352,7 +368,9 @@ class Trainer:
         if self.step >= t.max_steps:
             log.info("run already complete at step %d (train.max_steps=%d)", self.step, t.max_steps)
             return {}
-        vote = StepVote(self.device, self.strategy.world_size)
+        # An attribute, not a local: the vote's buffer must outlive the process group
+        # (StepVote), also when an error ends this loop.
+        self.vote = vote = StepVote(self.device, self.strategy.world_size)
         every, record = cfg.checkpoint.every, {}
         if self.step and self._tasks_due(self.step, bool(every and self.step % every == 0)):
             self.evaluate_tasks()  # resumed from a preemption's save made before its scores
@@ -410,6 +428,7 @@ class Trainer:
 
     def _save_for_preemption(self) -> None:
         p = self.preemption
+        p.agreed()  # every rank saves now: a later signal (torchrun's stop) changes nothing
         why = f"{p.signal_name} on this rank" if p.requested else "a signal on another rank"
         log.warning("preempted (%s): saving step %d, then exiting to be requeued", why, self.step)
         self.save()
@@ -418,12 +437,23 @@ class Trainer:
         self.preempted = True
 
     def close(self) -> None:
+        """End the process's part in the run. After an error (`fit` noted it) the process
+        groups are aborted first, so peers blocked in a collective with this rank learn at
+        once (and their stop is no preemption); after training they are drained. The
+        watchdog keeps watching until the last upload and the logs are done, then its
+        timer bounds the rest (`bound_teardown`), up to the process's very end."""
+        if self.failure is not None:
+            self.strategy.abort(_one_line(self.failure))
         if self.watchdog is not None:
-            self.watchdog.stop()
+            self.watchdog.beat()  # the last upload counts as progress, like a save
         self.preemption.restore()
         if self.checkpointer.mirror is not None:
             self.checkpointer.mirror.wait()  # finish the last upload
         self.sink.close()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.cfg.fault.watchdog_s:
+            bound_teardown()
         # streaming datasets hold shared memory until they are collected: free it now, not
         # at interpreter shutdown, when the multiprocessing resource tracker complains.
         del self.train_data, self.val_data
@@ -440,6 +470,12 @@ class Trainer:
             f"({self.peak_source}) | {s.accum_steps} micro-batches/step x {s.world_size} ranks | "
             f"from step {self.step}"
         )
+
+
+def _one_line(error: BaseException) -> str:
+    """`error` as "Type: first line of its message", for the peers' failure notice."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _logged_steps(run_dir: Path) -> tuple[int, set[int]]:

@@ -132,7 +132,12 @@ def score_here(model, cfg, tokenizer: Path, tasks: list[dict] | None = None) -> 
     if tasks is not None:
         cfg.eval.tasks = [EvalTaskConfig(**t) for t in tasks]
     ev = Evaluator(cfg.eval, Tokenizer(tokenizer), cfg.model.max_seq_len)
-    return ev.run(lambda x, t: model(x, t, scores=True), samples=True)
+    chunk = cfg.parallel.loss_chunk_tokens
+
+    def forward(x, t, planned):
+        return model(x, t, loss_chunk_tokens=chunk, scores=True, planned_tokens=planned)
+
+    return ev.run(forward, samples=True)
 
 
 @pytest.mark.torchrun
@@ -297,15 +302,19 @@ def test_status_sweep_status_plot_and_wandb_show_task_scores(trained, tmp_path):
 def test_sharded_training_ranks_score_together(strategy, tiny_overrides, tasks, dataset, tmp_path):
     """Two ranks of a sharded strategy score during training, where every forward gathers
     weights collectively: 7 batches for 2 ranks, so one rank runs a dummy batch (without
-    it the other would wait forever). FSDP's scores equal the same checkpoint's scored in
-    one plain process, bit for bit. Scores are taken at each checkpoint (eval.at_checkpoint)."""
+    it the other would wait forever), and 8 scored tokens per call of the output
+    projection, which ZeRO-3 gathers at every call, so ranks whose batches score different
+    numbers of tokens still call it alike. FSDP's scores equal the same checkpoint's scored
+    in one plain process, bit for bit. Scores are taken at each checkpoint
+    (eval.at_checkpoint)."""
     from pretrain.tools.generate import load_model
 
     entries = task_entries(tasks, limit=5)  # 5 x 4 choices + 5 = 25 sequences
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs/tiny.yaml").read_text()),
                                       "eval": {"tasks": entries, "batch_size": 4}}))  # fmt: skip
-    steps = ["train.max_steps=4", "checkpoint.every=2", "eval.every=0", "eval.at_checkpoint=true"]
+    steps = ["train.max_steps=4", "checkpoint.every=2", "eval.every=0", "eval.at_checkpoint=true",
+             "parallel.loss_chunk_tokens=8"]  # fmt: skip
     run_torchrun(2, "-m", "pretrain", "train", config, *tiny_overrides, *STRATEGIES[strategy], *steps)  # fmt: skip
     run = tmp_path / "run"
     assert [r["step"] for r in scored(run)] == [2, 4]  # at each checkpoint

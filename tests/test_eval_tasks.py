@@ -16,7 +16,7 @@ from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import ConfigError, DataError
 from pretrain.evals.evaluator import Evaluator
 from pretrain.evals.records import metrics_record, task_scores
-from pretrain.evals.scoring import encode_pair, score, task_metrics
+from pretrain.evals.scoring import encode_pair, results_table, score, task_metrics
 from pretrain.evals.tasks import Request, Task, parse, read_tasks
 from pretrain.model.config import ModelConfig
 from pretrain.model.transformer import Transformer
@@ -187,31 +187,59 @@ def tiny_model(seed: int = 0) -> Transformer:
 
 
 def test_scores_do_not_depend_on_the_world_size(files, tokenizer):
-    """Each rank's share, dealt for 1, 2, 3 and 4 ranks, merges into the same numbers bit
-    for bit; ranks with fewer batches run as many forwards as the others."""
+    """Each rank's share, dealt for 1, 2, 3 and 4 ranks, merges (the sum of the ranks'
+    tables, as `merge` all-reduces them) into the same numbers bit for bit; ranks with
+    fewer batches run as many forwards as the others."""
     model = tiny_model()
     ev = Evaluator(EvalConfig(tasks=configs(files), batch_size=3), tokenizer, 64)
     assert len(ev.plan) == 6  # 17 sequences in batches of 3
+    n = len(ev.encoded)
 
     forwards = []
 
-    def forward(x, t):
+    def forward(x, t, planned):
         forwards.append(x.shape[0])
-        return model(x, t, scores=True)
+        return model(x, t, loss_chunk_tokens=2, scores=True, planned_tokens=planned)
 
     one = score(forward, ev.encoded, ev.plan, 0, 1, ev.pad_id, "cpu")
+    assert len(one) == n
     for world in (2, 3, 4):
-        merged, counts = {}, []
+        merged, counts = torch.zeros((n, 2), dtype=torch.float64), []
         for rank in range(world):
             before = len(forwards)
-            merged.update(score(forward, ev.encoded, ev.plan, rank, world, ev.pad_id, "cpu"))
+            merged += results_table(score(forward, ev.encoded, ev.plan, rank, world, ev.pad_id, "cpu"), n)  # fmt: skip
             counts.append(len(forwards) - before)
-        assert merged == one and len(set(counts)) == 1
+        assert torch.equal(merged, results_table(one, n)) and len(set(counts)) == 1
     # Each value is the log-probability of the continuation: check one by a plain forward.
     e = ev.encoded[0]
     logp = torch.log_softmax(model(torch.tensor([e.ids[:-1]])), -1)[0]
     expected = sum(logp[len(e.ids) - 1 - e.n_cont + k, e.ids[-e.n_cont + k]].item() for k in range(e.n_cont))  # fmt: skip
     assert one[0][0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_ranks_call_the_output_projection_alike_in_every_round(files, tokenizer):
+    """Under ZeRO-3 each call of the output projection gathers its weight collectively, so
+    in every round of the plan each rank, whatever its batch (or dummy), calls it as often
+    as the others: as often as the round's largest batch of scored tokens needs."""
+    model = tiny_model()
+    ev = Evaluator(EvalConfig(tasks=configs(files), batch_size=3), tokenizer, 64)
+    calls, per_forward = [], []  # lm_head calls; how many each forward made
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+
+    def forward(x, t, planned):
+        before = len(calls)
+        out = model(x, t, loss_chunk_tokens=2, scores=True, planned_tokens=planned)
+        per_forward.append(len(calls) - before)
+        return out
+
+    for world in (2, 4):
+        per_rank = []
+        for rank in range(world):
+            start = len(per_forward)
+            score(forward, ev.encoded, ev.plan, rank, world, ev.pad_id, "cpu")
+            per_rank.append(per_forward[start:])
+        assert all(counts == per_rank[0] for counts in per_rank), (world, per_rank)
+        assert max(per_rank[0]) > 1  # chunked: 2 scored tokens a call
 
 
 def test_metrics_from_known_loglikelihoods(files):

@@ -89,6 +89,27 @@ def test_targets_must_match_tokens() -> None:
         build()(inputs, targets[:, :-1])
 
 
+def test_scores_call_the_head_as_often_as_planned_with_the_same_values() -> None:
+    """`planned_tokens` (the most any rank scores in the forward) adds calls on no tokens:
+    the same number of head calls on every rank, and the same scores as without it."""
+    model = build().eval()
+    inputs, targets = batch()
+    targets = torch.where(torch.arange(13) >= 9, targets, -1)  # 3 rows x 4 scored tokens
+    calls = []
+    model.lm_head.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        own = model(inputs, targets, loss_chunk_tokens=5, scores=True)
+        assert calls == [5, 5, 2]  # 12 scored tokens, 5 at a time
+        calls.clear()
+        planned = model(inputs, targets, loss_chunk_tokens=5, scores=True, planned_tokens=23)
+        assert calls == [5, 5, 2, 0, 0]  # as many calls as 23 tokens need
+        calls.clear()
+        whole = model(inputs, targets, scores=True, planned_tokens=23)
+        assert calls == [12]  # unchunked: one call whatever is planned
+    assert torch.equal(planned, own) and own.shape == (12, 2)
+    assert torch.allclose(whole, own)
+
+
 # ------------------------------------------------------------------ memory
 B, T, V = 4, 256, 4096  # one fp32 copy of the logits: B*T*V*4 bytes = 16 MiB
 LOGITS_FP32 = B * T * V * 4

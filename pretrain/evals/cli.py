@@ -110,9 +110,11 @@ def main(argv: list[str]) -> int:
         chunk = cfg.parallel.loss_chunk_tokens
 
         @torch.no_grad()
-        def forward(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        def forward(inputs: torch.Tensor, targets: torch.Tensor, planned: int) -> torch.Tensor:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                return model(inputs, targets, loss_chunk_tokens=chunk, scores=True)
+                return model(
+                    inputs, targets, loss_chunk_tokens=chunk, scores=True, planned_tokens=planned
+                )
 
         report = evaluator.run(forward, samples=args.samples)
         if report is None:  # not rank 0

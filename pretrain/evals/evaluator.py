@@ -2,8 +2,8 @@
 trainer (every `eval.every` steps, at checkpoints) or by `pretrain eval`.
 
 Preparation (read on rank 0, prompts, tokens, the global batch plan) happens at start-up,
-not at every evaluation. An evaluation is forwards only, one gather of per-request numbers
-to rank 0, and rank 0's arithmetic. The aggregate `core` is the mean over tasks of the
+not at every evaluation. An evaluation is forwards only, one all-reduce of per-request
+numbers, and rank 0's arithmetic. The aggregate `core` is the mean over tasks of the
 centred score (acc - chance) / (1 - chance), as nanochat's CORE metric: 0 is chance, 1 is
 perfect, whatever the number of choices.
 """
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from pretrain.config.schema import EvalConfig
-from pretrain.evals.scoring import Encoded, Forward, batches, encode, score, task_metrics
+from pretrain.evals.scoring import Encoded, Forward, batches, encode, merge, score, task_metrics
 from pretrain.evals.tasks import Request, Task, read_tasks
 
 
@@ -48,13 +48,9 @@ class Evaluator:
         and with `samples`, each task's per-request [loglik, greedy] in request order."""
         start = time.perf_counter()
         mine = score(forward, self.encoded, self.plan, self.rank, self.world, self.pad_id, self.device, beat)  # fmt: skip
-        parts = self.ranks.gather(mine) if self.ranks is not None else [mine]
-        if parts is None:
+        results = merge(mine, len(self.encoded), self.world, self.device)
+        if self.rank != 0:
             return None
-        merged: dict[int, tuple[float, bool]] = {}
-        for part in parts:
-            merged.update(part)
-        results = [merged[i] for i in range(len(self.encoded))]
         tasks = {}
         for task, requests, (a, b) in zip(self.tasks, self.requests, self.spans, strict=True):
             m = task_metrics(task, requests, results[a:b])

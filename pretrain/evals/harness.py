@@ -63,9 +63,11 @@ class PretrainLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         return self.tok.encode(string)
 
-    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor, planned: int) -> torch.Tensor:
         with torch.autocast(self.target.type, dtype=self.dtype, enabled=self.dtype is not None):
-            return self.model(inputs, targets, loss_chunk_tokens=self.chunk, scores=True)
+            return self.model(
+                inputs, targets, loss_chunk_tokens=self.chunk, scores=True, planned_tokens=planned
+            )
 
     def _score(self, encoded: list[Encoded]) -> list[tuple[float, bool]]:
         out: list[tuple[float, bool] | None] = [None] * len(encoded)

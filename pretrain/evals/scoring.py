@@ -4,11 +4,12 @@ dealt round-robin to ranks, and reduced on rank 0 into each task's metrics.
 Why the numbers do not depend on the world size or the training micro-batch: a request's
 log-likelihood comes from a forward over one fixed batch (the same sequences, the same
 padded length) whichever rank runs it, and batches are made from every request sorted by
-(length, index) in `eval.batch_size` rows, before they are dealt. Rank 0 gathers the
-per-request numbers and computes every metric in example order. Each rank runs the same
-number of forwards (one ahead of the others runs a dummy batch and drops it), so sharded
-strategies, whose forward gathers weights collectively, never wait on a rank that has
-finished.
+(length, index) in `eval.batch_size` rows, before they are dealt. The ranks sum their
+per-request numbers into one table (`merge`); rank 0 computes every metric in example
+order. Each rank runs the same number of forwards (one ahead of the others runs a dummy
+batch and drops it), each planned for the most scored tokens of its round, so sharded
+strategies, whose forward gathers weights collectively (ZeRO-3: at every call of the
+output projection), never wait on a rank that has finished or made fewer calls.
 
 Tokenization follows lm-evaluation-harness's HFLM (`_encode_pair`): spaces ending the
 context move to the start of the continuation; the continuation's tokens are those of
@@ -23,12 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from pretrain.errors import DataError
 from pretrain.evals.tasks import Request, Task
 
-# forward(inputs (B, T), targets (B, T) with -1 where unscored) -> (N, 2) (logp, greedy)
-Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# forward(inputs (B, T), targets (B, T) with -1 where unscored, planned_tokens) -> (N, 2)
+# (logp, greedy); planned_tokens: the most scored tokens any rank has in this forward,
+# which sets how often the output projection runs (see `token_scores`).
+Forward = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -69,9 +73,13 @@ def batches(encoded: list[Encoded], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def scored_tokens(rows: list[Encoded]) -> int:
+    return sum(r.n_cont for r in rows)
+
+
 @torch.no_grad()
 def run_batch(
-    forward: Forward, rows: list[Encoded], pad_id: int, device
+    forward: Forward, rows: list[Encoded], pad_id: int, device, planned_tokens: int = 0
 ) -> list[tuple[float, bool]]:
     """(log-likelihood, greedy) of each row's continuation, from one forward."""
     width = max(len(r.ids) for r in rows) - 1
@@ -82,7 +90,7 @@ def run_batch(
         n = len(r.ids) - 1
         inputs[b, :n] = ids[:-1]
         targets[b, n - r.n_cont : n] = ids[-r.n_cont :]
-    scores = forward(inputs.to(device), targets.to(device)).cpu()
+    scores = forward(inputs.to(device), targets.to(device), planned_tokens).cpu()
     out, at = [], 0
     for r in rows:
         part = scores[at : at + r.n_cont]
@@ -107,11 +115,37 @@ def score(
     results: dict[int, tuple[float, bool]] = {}
     for k in range(rounds):
         batch = mine[k] if k < len(mine) else plan[0]  # a dummy: same forwards on every rank
-        values = run_batch(forward, [encoded[i] for i in batch], pad_id, device)
+        dealt = plan[k * world : (k + 1) * world]  # what every rank runs in this round
+        dealt += [plan[0]] * (world - len(dealt))
+        planned = max(scored_tokens([encoded[i] for i in b]) for b in dealt)
+        values = run_batch(forward, [encoded[i] for i in batch], pad_id, device, planned)
         if k < len(mine):
             results.update(zip(batch, values, strict=True))
         beat()
     return results
+
+
+def results_table(mine: dict[int, tuple[float, bool]], n: int) -> torch.Tensor:
+    """(n, 2) float64: (loglik, greedy) in the rows of `mine`'s requests, zero elsewhere.
+    float64 holds each float32-born loglik exactly, so summing the ranks' tables is exact."""
+    table = torch.zeros((n, 2), dtype=torch.float64)
+    rows = torch.tensor([[ll, float(g)] for ll, g in mine.values()], dtype=torch.float64)
+    table[torch.tensor(list(mine), dtype=torch.long)] = rows.reshape(-1, 2)
+    return table
+
+
+def merge(
+    mine: dict[int, tuple[float, bool]], n: int, world: int, device
+) -> list[tuple[float, bool]]:
+    """Every rank's `score` results, in request order, on every rank: one all-reduce of
+    the ranks' `results_table`s, 16 bytes a request, on the communicator the ranks already
+    share. (A `gather_object` to rank 0 would, under NCCL, make rank 0 open a connection
+    to every other rank, and pickle.)"""
+    table = results_table(mine, n)
+    if world > 1:
+        table = table.to(device)
+        dist.all_reduce(table)
+    return [(loglik, greedy != 0) for loglik, greedy in table.tolist()]
 
 
 def task_metrics(task: Task, requests: list[Request], results: list[tuple[float, bool]]) -> dict:

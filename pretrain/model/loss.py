@@ -54,7 +54,11 @@ def chunked_cross_entropy(
 
 
 def token_scores(
-    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+    head: nn.Module,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    planned_tokens: int = 0,
 ) -> torch.Tensor:
     """(N, 2) float32 for the N positions where `targets` >= 0, in row-major order: the
     log-probability of the target token and 1.0 where it is the argmax (greedy) token.
@@ -62,14 +66,23 @@ def token_scores(
     Downstream evaluation's scores (`pretrain.evals`): only the scored positions (a
     choice's or continuation's tokens) are projected, at most `chunk_tokens` at a time
     (0: all at once), so a long few-shot context costs no logits at all.
+
+    `head` is called as often as `max(N, planned_tokens)` scored tokens need, the later
+    calls on no tokens: under ZeRO-3 every call gathers the head's weight collectively, so
+    ranks scoring different batches in one round must make as many calls as each other
+    (`planned_tokens`: the most any rank scores in this forward). The chunks themselves
+    stay `chunk_tokens` long from the first scored token, so a score does not depend on
+    how many ranks there are.
     """
     keep = targets >= 0
     h, targets = h[keep], targets[keep]
-    size = chunk_tokens if chunk_tokens > 0 else max(targets.numel(), 1)
+    n = max(targets.numel(), planned_tokens, 1)
+    size = chunk_tokens if chunk_tokens > 0 else n
     parts = []
-    for h_part, t_part in zip(h.split(size), targets.split(size), strict=True):
+    for k in range(-(-n // size)):  # ceil(n / size) calls, whatever this rank's N
+        h_part, t_part = h[k * size : (k + 1) * size], targets[k * size : (k + 1) * size]
         logits = head(h_part).float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, t_part[:, None])[:, 0]
         greedy = (logits.argmax(dim=-1) == t_part).float()
         parts.append(torch.stack([logp, greedy], dim=-1))
-    return torch.cat(parts) if parts else h.new_zeros((0, 2), dtype=torch.float32)
+    return torch.cat(parts)

@@ -214,6 +214,7 @@ class Transformer(nn.Module):
         loss_chunk_tokens: int = 0,
         start_pos: int = 0,
         scores: bool = False,
+        planned_tokens: int = 0,
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size) in float32.
 
@@ -223,7 +224,9 @@ class Transformer(nn.Module):
         caller, so a sharded wrapper has the output projection gathered while it runs.
 
         scores=True (evaluation, see `token_scores`): with targets < 0 where nothing is
-        scored, the (N, 2) log-probability and greedy flag of each scored target instead.
+        scored, the (N, 2) log-probability and greedy flag of each scored target instead;
+        the head is called as often as `planned_tokens` scored tokens need (the most any
+        rank scores in this forward), so sharded ranks gather its weight alike.
 
         start_pos (only with a KV cache, see `set_kv_cache`): the tokens sit at positions
         start_pos.. and attend over the cached keys and values of every earlier position.
@@ -236,7 +239,9 @@ class Transformer(nn.Module):
                 f"targets {tuple(targets.shape)} must match tokens {tuple(tokens.shape)}"
             )
         if scores:
-            return token_scores(self.lm_head, x.flatten(0, 1), targets.flatten(), loss_chunk_tokens)
+            return token_scores(
+                self.lm_head, x.flatten(0, 1), targets.flatten(), loss_chunk_tokens, planned_tokens
+            )
         return chunked_cross_entropy(
             self.lm_head, x.flatten(0, 1), targets.flatten(), loss_chunk_tokens
         )

@@ -44,7 +44,6 @@ from pretrain.train.resilience import (
     restart_count,
 )
 
-
 log = logging.getLogger("pretrain")
 
 
@@ -320,8 +319,10 @@ class Trainer:
         model, chunk = self.strategy.model, self.cfg.parallel.loss_chunk_tokens
         model.eval()
 
-        def forward(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return self.strategy.forward(inputs, targets, loss_chunk_tokens=chunk, scores=True)
+        def forward(inputs: torch.Tensor, targets: torch.Tensor, planned: int) -> torch.Tensor:
+            return self.strategy.forward(
+                inputs, targets, loss_chunk_tokens=chunk, scores=True, planned_tokens=planned
+            )
 
         beat = self.watchdog.beat if self.watchdog is not None else (lambda: None)
         report = self.evaluator.run(forward, beat)

@@ -60,12 +60,17 @@ class Ranks:
             dist.barrier()
 
     def gather(self, obj: Any) -> list[Any] | None:
-        """Every rank's `obj`, on rank 0 (None elsewhere)."""
+        """Every rank's `obj`, on rank 0 (None elsewhere).
+
+        An all-gather, not `gather_object`: under NCCL a gather to rank 0 is point-to-point,
+        so rank 0 would open a connection to every peer (1,023 at 1,024 ranks) on each
+        checkpoint; the all-gather runs on the communicator the job already has. The objects
+        are small (a rank's file sizes), so every rank holding all of them costs little."""
         if self.world_size == 1:
             return [obj]
-        out = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
-        return out
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out if self.rank == 0 else None
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj`, on every rank."""

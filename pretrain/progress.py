@@ -11,8 +11,6 @@ import sys
 import time
 from types import TracebackType
 
-from tqdm import tqdm
-
 INTERVAL_S = 10.0
 
 
@@ -23,11 +21,11 @@ class Progress:
         self.count = self.nbytes = 0
         self.tokens: int | None = None
         self._started = self._printed = time.perf_counter()
-        self._bar = (
-            tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, mininterval=0.5)
-            if sys.stderr.isatty()
-            else None
-        )
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm  # here: `pretrain status` imports this module for fmt_duration
+
+            self._bar = tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, mininterval=0.5)
 
     def update(self, count: int, nbytes: int, tokens: int | None = None) -> None:
         self.count += count

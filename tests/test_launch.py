@@ -178,29 +178,45 @@ def _free_port() -> int:
 
 
 @pytest.mark.torchrun
-def test_two_agents_train_together_as_two_nodes(tiny_overrides, tmp_path, reference):
+def test_two_agents_train_together_as_two_nodes_again_and_again_under_load(
+    tiny_overrides, tmp_path, reference
+):
     """`pretrain launch --nnodes 2` twice, rendezvous on 127.0.0.1: one job of 2 ranks,
     bit for bit the 2-rank run of one torchrun. Each agent has a /dev/shm of its own, as
-    on two machines (streaming's shared memory is per node)."""
+    on two machines (streaming's shared memory is per node). Three jobs in a row while a
+    process burns a core, each bounded: a start or an exit that hangs once in a while
+    (a rendezvous, a process group's teardown) shows here, not in a user's job."""
     probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"needs root for a private /dev/shm per node: {probe.stderr.decode()}")
-    run = tmp_path / "run"
-    port = _free_port()
-    # The sample order of the one-node reference (chosen from its node count, 1; two nodes
-    # would choose 2).
-    overrides = with_overrides(tiny_overrides, *DDP, "data.num_canonical_nodes=1")
-    agents = [
-        launch("configs/tiny.yaml", *overrides, "--nnodes=2", "--nproc-per-node=1",
-               f"--node-rank={node}", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
-               own_shm=True)
-        for node in (0, 1)
-    ]  # fmt: skip
-    outs = [agent.communicate(timeout=300)[0] for agent in agents]
-    assert [a.returncode for a in agents] == [0, 0], "\n".join(outs)
-    assert losses_by_step(run) == losses_by_step(reference("ddp", tiny_overrides))
-    spec = json.loads((run / "launch.json").read_text())
-    assert spec["nnodes"] == 2 and spec["nproc_per_node"] == 1
+    expected = losses_by_step(reference("ddp", tiny_overrides))
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    took = []
+    try:
+        for rep in range(3):
+            run = tmp_path / f"run{rep}"
+            port = _free_port()
+            # The sample order of the one-node reference (chosen from its node count, 1;
+            # two nodes would choose 2).
+            overrides = with_overrides(tiny_overrides, *DDP, "data.num_canonical_nodes=1",
+                                       f"run.dir={run}")  # fmt: skip
+            start = time.monotonic()
+            agents = [
+                launch("configs/tiny.yaml", *overrides, "--nnodes=2", "--nproc-per-node=1",
+                       f"--node-rank={node}", f"--rdzv-endpoint=127.0.0.1:{port}",
+                       f"--rdzv-id=two-nodes-{rep}", own_shm=True)
+                for node in (0, 1)
+            ]  # fmt: skip
+            outs = [agent.communicate(timeout=150)[0] for agent in agents]
+            took.append(round(time.monotonic() - start, 1))
+            assert [a.returncode for a in agents] == [0, 0], f"job {rep}:\n" + "\n".join(outs)
+            assert losses_by_step(run) == expected, f"job {rep}"
+            spec = json.loads((run / "launch.json").read_text())
+            assert spec["nnodes"] == 2 and spec["nproc_per_node"] == 1
+    finally:
+        burner.kill()
+        burner.wait()
+        print(f"two-agent jobs under load took {took} s")
 
 
 @pytest.mark.torchrun

@@ -138,11 +138,44 @@ def test_a_config_that_does_not_fit_gets_the_smallest_fix_that_does():
         "train.global_batch_size=128", "parallel.strategy=ddp",
     ])  # fmt: skip
     cluster = Cluster.of(1, 8, "L4")
-    assert not plan(cfg, cluster).fits
-    fix = find_fix(cfg, cluster)
+    planned = plan(cfg, cluster)
+    assert not planned.fits
+    fix = find_fix(cfg, cluster, planned=planned)
     assert fix is not None and fix.plan.fits
     assert fix.overrides == ("parallel.activation_checkpointing=full",)
     assert fix.nodes == 1
+
+
+def test_an_eval_batch_larger_than_the_step_is_planned_and_fails_the_fit_check():
+    """Training that scores tasks runs eval forwards of eval.batch_size x max_seq_len tokens
+    between steps: here 8M tokens against a step of 4 x 64, far past an L4 while the step
+    needs little. The plan holds that forward's peak (no task file is read), the fit check
+    fails on it, and the fix is an eval batch no larger than the training micro-batch."""
+    from pretrain.planner.cli import as_json, gib, report
+    from pretrain.planner.fit import require_fit
+
+    rows, width = 4096, 2048
+    cfg = small(
+        "model.d_model=256", f"model.max_seq_len={width}", "eval.every=100",
+        "eval.tasks=[{path: never-read.jsonl}]", f"eval.batch_size={rows}",
+        "parallel.loss_chunk_tokens=2097152",  # 4 chunks: the trace stays short
+    )  # fmt: skip
+    l4 = Cluster.of(1, 1, "L4")
+    p = plan(cfg, l4)
+    t = p.trace
+    # one fp32 MLP intermediate of the whole eval batch is alive at the eval's peak
+    assert t.eval_memory["activations"] >= rows * width * cfg.model.hidden_dim * 4
+    assert t.step_peak_bytes < 2**30 < p.capacity_bytes < t.eval_peak_bytes == p.peak_bytes
+    assert not p.fits
+    text = "\n".join(report(p))
+    (line,) = [line for line in text.splitlines() if "eval forward peak" in line]
+    assert gib(t.eval_peak_bytes) in line and f"eval.batch_size {rows} x" in line
+    assert "DOES NOT FIT" in text
+    out = as_json(p, None)
+    assert out["eval_peak_bytes"] == t.eval_peak_bytes and out["fits"] is False
+    assert out["step_peak_bytes"] == t.step_peak_bytes == sum(out["memory_bytes"].values())
+    with pytest.raises(ConfigError, match=r"does not fit: .* smallest fix: eval\.batch_size=1 \("):
+        require_fit(cfg, l4)
 
 
 @pytest.mark.parametrize(
@@ -324,7 +357,7 @@ def test_slower_links_and_matmuls_lengthen_the_step():
                 "model.max_seq_len=1024", "data.seq_len=1024")  # fmt: skip
     two_nodes = Cluster.of(2, 8, "H100")
     fast = plan(cfg, two_nodes)
-    slow_net = plan(cfg, two_nodes, Assumptions(network_gbit_s=25))
+    slow_net = plan(cfg, two_nodes, Assumptions(nic_gbit_s=25))
     slow_mm = plan(cfg, two_nodes, Assumptions(matmul_efficiency=0.3))
     one_node = plan(with_overrides(cfg, ["train.global_batch_size=8"]), Cluster.of(1, 8, "H100"))
     assert slow_net.time.comm_s > 4 * fast.time.comm_s

@@ -69,13 +69,16 @@ def report(p: Plan) -> list[str]:
         f"{p.trace.accum} per step per rank, global batch {t.global_batch_size} "
         f"({p.tokens_per_step:,} tokens)",
         "",
-        "memory per rank at the step's peak (tracked on fake tensors):",
+        "memory per rank at the training step's peak (tracked on fake tensors):",
     ]
     for key, label in LABELS.items():
         if p.memory.get(key):
             lines.append(f"  {label:28} {gib(p.memory[key]):>12}")
+    if p.trace.eval_memory is not None:
+        lines += eval_lines(p)
     lines += [
-        f"  {'tracked peak':28} {gib(p.peak_bytes):>12}",
+        f"  {'tracked peak' + (' (the larger)' if p.trace.eval_memory else ''):28} "
+        f"{gib(p.peak_bytes):>12}",
         f"  {'allocator headroom':28} {gib(p.headroom_bytes):>12}",
         f"  {'total':28} {gib(p.total_bytes):>12}  of {gib(p.capacity_bytes)} "
         f"({c.card.name}): {'fits' if p.fits else 'DOES NOT FIT'}",
@@ -99,6 +102,18 @@ def report(p: Plan) -> list[str]:
     return lines
 
 
+def eval_lines(p: Plan) -> list[str]:
+    """The step's peak beside the eval forward's (eval.tasks scored between steps)."""
+    cfg, t = p.cfg, p.trace
+    held = ", ".join(f"{LABELS[k]} {gib(v)}" for k, v in t.eval_memory.items() if v)
+    return [
+        f"  {'training step peak':28} {gib(t.step_peak_bytes):>12}",
+        f"  {'eval forward peak':28} {gib(t.eval_peak_bytes):>12}  (eval.batch_size "
+        f"{cfg.eval.batch_size} x max_seq_len {cfg.model.max_seq_len}, every token scored)",
+        f"    held at the eval's peak: {held}",
+    ]
+
+
 def fmt_comm(counts) -> str:
     if not counts.comm_bytes:
         return "none"
@@ -114,6 +129,9 @@ def as_json(p: Plan, fix_line: str | None) -> dict:
         "cluster": {"nodes": p.cluster.nodes, "gpus_per_node": p.cluster.gpus_per_node,
                     "gpu_type": p.cluster.card.name},
         "memory_bytes": p.memory,
+        "step_peak_bytes": p.trace.step_peak_bytes,
+        "eval_memory_bytes": p.trace.eval_memory,  # null: training scores no tasks
+        "eval_peak_bytes": p.trace.eval_peak_bytes,
         "peak_bytes": p.peak_bytes,
         "headroom_bytes": p.headroom_bytes,
         "total_bytes": p.total_bytes,
@@ -139,7 +157,7 @@ def main(argv: list[str]) -> int:
     a = Assumptions(matmul_efficiency=args.matmul_efficiency, **args.network)
     a = a.for_node(cluster.card, cluster.gpus_per_node)  # printed: the NICs it plans with
     p = plan(cfg, cluster, a)
-    fix = None if p.fits or args.no_fix else find_fix(cfg, cluster, a)
+    fix = None if p.fits or args.no_fix else find_fix(cfg, cluster, a, planned=p)
     if args.json:
         print(json.dumps(as_json(p, fix.describe(cluster) if fix else None), indent=1))
         return 0 if p.fits else 1

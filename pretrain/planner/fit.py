@@ -1,7 +1,8 @@
 """When a config does not fit: the smallest change that does, as overrides to paste.
 
 Changes are tried from the one that costs least throughput to the one that costs most:
-activation checkpointing (recomputes one forward), smaller loss chunks, the largest
+when the eval forward between steps is the larger peak, an eval batch no larger than a
+training micro-batch (alone first, then with each change below); activation checkpointing (recomputes one forward), smaller loss chunks, the largest
 smaller micro-batch that fits (same global batch, more accumulation), more sharding
 (ddp/single -> fsdp, ZeRO stage + 1), then all of them together; only when even that does
 not fit, more nodes (doubling: alone, then with all the changes). A candidate is first
@@ -17,6 +18,7 @@ from pretrain.config.load import with_overrides
 from pretrain.errors import ConfigError
 from pretrain.planner.estimate import Assumptions
 from pretrain.planner.plan import GIB, Cluster, Plan, plan
+from pretrain.planner.trace import evals_in_training
 
 MAX_NODE_DOUBLINGS = 7
 
@@ -32,6 +34,15 @@ class Fix:
         if self.nodes != cluster.nodes:
             parts.append(f"--nodes {self.nodes}")
         return " ".join(parts)
+
+
+def eval_bound(cfg) -> tuple[str, ...]:
+    """The eval batch of at most a training micro-batch's tokens (in rows of max_seq_len),
+    when training scores tasks in larger ones: it costs training nothing."""
+    if not evals_in_training(cfg):
+        return ()
+    rows = max(1, cfg.train.micro_batch_size * cfg.data.seq_len // cfg.model.max_seq_len)
+    return (f"eval.batch_size={rows}",) if rows < cfg.eval.batch_size else ()
 
 
 def single_changes(cfg) -> list[tuple[str, ...]]:
@@ -78,24 +89,31 @@ def everything(cfg, world: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def find_fix(cfg, cluster: Cluster, assumptions: Assumptions | None = None) -> Fix | None:
-    """The first candidate (see module doc) whose plan fits, or None."""
+def find_fix(
+    cfg, cluster: Cluster, assumptions: Assumptions | None = None, planned: Plan | None = None
+) -> Fix | None:
+    """The first candidate (see module doc) whose plan fits, or None; `planned`: the plan of
+    cfg on cluster, when the caller has it."""
+    planned = planned or plan(cfg, cluster, assumptions)
+    trace = planned.trace
+    bound = eval_bound(cfg) if trace.eval_peak_bytes > trace.step_peak_bytes else ()
 
     def attempt(overrides: tuple[str, ...], nodes: int) -> Fix | None:
-        overrides = tuple(o for o in overrides if not _already(cfg, o))
+        overrides = tuple(o for o in (*bound, *overrides) if not _already(cfg, o))
         target = Cluster(nodes, cluster.gpus_per_node, cluster.card)
         try:
             candidate = with_overrides(cfg, list(overrides))
             if not overrides and nodes == cluster.nodes:
                 return None  # the config itself, already planned
-            if shallow_total(candidate, target) > target.card.memory_gb * GIB:
+            capacity = target.card.memory_gb * GIB
+            if not shallow(candidate) and shallow_total(candidate, target) > capacity:
                 return None
             p = plan(candidate, target, assumptions)
         except ConfigError:  # a candidate the config rejects is not a fix
             return None
         return Fix(overrides, nodes, p) if p.fits else None
 
-    for change in single_changes(cfg):
+    for change in [(), *single_changes(cfg)] if bound else single_changes(cfg):
         if fix := attempt(change, cluster.nodes):
             return fix
     if fix := largest_micro_batch(cfg, cluster, attempt):
@@ -120,21 +138,30 @@ def _already(cfg, override: str) -> bool:
     return str(current).lower() == value.lower()
 
 
+def _depths(cfg) -> tuple[int, int]:
+    """The two shallow depths of `shallow_total`: below 4 blocks (of checkpointing's unit),
+    prefetching is not yet steady."""
+    p = cfg.parallel
+    unit = p.activation_checkpointing_every if p.activation_checkpointing == "every" else 1
+    return 4 * unit, 8 * unit
+
+
+def shallow(cfg) -> bool:
+    """A model no deeper than `shallow_total`'s copies: planned in full at once."""
+    return cfg.model.n_layers <= _depths(cfg)[1]
+
+
 def shallow_total(cfg, cluster: Cluster) -> float:
     """Peak + headroom of `cfg` extrapolated from two shallow copies of it (the same blocks,
     fewer of them): every category grows by the same amount from one block to the next,
     so the search rules candidates out for a fraction of a full trace. Only candidates this
-    says fit are planned in full; a model this shallow is planned in full at once."""
-    m, p = cfg.model, cfg.parallel
-    unit = p.activation_checkpointing_every if p.activation_checkpointing == "every" else 1
-    shallow, deeper = 4 * unit, 8 * unit  # below 4 blocks, prefetching is not yet steady
-    if m.n_layers <= deeper:
-        return plan(cfg, cluster).total_bytes
+    says fit are planned in full; a `shallow` model is planned in full at once instead."""
+    low, high = _depths(cfg)
     totals = []
-    for depth in (shallow, deeper):
+    for depth in (low, high):
         totals.append(plan(with_overrides(cfg, [f"model.n_layers={depth}"]), cluster).total_bytes)
-    per_block = (totals[1] - totals[0]) / (deeper - shallow)
-    return totals[0] + per_block * (m.n_layers - shallow)
+    per_block = (totals[1] - totals[0]) / (high - low)
+    return totals[0] + per_block * (cfg.model.n_layers - low)
 
 
 def largest_micro_batch(cfg, cluster: Cluster, attempt) -> Fix | None:
@@ -166,7 +193,7 @@ def require_fit(cfg, cluster: Cluster, log=print) -> Plan | None:
     if p.fits:
         log(f"fit check: {need} of {p.capacity_bytes / GIB:.0f} GiB on {cluster.describe()}")
         return p
-    fix = find_fix(cfg, cluster)
+    fix = find_fix(cfg, cluster, planned=p)
     hint = (
         f"smallest fix: {fix.describe(cluster)} ({fix.plan.total_bytes / GIB:.1f} GiB)"
         if fix

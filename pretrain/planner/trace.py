@@ -16,6 +16,11 @@ the step traced is a steady one: with weights, gradients and both moments alive.
 of A micro-batches, the first and the last are traced (the last is where DDP and ZeRO
 reduce gradients), the ones between are like the first. Rank 0 is traced; the other ranks
 differ only by padding of uneven shards.
+
+When the trainer scores eval.tasks between steps, one scoring forward is traced after the
+step as `Trainer.evaluate_tasks` runs it (no grad, the model's `scores=True` path), with
+what outlives the step still held: its batch is eval.batch_size x max_seq_len tokens, far
+more than a training micro-batch can be, and its peak is kept apart from the step's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.planner import zero_trace
 from pretrain.planner.build import add_ddp_buckets, build_for_plan, make_state, plan_model
@@ -60,10 +66,22 @@ class Trace:
     last: OpCounts  # the step's last micro-batch (DDP and ZeRO reduce gradients in it)
     optimizer: OpCounts  # clip and optimizer step
     accum: int
+    # planner category -> bytes at the peak of an eval forward between steps (None: the
+    # trainer scores no tasks)
+    eval_memory: dict[str, int] | None = None
+
+    @property
+    def step_peak_bytes(self) -> int:
+        return sum(self.memory.values())
+
+    @property
+    def eval_peak_bytes(self) -> int:
+        return sum(self.eval_memory.values()) if self.eval_memory else 0
 
     @property
     def peak_bytes(self) -> int:
-        return sum(self.memory.values())
+        """What the rank must hold: the training step's peak or the eval forward's."""
+        return max(self.step_peak_bytes, self.eval_peak_bytes)
 
     @property
     def counts(self) -> OpCounts:
@@ -105,6 +123,7 @@ class _PlanTracking:
 
     in_loss = False
     step_makes_grads = False  # set by zero_trace around DeepSpeed's step
+    eval_peak_snap: dict | None = None  # the tracker's categories at the eval forward's peak
 
     def _plan_init(self) -> None:
         self._ref_class = [*self._ref_class, LOSS]
@@ -206,6 +225,61 @@ def train_step(strategy, batches: list[torch.Tensor], cfg, on_micro_batch=None) 
     strategy.step(cfg.optim.grad_clip)
 
 
+def evals_in_training(cfg) -> bool:
+    """Whether training scores eval.tasks between steps (the condition of the trainer's
+    `Trainer._evaluator`)."""
+    e = cfg.eval
+    return bool(e.tasks) and bool(e.every or e.at_checkpoint)
+
+
+def eval_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of the largest scoring forward the trainer can run: eval.batch_size
+    rows padded to max_seq_len (the longest prompt), every position scored, since a task's
+    continuation may be as long as max_seq_len (`evals.scoring.encode`)."""
+    shape = (cfg.eval.batch_size, cfg.model.max_seq_len)
+    return torch.randint(cfg.model.vocab_size, shape), torch.randint(cfg.model.vocab_size, shape)
+
+
+@torch.no_grad()
+def eval_forward(strategy, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One scoring forward as `Trainer.evaluate_tasks` runs it between steps."""
+    strategy.model.eval()
+    try:
+        chunk = strategy.cfg.parallel.loss_chunk_tokens
+        return strategy.forward(inputs, targets, loss_chunk_tokens=chunk, scores=True)
+    finally:
+        strategy.model.train()
+
+
+class _EveryTargetScored(TorchDispatchMode):
+    """Fake tensors hold no values, so a boolean mask's selection has no shape; the model's
+    `token_scores` selects the scored rows with `h[targets >= 0]`. Every target of
+    `eval_batch` is scored, so a 1-D mask selects every row: it is indexed as such."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.index.Tensor:
+            source, indices = args[0], list(args[1])
+            for i, index in enumerate(indices):
+                if index is not None and index.dtype == torch.bool and index.dim() == 1:
+                    indices[i] = torch.arange(index.shape[0], device=index.device)
+            args = (source, indices, *args[2:])
+        return func(*args, **(kwargs or {}))
+
+
+def trace_eval(strategy, tracker: _PlanTracking) -> None:
+    """`eval_forward` on `eval_batch` under the (entered) tracker; its peak goes to
+    `tracker.eval_peak_snap`, and the step's peak and high-water marks stay the step's."""
+    saved = dict(tracker._peak_mem), dict(tracker._peak_mem_snap), dict(tracker.highs)
+    tracker._peak_mem.clear()
+    tracker._peak_mem_snap.clear()
+    try:
+        with _EveryTargetScored():
+            eval_forward(strategy, *eval_batch(strategy.cfg))
+        tracker.eval_peak_snap = next(iter(tracker._peak_mem_snap.values()), {})
+    finally:
+        tracker._peak_mem, tracker._peak_mem_snap, tracker.highs = saved
+
+
 def trace_step(cfg, world_size: int) -> Trace:
     """Trace one steady optimizer step of `cfg` on rank 0 of `world_size` ranks (inside
     `fake_world(world_size)`)."""
@@ -227,7 +301,11 @@ def trace_step(cfg, world_size: int) -> Trace:
         add_ddp_buckets(strategy.model, world_size, tracker, parts[-2])
     model_state = tracker.by_category(tracker.model_state_peak or {})
     highs = tracker.by_category(tracker.highs)
-    return Trace(tracker.by_category(), model_state, highs, parts[0], parts[-2], parts[-1], accum)
+    evals = tracker.eval_peak_snap
+    return Trace(
+        tracker.by_category(), model_state, highs, parts[0], parts[-2], parts[-1], accum,
+        None if evals is None else tracker.by_category(evals),
+    )  # fmt: skip
 
 
 def set_up(strategy, meta, build_optimizer) -> _PlanTracking:
@@ -255,7 +333,7 @@ def set_up(strategy, meta, build_optimizer) -> _PlanTracking:
 
 def traced_step(strategy, tracker, micro_batches: int, world_size: int) -> list[OpCounts]:
     """Run the step under the tracker and counter: the counts of each micro-batch, then of
-    the optimizer step."""
+    the optimizer step; then, when training scores tasks, an eval forward (`trace_eval`)."""
     cfg, t = strategy.cfg, strategy.cfg.train
     hooks = mark_loss_region(strategy.model, tracker)
     counter = StepCounter(world_size)
@@ -269,10 +347,13 @@ def traced_step(strategy, tracker, micro_batches: int, world_size: int) -> list[
 
     shape = (t.micro_batch_size, cfg.data.seq_len + 1)
     try:
-        with tracker, counter:
-            batches = [torch.randint(cfg.model.vocab_size, shape) for _ in range(micro_batches)]
-            train_step(strategy, batches, cfg, on_micro_batch=next_part)
-            parts.append(counter.counts)  # the optimizer step
+        with tracker:
+            with counter:
+                batches = [torch.randint(cfg.model.vocab_size, shape) for _ in range(micro_batches)]
+                train_step(strategy, batches, cfg, on_micro_batch=next_part)
+                parts.append(counter.counts)  # the optimizer step
+            if evals_in_training(cfg):
+                trace_eval(strategy, tracker)
     finally:
         for h in hooks:
             h.remove()

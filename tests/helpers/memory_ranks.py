@@ -9,8 +9,10 @@ to every case). For each case in turn, every rank builds the real strategy
 (`pretrain.planner.trace.train_step`) on random tokens, and writes
 OUT_DIR/NAME/rank{r}.json with the live bytes (`Window.summary`): after the build, after
 step 1, at the start of step 2, and the peaks of steps 1 and 2 (step 2 is the steady one:
-AdamW made its state in step 1). tests/test_plan_memory.py calls `measure` in its own
-process for parallel.strategy=single.
+AdamW made its state in step 1), then, when the config scores eval.tasks during training,
+the peak of one scoring forward after step 2 as the planner traces it
+(`pretrain.planner.trace.eval_forward` on its `eval_batch`). tests/test_plan_memory.py
+calls `measure` in its own process for parallel.strategy=single.
 
 Why the profiler, not RSS: gloo, Python, DeepSpeed's extension and freed-but-kept heap
 pages all move the resident size. torch's CPU allocator counts the bytes of the blocks it
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-MARKS = ("build", "step1", "step2")  # record_function names of the window's phases
+MARKS = ("build", "step1", "step2", "eval")  # record_function names of the window's phases
 
 
 def parse_cases(args: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
@@ -122,7 +124,9 @@ class Window:
         return max([self.at(start), *(live for _, live in self.timeline[i:j])])
 
     def summary(self) -> dict[str, int]:
+        evals = {"peak_eval": self.peak("eval")} if "eval" in self.spans else {}
         return {
+            **evals,
             "after_build": self.at(self.spans["build"][1]),
             "peak_step1": self.peak("step1"),
             "after_step1": self.at(self.spans["step1"][1]),
@@ -143,7 +147,7 @@ def measure(cfg) -> tuple[dict[str, int], object]:
     """Build the real strategy of `cfg` and take two steps under the profiler; the live
     bytes of this rank (`Window.summary`) and the strategy (still open)."""
     from pretrain.parallel import build_strategy
-    from pretrain.planner.trace import train_step
+    from pretrain.planner.trace import eval_batch, eval_forward, evals_in_training, train_step
 
     gc.collect()  # what earlier cases left is freed before the window, not inside it
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -155,6 +159,11 @@ def measure(cfg) -> tuple[dict[str, int], object]:
             with record_function(mark):
                 train_step(strategy, batches, cfg)
             del batches
+        if evals_in_training(cfg):
+            inputs, targets = eval_batch(cfg)
+            with record_function("eval"):
+                eval_forward(strategy, inputs, targets)
+            del inputs, targets
     return Window(prof).summary(), strategy
 
 

@@ -19,9 +19,10 @@ patched, only while planning (`deepspeed_on_fake_tensors`):
 6. Stage 1/2's `has_overflow` (stage_1_and_2.py:3238, bf16) reads the all-reduced flag
    with `.item()`: replaced on the planning engine by the same ops, reporting no overflow.
 
-Likewise the strategy's own methods that read values (stage 3's loss check, the norm as a
-float, `any_rank`) are replaced on the planning instance by the same ops and collectives,
-results unread. `track_zero` says which of DeepSpeed's flat buffers are weights,
+Likewise the strategy's own `any_rank`, which reads its all-reduced flag, is replaced on the
+planning instance by the same collective, its result unread. The strategy's backward and
+step run as they are (neither reads a value); only DeepSpeed's accumulation boundary is set
+by hand, since the trace runs 2 of a step's micro-batches (`_backward`). `track_zero` says which of DeepSpeed's flat buffers are weights,
 gradients, optimizer state or communication buckets.
 """
 
@@ -134,7 +135,7 @@ def build_zero_for_plan(strategy, optimizer_factory) -> None:
     else:
         model = plan_model(strategy, None)
     strategy.model, strategy.optimizer = strategy.wrap(model, optimizer_factory(model, cfg.optim))
-    for name, method in (("any_rank", _any_rank), ("backward", _backward), ("step", _step)):
+    for name, method in (("any_rank", _any_rank), ("backward", _backward)):
         setattr(strategy, name, types.MethodType(method, strategy))
     zero = strategy.model.optimizer
     if hasattr(zero, "has_overflow_partitioned_grads_serial"):  # patch 6
@@ -153,18 +154,7 @@ def _backward(self, loss: torch.Tensor, last: bool = True) -> None:
     # (stage 1's reduction, every stage's optimizer step) when accum > 2. The boundary is
     # set as the trainer's `last` says instead, DeepSpeed's own manual mode.
     self.model.set_gradient_accumulation_boundary(last)
-    if self.cfg.parallel.zero_stage == 3:
-        torch.isfinite(loss)  # ZeroStrategy's check and all-reduce, the value not read
-        self.any_rank(False)
-    self.model.backward(loss, scale_wrt_gas=False)
-    if not last:
-        self.model.step()
-
-
-def _step(self, max_norm: float) -> torch.Tensor:
-    self.model.step()
-    norm = self.model.get_global_grad_norm()
-    return norm if torch.is_tensor(norm) else torch.zeros(())
+    type(self).backward(self, loss, last)  # the strategy's own
 
 
 def _has_overflow(self, partition_gradients=True) -> bool:

@@ -177,3 +177,6 @@ def test_ddp_async_save_copies_each_tensor_on_one_rank(rank_cases):
     assert ranks[0]["dropout"]["weights"] == ranks[1]["dropout"]["weights"]
     assert ranks[0]["dropout"]["mask"] != ranks[1]["dropout"]["mask"]
     assert all(r["backend"] == {"backend": "gloo", "device": "cpu"} for r in ranks)
+    # The async saves' group times out with the run's collectives, not torch's 30 minutes.
+    timeout = load_config(REPO / "configs/tiny.yaml", SMALL).fault.collective_timeout_s
+    assert [r["checkpoint_group_timeout_s"] for r in ranks] == [timeout, timeout]

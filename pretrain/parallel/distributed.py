@@ -12,6 +12,7 @@ travel and how checkpoints are written is each subclass's own.
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 
 import torch
@@ -52,7 +53,9 @@ class DistributedStrategy(Strategy):
         # Background checkpoint writes (DCP async_save) talk on their own group; the
         # config checks refuse async_save for zero, which writes its own checkpoints.
         if self.cfg.checkpoint.async_save:
-            self.checkpoint_group = dist.new_group(backend="gloo")
+            # new_group does not inherit the default group's timeout: torch gives it 30 min.
+            timeout = datetime.timedelta(seconds=self.cfg.fault.collective_timeout_s)
+            self.checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

@@ -278,6 +278,10 @@ def run_case(out_dir: Path, checks: list[str], overrides: list[str], last: bool)
         elif check == "backend":
             backend = dist.get_backend() if dist.is_initialized() else None
             results[check] = {"backend": backend, "device": strategy.device.type}
+            group = strategy.checkpoint_group  # async saves' own group, when there is one
+            if group is not None:
+                options = group._get_backend(torch.device("cpu")).options
+                results["checkpoint_group_timeout_s"] = options._timeout.total_seconds()
         else:
             raise SystemExit(f"unknown check {check!r}")
     out_dir.mkdir(parents=True, exist_ok=True)

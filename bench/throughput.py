@@ -62,8 +62,9 @@ sys.path.insert(0, str(REPO))
 
 from pretrain.config.load import load_config
 from pretrain.model import Transformer, count_params, flops_per_token
-from pretrain.train.metrics import measure_matmul_flops, read_metrics
+from pretrain.train.metrics import read_metrics
 from pretrain.train.optim import build_optimizer
+from pretrain.train.peak import measure_matmul_flops
 
 MODEL = [
     "model.vocab_size=16384", "model.d_model=384", "model.n_layers=6", "model.n_heads=6",
@@ -92,8 +93,7 @@ def set_sync_mode(trainer, mode: str) -> None:
 
 
 def peak() -> float:
-    cpu = torch.device("cpu")
-    return max(measure_matmul_flops(cpu, n=n, seconds=1.5) for n in (512, 1024, 2048))
+    return measure_matmul_flops(torch.float32, budget_s=4.5)
 
 
 def plain_loop(cfg, batches: list[torch.Tensor], steps: int, warmup: int) -> float:

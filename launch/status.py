@@ -10,7 +10,7 @@ from pathlib import Path
 
 from launch.spec import read_history, read_spec, require_run
 from pretrain import files
-from pretrain.checkpoint.checkpointer import checkpoint_step
+from pretrain.checkpoint.folders import checkpoint_step
 from pretrain.errors import REQUEUE_EXIT_CODE
 from pretrain.evals.records import is_eval_record, task_scores
 from pretrain.rundir import RunDir

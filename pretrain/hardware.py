@@ -5,7 +5,7 @@ machine: an H100 PCIe has 76% of an H100 SXM's tensor throughput under the same 
 its name, and a GH200 is not an H200. So `from_device_name` matches the exact names the
 drivers report (`torch.cuda.get_device_name`, which is also the ROCm name under ROCm), one
 pattern per variant, and an unknown or ambiguous name gets no entry: the caller measures
-(`metrics.peak_flops`) rather than guess.
+(`pretrain.train.peak`) rather than guess.
 
 Figures are vendor datasheet values per GPU. FLOP/s are dense: NVIDIA prints the tensor-core
 figures of Ampere, Hopper, Ada and Blackwell "with sparsity" (2:4), twice the dense rate we

@@ -82,13 +82,13 @@ class RunDir:
 
     def has_checkpoint(self) -> bool:
         """Whether the run holds any trained state to protect (even a damaged checkpoint)."""
-        from pretrain.checkpoint.checkpointer import step_folders
+        from pretrain.checkpoint.folders import step_folders
 
         return bool(step_folders(self.checkpoints))
 
     def complete_checkpoints(self) -> list[Path]:
         """The complete checkpoints, newest first: what a resume would load, in order."""
-        from pretrain.checkpoint.checkpointer import complete_checkpoints
+        from pretrain.checkpoint.folders import complete_checkpoints
 
         return complete_checkpoints(self.checkpoints)
 
@@ -264,7 +264,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     complete = RunDir(path).complete_checkpoints()
     if complete:
         return complete[0]
-    from pretrain.checkpoint.checkpointer import MANIFEST
+    from pretrain.checkpoint.folders import MANIFEST
 
     if (path / MANIFEST).is_file():  # a complete checkpoint, but not in DCP format
         raise ConfigError(

@@ -24,7 +24,8 @@ Resuming, rank 0 alone picks the checkpoint (reading manifests, checking sizes) 
 the others, so every rank loads the same one even when their views of a shared filesystem
 differ for a moment. Loading falls back to the previous checkpoint when files are missing
 or truncated. Pruning renames a folder to `.trash-` before deleting it, so a half-deleted
-checkpoint can never look complete.
+checkpoint can never look complete. Which folders are checkpoints, and which are complete,
+is `folders.py`'s: it imports no torch, for `pretrain status`.
 """
 
 from __future__ import annotations
@@ -34,9 +35,7 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
-import stat
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -46,7 +45,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pretrain import iotrace
+from pretrain.checkpoint.folders import (
+    MANIFEST,
+    complete_checkpoints,
+    step_dir_name,
+    step_folders,
+    verify,
+)
 from pretrain.checkpoint.ranks import Ranks
 from pretrain.errors import StoreError
 from pretrain.files import fsync_path, sync_files, sync_folders, write_durable, write_json
@@ -55,13 +60,7 @@ if TYPE_CHECKING:
     from pretrain.checkpoint.mirror import CheckpointMirror
 
 log = logging.getLogger(__name__)
-STEP_RE = re.compile(r"^step_(\d{8})$")
-MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -243,7 +242,7 @@ class Checkpointer:
     def latest(self) -> Path | None:
         """The newest complete checkpoint: each checked, newest first, until one is."""
         for path in step_folders(self.root):
-            if _verify(path):
+            if verify(path):
                 self._verified.add(path.name)
                 return path
         return None
@@ -262,48 +261,12 @@ class Checkpointer:
         # files being checked again: that would stat every rank's files at every commit.
         kept = 0
         for path in step_folders(self.root):
-            if path.name in self._verified or _verify(path):
+            if path.name in self._verified or verify(path):
                 self._verified.add(path.name)
                 kept += 1
                 if kept > self.keep_last and path.name != keep:
                     _trash(path)
                     self._verified.discard(path.name)
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """The complete checkpoints under `root` (RUN_DIR/checkpoints), newest first: what a
-    resume would load, in order."""
-    return [path for path in step_folders(root) if _verify(path)]
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(STEP_RE.match(path.name).group(1))
-
-
-def step_folders(root: Path) -> list[Path]:
-    """Folders named like checkpoints, newest first (complete or not)."""
-    found = [p for p in Path(root).glob("step_*") if STEP_RE.match(p.name) and p.is_dir()]
-    return sorted(found, key=checkpoint_step, reverse=True)
-
-
-def _verify(path: Path) -> bool:
-    manifest = path / MANIFEST
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return False
-    for name, size in files.items():
-        iotrace.record(iotrace.STAT, path / name)
-        try:
-            found = os.stat(path / name)
-        except OSError:
-            found = None
-        if found is None or not stat.S_ISREG(found.st_mode) or found.st_size != size:
-            log.warning(
-                "checkpoint %s is damaged (%s missing or truncated); skipping it", path.name, name
-            )
-            return False
-    return True
 
 
 def _trash(path: Path) -> None:

@@ -79,7 +79,7 @@ def task_configs(args: argparse.Namespace, cfg) -> list:
 
 
 def main(argv: list[str]) -> int:
-    from pretrain.checkpoint.checkpointer import checkpoint_step
+    from pretrain.checkpoint.folders import checkpoint_step
     from pretrain.checkpoint.ranks import Ranks
     from pretrain.data.tokenizer import Tokenizer
     from pretrain.evals.evaluator import Evaluator

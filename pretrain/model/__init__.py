@@ -1,25 +1,34 @@
-"""Decoder-only transformer as plain nn.Modules; imports nothing else from `pretrain`."""
+"""Decoder-only transformer as plain nn.Modules; imports nothing else from `pretrain`.
 
-from pretrain.model.attention import Attention, flash_attn_available
-from pretrain.model.config import ModelConfig
-from pretrain.model.flops import count_params, flops_per_token
-from pretrain.model.kv_cache import KVCache
-from pretrain.model.positions import alibi_slopes, apply_rope, rope_cos_sin
-from pretrain.model.transformer import NORM_CLASSES, Block, LayerNorm, RMSNorm, Transformer
+The names below are imported on first use (PEP 562), not with the package: the config
+schema imports `pretrain.model.config`, which runs this file, and `pretrain config`,
+`status` and `sweep-status` must not pay for importing torch.
+"""
 
-__all__ = [
-    "NORM_CLASSES",
-    "Attention",
-    "Block",
-    "KVCache",
-    "LayerNorm",
-    "ModelConfig",
-    "RMSNorm",
-    "Transformer",
-    "alibi_slopes",
-    "apply_rope",
-    "count_params",
-    "flash_attn_available",
-    "flops_per_token",
-    "rope_cos_sin",
-]
+import importlib
+
+_EXPORTS = {
+    "Attention": "attention",
+    "flash_attn_available": "attention",
+    "ModelConfig": "config",
+    "count_params": "flops",
+    "flops_per_token": "flops",
+    "KVCache": "kv_cache",
+    "alibi_slopes": "positions",
+    "apply_rope": "positions",
+    "rope_cos_sin": "positions",
+    "NORM_CLASSES": "transformer",
+    "Block": "transformer",
+    "LayerNorm": "transformer",
+    "RMSNorm": "transformer",
+    "Transformer": "transformer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

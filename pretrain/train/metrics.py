@@ -32,15 +32,6 @@ if TYPE_CHECKING:
     import torch
 
 
-def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """(FLOP/s, source) of `peak.Peak.of`, for a caller that keeps no `Peak` (and so gets
-    no re-measurement when a step beats it)."""
-    from pretrain.train.peak import Peak
-
-    peak = Peak.of(device, precision)
-    return peak.flops, peak.source
-
-
 def memory_gb(device: torch.device) -> float:
     """Peak memory: allocated GPU memory, or this process's peak resident set on CPU."""
     if device.type == "cuda":

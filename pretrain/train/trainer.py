@@ -30,12 +30,12 @@ from pretrain.train.metrics import (
     PendingStep,
     StepClock,
     memory_gb,
-    peak_flops,
     read_metrics,
     read_pending,
     train_line,
 )
 from pretrain.train.optim import lr_at, set_lr
+from pretrain.train.peak import Peak, flops_text
 from pretrain.train.resilience import (
     Preemption,
     StepVote,
@@ -81,8 +81,8 @@ class Trainer:
         # 512 ranks each timing matmuls and rewriting one cache file in a shared home would
         # add work and contention to every start for a figure nobody reads.
         rank0 = self.strategy.rank == 0
-        peak = peak_flops(self.device, cfg.parallel.mixed_precision) if rank0 else None
-        self.peak_flops, self.peak_source = self.checkpointer.ranks.broadcast(peak)
+        peak = Peak.of(self.device, cfg.parallel.mixed_precision) if rank0 else None
+        self.peak: Peak = self.checkpointer.ranks.broadcast(peak)
         f = cfg.fault
         self.bad_steps = 0  # non-finite steps in a row
         self.pending: list[PendingStep] = []  # steps whose numbers are still on the device
@@ -226,7 +226,8 @@ class Trainer:
                 "grad_norm": grad_norm,
                 "tokens": p.tokens,
                 "tokens_per_s": tokens_per_s,
-                "mfu": flops / (self.peak_flops * self.strategy.world_size),
+                # None (null in metrics.jsonl) rather than above 1; rank 0 re-measures
+                "mfu": self.peak.mfu(flops / self.strategy.world_size, self.strategy.rank == 0),
                 "mem_gb": p.mem_gb,
                 "step_s": step_s,
                 "data_s": p.data_s,
@@ -449,7 +450,7 @@ class Trainer:
             self.watchdog.beat()  # the last upload counts as progress, like a save
         self.preemption.restore()
         if self.checkpointer.mirror is not None:
-            self.checkpointer.mirror.wait()  # finish the last upload
+            self.checkpointer.mirror.wait(self.watchdog.beat if self.watchdog else lambda: None)
         self.sink.close()
         if self.watchdog is not None:
             self.watchdog.stop()
@@ -463,13 +464,11 @@ class Trainer:
 
     def _announce(self) -> None:
         cfg, s = self.cfg, self.strategy
-        peak = self.peak_flops
-        peak_text = f"{peak / 1e12:.1f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.1f} GFLOP/s"
         self.sink.console(
             f"run {cfg.run.name} in {self.run_dir} | {count_params(cfg.model) / 1e6:.2f}M params | "
-            f"{self.flops_per_token / 1e6:.1f} MFLOP/token | peak {peak_text} per rank "
-            f"({self.peak_source}) | {s.accum_steps} micro-batches/step x {s.world_size} ranks | "
-            f"from step {self.step}"
+            f"{self.flops_per_token / 1e6:.1f} MFLOP/token | "
+            f"peak {flops_text(self.peak.flops)} per rank ({self.peak.source}) | "
+            f"{s.accum_steps} micro-batches/step x {s.world_size} ranks | from step {self.step}"
         )
 
 

@@ -12,9 +12,10 @@ OUT/_prep/ holds the job's bookkeeping, next to the dataset:
 Every task reads the plan and takes its parts that have no manifest one at a time: it stages
 the part's inputs in a folder of its own on node-local scratch (--scratch, $PRETRAIN_SCRATCH,
 else the temp folder), checks its documents (a first pass, as one machine does), tokenizes
-and packs it there, publishes it (target.py: each file whole under its name, so a killed
-attempt leaves nothing to remove and a duplicate task only rewrites the same bytes), then
-writes its manifest and empties the folder. Nothing is ever deleted from the output, so a
+and packs it there (one pool of tokenizer processes serves all the task's parts), publishes
+it (target.py: each file whole under its name, so a killed attempt leaves no partial file
+under a real name and a duplicate task only rewrites the same bytes), then writes its
+manifest and empties the folder. Nothing is ever deleted from the output, so a
 task can never take away a part that another has completed. The task that finds every manifest
 present after writing its own merges: it concatenates the parts' indexes in part order into
 train/index.json and val/index.json and writes meta.json last. Two tasks finishing at once
@@ -46,6 +47,7 @@ from data_prep.shards import (
     dumps,
     merged_indexes,
     merged_meta,
+    tokenizer_pool,
     write_parts,
 )
 from data_prep.target import Target
@@ -208,17 +210,23 @@ def _write_task(target, todo, tokenizer, settings, workers, work: Path, status) 
                 f"{piece.name} changed since the job was planned ({piece.size:,} bytes, now "
                 f"{'missing' if size is None else f'{size:,}'}); start a new job"
             )
-    for part in todo:
-        if target.exists(part_key(part.index)):  # a duplicate of this task wrote it meanwhile
-            print(f"task {status.index}: part {part.index} was written by another task", flush=True)  # fmt: skip
-            continue
-        folder = work / part.folder  # this part's inputs and shards, and nothing else
-        sources = fetch_pieces([part], folder / "inputs")
-        documents = count_documents([part], sources, settings)  # bad input fails before writing
-        stage = folder / "stage"
-        publish = functools.partial(_publish, target, stage, status)
-        write_parts([part], sources, tokenizer, stage, settings, workers, documents, publish)
-        shutil.rmtree(folder)
+    with tokenizer_pool(tokenizer, workers) as pool:  # its processes serve every part
+        for part in todo:
+            _write_part(target, part, tokenizer, settings, pool, work, status)
+
+
+def _write_part(target, part, tokenizer, settings, pool, work: Path, status) -> None:
+    """One part: staged in its own folder under `work`, checked, packed, published, removed."""
+    if target.exists(part_key(part.index)):  # a duplicate of this task wrote it meanwhile
+        print(f"task {status.index}: part {part.index} was written by another task", flush=True)
+        return
+    folder = work / part.folder  # this part's inputs and shards, and nothing else
+    sources = fetch_pieces([part], folder / "inputs")
+    documents = count_documents([part], sources, settings)  # bad input fails before writing
+    stage = folder / "stage"
+    publish = functools.partial(_publish, target, stage, status)
+    write_parts([part], sources, tokenizer, stage, settings, pool, documents, publish)
+    shutil.rmtree(folder)
 
 
 def _publish(target: Target, stage: Path, status: _TaskStatus, manifest: dict[str, Any]) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 
 from data_prep.inputs import InputFile, check_readable, iter_documents
 from data_prep.parts import DEFAULT_PART_SIZE, Part, Source, plan_parts
-from data_prep.workers import batches, default_workers, encode_in_order
+from data_prep.workers import TokenizerPool, batches, default_workers
 from pretrain.data.format import (
     INDEX_NAME,
     META_FORMAT,  # the trainer checks what prep writes
@@ -156,7 +156,8 @@ def write_shards(
     _prepare_out_dir(out, overwrite, out_flag)
     try:
         started = time.perf_counter()
-        manifests = write_parts(parts, sources, tokenizer, out, settings, workers, documents)
+        with tokenizer_pool(tokenizer, workers) as pool:
+            manifests = write_parts(parts, sources, tokenizer, out, settings, pool, documents)
         seconds = max(time.perf_counter() - started, 1e-9)
         meta = merged_meta(manifests, tokenizer, settings)
         for split, index in merged_indexes(manifests).items():
@@ -174,6 +175,11 @@ def check_workers(workers: int | None) -> int:
     if workers < 1:
         raise PrepError(f"--workers must be >= 1 (got {workers})")
     return workers
+
+
+def tokenizer_pool(tokenizer: Tokenizer, workers: int) -> TokenizerPool:
+    """The worker processes that tokenize for `write_parts` (one pool for any number of calls)."""
+    return TokenizerPool(tokenizer.path.resolve(), token_dtype(tokenizer.vocab_size), workers)
 
 
 def dumps(obj: Any) -> str:
@@ -289,15 +295,14 @@ def write_parts(
     tokenizer: Tokenizer,
     out: Path,
     settings: Settings,
-    workers: int,
+    pool: TokenizerPool,
     documents: Counter[str],
     on_part: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Tokenize and pack each part into out/SPLIT/PART/; their manifests, in order.
     `on_part(manifest)` runs as each part is complete (an array task publishes it)."""
     docs = iter_part_documents(parts, sources, settings)
-    dtype = token_dtype(tokenizer.vocab_size)
-    encoded = encode_in_order(batches(docs), tokenizer.path.resolve(), dtype, workers)
+    encoded = pool.encode_in_order(batches(docs))
     manifests: list[dict[str, Any]] = []
     pending = list(parts)  # parts not finished yet, in order
 

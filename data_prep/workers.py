@@ -12,6 +12,9 @@ for any number of workers.
   (`Pool.imap` would read the whole input ahead into its task queue).
 - A worker that dies (out of memory, killed) ends the run with an error instead of a hang,
   which is why this uses `concurrent.futures` rather than `multiprocessing.Pool`.
+- The caller owns the pool (`TokenizerPool`) and may run it over many parts: starting workers
+  costs about a second (spawn, imports, loading the tokenizer), which an array task writing
+  one part at a time would otherwise pay per part.
 """
 
 from __future__ import annotations
@@ -72,32 +75,50 @@ def batches(docs: Iterator[tuple[int, str, str]]) -> Iterator[Batch]:
         yield batch
 
 
-def encode_in_order(
-    batches: Iterator[Batch], tokenizer_path: Path, dtype: str, workers: int
-) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
-    """(batch, encode(batch)) for every batch, in order, computed on `workers` processes."""
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_load_tokenizer,
-        initargs=(str(tokenizer_path), dtype),
-    )
-    pending: deque[tuple[Batch, Future[dict[str, np.ndarray]]]] = deque()
-    try:
-        for batch in batches:
-            pending.append((batch, pool.submit(encode, batch)))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+class TokenizerPool:
+    """Worker processes that each load the tokenizer once, for any number of
+    `encode_in_order` runs, one after another."""
+
+    def __init__(self, tokenizer_path: Path, dtype: str, workers: int) -> None:
+        self.workers = workers
+        # Processes start at the first submit, so a pool that is never used costs nothing.
+        self._executor = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_load_tokenizer,
+            initargs=(str(tokenizer_path), dtype),
+        )
+
+    def __enter__(self) -> TokenizerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def encode_in_order(
+        self, batches: Iterator[Batch]
+    ) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
+        """(batch, encode(batch)) for every batch, in order, computed on the workers."""
+        pending: deque[tuple[Batch, Future[dict[str, np.ndarray]]]] = deque()
+        try:
+            for batch in batches:
+                pending.append((batch, self._executor.submit(encode, batch)))
+                if len(pending) >= IN_FLIGHT_PER_WORKER * self.workers:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
                 done, future = pending.popleft()
                 yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-    except BrokenProcessPool:
-        raise PrepError(
-            "a tokenizer worker process died (out of memory or killed); retry with fewer --workers"
-        ) from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        except BrokenProcessPool:
+            raise PrepError(
+                "a tokenizer worker process died (out of memory or killed); retry with fewer "
+                "--workers"
+            ) from None
+        finally:
+            # Stopped early (an error while packing): the batches still queued would only
+            # delay the pool's next run, or its shutdown.
+            for _, future in pending:
+                future.cancel()
 
 
 _tokenizer: Tokenizer | None = None

@@ -54,7 +54,24 @@ def flags(plays: Path, dataset: dict) -> list[str | Path]:
             "--shard-size-limit", "32KB", "--workers", "1"]  # fmt: skip
 
 
-def test_any_number_of_tasks_writes_the_one_machine_dataset(flags, tmp_path, capsys) -> None:
+@pytest.fixture
+def pools(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every tokenizer process pool started (the real one, counted): each start spawns its
+    workers and loads the tokenizer in them, about 1 s."""
+    from data_prep import workers
+
+    started: list[object] = []
+
+    class Counted(workers.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs) -> None:
+            started.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(workers, "ProcessPoolExecutor", Counted)
+    return started
+
+
+def test_any_number_of_tasks_writes_the_one_machine_dataset(flags, tmp_path, capsys, pools):
     assert prep(*flags, "--out", tmp_path / "one") == 0
     one = files(tmp_path / "one")
     meta = json.loads(one["meta.json"])
@@ -65,7 +82,9 @@ def test_any_number_of_tasks_writes_the_one_machine_dataset(flags, tmp_path, cap
         (out / "_prep").mkdir(parents=True)
         (out / "_prep" / ".plan.json.tmp-other-task").write_text("{")
         for i in reversed(range(n)):  # in any order: the last to finish merges
+            pools.clear()
             assert prep(*flags, "--out", out, "--tasks", n, "--task-index", i) == 0
+            assert len(pools) == 1, f"task {i} of {n}: one pool for all its parts"
         assert files(out) == one, f"{n} tasks"
     capsys.readouterr()
     assert prep("status", tmp_path / "n3") == 0

@@ -278,6 +278,11 @@ class EvalConfig:
     # world size or train.micro_batch_size.
     batch_size: int = 16
 
+    @property
+    def in_training(self) -> bool:
+        """Whether training scores `tasks` between steps: the trainer and the planner ask."""
+        return bool(self.tasks) and bool(self.every or self.at_checkpoint)
+
 
 @dataclass
 class Config:

@@ -18,7 +18,6 @@ from pretrain.config.load import with_overrides
 from pretrain.errors import ConfigError
 from pretrain.planner.estimate import Assumptions
 from pretrain.planner.plan import GIB, Cluster, Plan, plan
-from pretrain.planner.trace import evals_in_training
 
 MAX_NODE_DOUBLINGS = 7
 
@@ -39,7 +38,7 @@ class Fix:
 def eval_bound(cfg) -> tuple[str, ...]:
     """The eval batch of at most a training micro-batch's tokens (in rows of max_seq_len),
     when training scores tasks in larger ones: it costs training nothing."""
-    if not evals_in_training(cfg):
+    if not cfg.eval.in_training:
         return ()
     rows = max(1, cfg.train.micro_batch_size * cfg.data.seq_len // cfg.model.max_seq_len)
     return (f"eval.batch_size={rows}",) if rows < cfg.eval.batch_size else ()

@@ -225,13 +225,6 @@ def train_step(strategy, batches: list[torch.Tensor], cfg, on_micro_batch=None) 
     strategy.step(cfg.optim.grad_clip)
 
 
-def evals_in_training(cfg) -> bool:
-    """Whether training scores eval.tasks between steps (the condition of the trainer's
-    `Trainer._evaluator`)."""
-    e = cfg.eval
-    return bool(e.tasks) and bool(e.every or e.at_checkpoint)
-
-
 def eval_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of the largest scoring forward the trainer can run: eval.batch_size
     rows padded to max_seq_len (the longest prompt), every position scored, since a task's
@@ -352,7 +345,7 @@ def traced_step(strategy, tracker, micro_batches: int, world_size: int) -> list[
                 batches = [torch.randint(cfg.model.vocab_size, shape) for _ in range(micro_batches)]
                 train_step(strategy, batches, cfg, on_micro_batch=next_part)
                 parts.append(counter.counts)  # the optimizer step
-            if evals_in_training(cfg):
+            if cfg.eval.in_training:
                 trace_eval(strategy, tracker)
     finally:
         for h in hooks:

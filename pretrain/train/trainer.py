@@ -294,14 +294,15 @@ class Trainer:
     def _evaluator(self):
         """The downstream tasks' `Evaluator`, when training scores them (eval.every or
         eval.at_checkpoint with eval.tasks)."""
-        e = self.cfg.eval
-        if not e.tasks or not (e.every or e.at_checkpoint):
+        if not self.cfg.eval.in_training:
             return None
         from pretrain.checkpoint.ranks import Ranks
         from pretrain.evals.evaluator import Evaluator
 
         max_len = self.cfg.model.max_seq_len
-        return Evaluator(e, self.tokenizer, max_len, Ranks.current(), self.strategy.device)
+        return Evaluator(
+            self.cfg.eval, self.tokenizer, max_len, Ranks.current(), self.strategy.device
+        )
 
     def _tasks_due(self, step: int, save: bool) -> bool:
         e = self.cfg.eval

@@ -147,7 +147,7 @@ def measure(cfg) -> tuple[dict[str, int], object]:
     """Build the real strategy of `cfg` and take two steps under the profiler; the live
     bytes of this rank (`Window.summary`) and the strategy (still open)."""
     from pretrain.parallel import build_strategy
-    from pretrain.planner.trace import eval_batch, eval_forward, evals_in_training, train_step
+    from pretrain.planner.trace import eval_batch, eval_forward, train_step
 
     gc.collect()  # what earlier cases left is freed before the window, not inside it
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -159,7 +159,7 @@ def measure(cfg) -> tuple[dict[str, int], object]:
             with record_function(mark):
                 train_step(strategy, batches, cfg)
             del batches
-        if evals_in_training(cfg):
+        if cfg.eval.in_training:
             inputs, targets = eval_batch(cfg)
             with record_function("eval"):
                 eval_forward(strategy, inputs, targets)

@@ -9,13 +9,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from pretrain.data import streaming_site
 
 
 def python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
 def test_setup_installed_the_site_hook():
@@ -27,25 +25,27 @@ def test_setup_installed_the_site_hook():
 def test_user_script_imports_streaming_as_its_docs_show(tmp_path):
     out = tmp_path / "mds"
     r = python(
-        "import numpy as np, streaming\n"
+        "import streaming\n"
         "from streaming import MDSWriter, StreamingDataset\n"
         f"with MDSWriter(out={str(out)!r}, columns={{'x': 'int'}}) as w:\n"
         "    for i in range(5): w.write({'x': i})\n"
         f"ds = StreamingDataset(local={str(out)!r}, batch_size=1)\n"
-        "print(sorted(int(s['x']) for s in ds))"
+        "print(sorted(int(s['x']) for s in ds))\n"
+        # Without a loadable torchvision, the vision datasets alone are missing, saying why.
+        "try:\n"
+        "    from streaming.vision import StreamingCIFAR10\n"
+        "    print('vision: real')\n"
+        "except ImportError as e:\n"
+        "    print('vision:', e)\n"
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["[0,", "1,", "2,", "3,", "4]"]
-
-
-def test_vision_datasets_say_why_they_are_missing():
+    lines = r.stdout.splitlines()
+    assert lines[0] == "[0, 1, 2, 3, 4]"
     if streaming_site._torchvision_error() is None:
-        pytest.skip("torchvision loads here: the real streaming.vision is used")
-    r = python("from streaming.vision import StreamingCIFAR10")
-    assert r.returncode != 0
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("ImportError: streaming.vision.StreamingCIFAR10 is unavailable"), last
-    assert "torchvision" in last
+        assert lines[1] == "vision: real"
+    else:
+        assert lines[1].startswith("vision: streaming.vision.StreamingCIFAR10 is unavailable")
+        assert "torchvision" in lines[1]
 
 
 def test_hook_imports_nothing_at_start_up():

@@ -22,6 +22,8 @@
    the failure notice in the workers' store before torchrun stops the others with SIGTERM,
    so they exit at once instead of taking the stop for a preemption
    (`resilience.Preemption`): a worker killed by -9 or the OOM killer posts nothing itself.
+   torchrun sends that SIGTERM from inside the monitor call that first sees the failure, so
+   the agent looks at its workers (without reaping them) before each such call.
 
 The agent is torchrun's own `LocalElasticAgent` (c10d rendezvous, restarts, elastic
 node ranges, multi-node); only its failure handling, rendezvous and worker environment
@@ -155,8 +157,17 @@ def worker_exit_code(codes: dict[int, int], requeue: int) -> tuple[int, str]:
     ):
         if code in codes.values():
             return code, f"{meaning}: {why}"
-    first = min(codes.values(), key=lambda c: (c <= 0, c))  # a real exit code before a signal
+    first = min(codes.values(), key=_blame)
     return (first if first > 0 else 128 - first), f"failed: {why}"
+
+
+def _blame(code: int) -> tuple[int, int]:
+    """Orders exit codes by how likely they are the cause, not the consequence, of a failure:
+    a worker's own error (1-127), then a death by a signal other than SIGTERM (-9: the OOM
+    killer, kill -9), then the stop torchrun sends the survivors (SIGTERM, or a worker that
+    exits 128+N on signal N after it)."""
+    stopped = code >= 128 or code == -signal.SIGTERM
+    return (2 if stopped else 1 if code < 0 else 0), abs(code)
 
 
 def _agent_class(base, final_codes: set[int], worker_env: dict[str, str], requeue: int):
@@ -168,6 +179,7 @@ def _agent_class(base, final_codes: set[int], worker_env: dict[str, str], requeu
         def __init__(self, spec, *args, **kwargs) -> None:
             spec.rdzv_handler = SharedStoreAddress(spec.rdzv_handler)
             super().__init__(spec, *args, **kwargs)
+            self._posted_attempt: str | None = None
 
         def _rendezvous(self, worker_group):
             super()._rendezvous(worker_group)
@@ -176,21 +188,58 @@ def _agent_class(base, final_codes: set[int], worker_env: dict[str, str], requeu
                 worker_env["TORCHELASTIC_RESTART_COUNT"] = str(attempt)
 
         def _monitor_workers(self, worker_group):
+            # torchrun's monitor sends SIGTERM to the other workers in the same call that
+            # first sees a failure (and waits up to shutdown_timeout for them to go), so
+            # the notice must be in the store before that call: a look first that reaps
+            # no worker, leaving torchrun's own bookkeeping as it was.
+            self._post(worker_group, exited_workers(worker_group))
             result = super()._monitor_workers(worker_group)
             if not result.is_failed():
                 return result
             codes = {rank: f.exitcode for rank, f in result.failures.items()}
-            if set(codes.values()) != {requeue}:  # a preempted rank's exit is no failure
-                spec = worker_group.spec
-                attempt = worker_env.get(
-                    "TORCHELASTIC_RESTART_COUNT", str(spec.max_restarts - self._remaining_restarts)
-                )
-                post_failure(worker_group, attempt, codes)
+            # A worker that failed between the look and torchrun's: late for this node's
+            # workers (stopped by now), still in time for the other nodes'.
+            self._post(worker_group, codes)
             if any(code in final_codes for code in codes.values()):
                 self._remaining_restarts = 0
             return result
 
+        def _post(self, worker_group, codes: dict[int, int]) -> None:
+            """Post the failure notice once per start of the workers, if `codes` (global
+            rank: exit code) hold a failure; a preempted rank's exit is none."""
+            if not codes or set(codes.values()) == {requeue}:
+                return
+            spec = worker_group.spec
+            attempt = worker_env.get(
+                "TORCHELASTIC_RESTART_COUNT", str(spec.max_restarts - self._remaining_restarts)
+            )
+            if self._posted_attempt != attempt:
+                self._posted_attempt = attempt
+                post_failure(worker_group, attempt, codes)
+
     return Agent
+
+
+def exited_workers(worker_group) -> dict[int, int]:
+    """Global rank: exit code (negative: the signal) of each of `worker_group`'s workers
+    that has ended other than with 0, without reaping any (`waitid` with WNOWAIT), so that
+    torchrun's monitor still finds them. Empty where the platform cannot look."""
+    if not hasattr(os, "waitid"):
+        return {}
+    codes = {}
+    for worker in worker_group.workers:
+        if worker.id is None:
+            continue
+        try:
+            ended = os.waitid(os.P_PID, worker.id, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped already: torchrun has seen it
+            continue
+        if ended is None:
+            continue
+        code = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
+        if code != 0:
+            codes[worker.global_rank] = code
+    return codes
 
 
 def post_failure(worker_group, attempt: str, codes: dict[int, int]) -> None:

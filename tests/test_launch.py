@@ -61,6 +61,10 @@ def test_exit_codes_of_failed_workers():
     assert worker_exit_code({1: 3}, 75)[0] == 3
     assert worker_exit_code({0: -9}, 75) == (137, "failed: rank 0 killed by SIGKILL")
     assert worker_exit_code({0: 1, 1: -9}, 75)[0] == 1
+    # The cause, not the survivors' exits after torchrun's SIGTERM (signal or 128+15).
+    assert worker_exit_code({0: 143, 1: -9}, 75)[0] == 137
+    assert worker_exit_code({0: -15, 1: -9, 2: 143}, 75)[0] == 137
+    assert worker_exit_code({0: 143, 1: -15}, 75)[0] == 143
 
 
 def _record_many(run: str, node: int, n: int) -> None:
@@ -217,6 +221,38 @@ def test_two_agents_train_together_as_two_nodes_again_and_again_under_load(
         burner.kill()
         burner.wait()
         print(f"two-agent jobs under load took {took} s")
+
+
+@pytest.mark.torchrun
+def test_a_killed_worker_is_posted_by_its_launcher_so_its_stuck_peer_leaves_at_once(
+    tiny_overrides, tmp_path
+):
+    """Rank 1 is killed with -9 while rank 0 is stuck in step 5 (asleep: like a rank in an
+    NCCL collective, a closed connection does not wake it). The launcher posts the failure
+    before torchrun's SIGTERM, so rank 0 leaves at once, not as a preemption (before: it
+    took the SIGTERM for one and slept on until torchrun's SIGKILL, 30 s later)."""
+    import psutil
+
+    run = tmp_path / "run"
+    proc = launch("configs/tiny.yaml", *with_overrides(tiny_overrides, *DDP), "--nproc-per-node=2",
+                  env={"PRETRAIN_FAULTS": "hang@5:0"})  # fmt: skip
+
+    def hung() -> bool:
+        return any("hangs in step 5" in p.read_text() for p in run.glob("logs/*/*rank0.err"))
+
+    wait_for(hung, proc, "rank 0's hang")
+    (victim,) = [c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1"]
+    victim.kill()
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - start
+    assert proc.returncode == 137, out
+    assert (
+        "rank 0: SIGTERM after rank 1 killed by SIGKILL (seen by node 0's launcher): the job "
+        "is stopping, not a preemption; exiting without a checkpoint"
+    ) in out, out
+    assert "preempted (" not in out
+    assert took < 20, f"the job took {took:.0f} s to end after the kill\n{out}"
 
 
 @pytest.mark.torchrun

@@ -154,9 +154,6 @@ def test_capacity_is_the_usable_memory_not_the_nominal():
         assert 0.9 * card.memory_gb < card.usable_gib < card.memory_gb, card.name
 
 
-@pytest.mark.xfail(
-    strict=True, reason="plan.py (owned elsewhere) still sizes the card by memory_gb"
-)
 def test_the_fit_check_uses_the_usable_memory():
     cfg = small("train.micro_batch_size=1", "train.global_batch_size=1")
     assert plan(cfg, Cluster.of(1, 1, "H100")).capacity_bytes == H100.capacity_bytes

@@ -181,7 +181,7 @@ def test_an_eval_batch_larger_than_the_step_is_planned_and_fails_the_fit_check()
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--gpu-type", "H900"], "unknown --gpu-type 'H900'"),
+        (["--gpu-type", "H900"], "--gpu-type 'H900' is not a GPU type"),
         (["--gpus-per-node", "0"], "--gpus-per-node must be a whole number >= 1"),
         (["--nodes", "3", "parallel.strategy=fsdp"], "train.global_batch_size (16) must be a"),
         (["--gpus-per-node", "2", "parallel.strategy=single"], "parallel.strategy=single runs"),

@@ -104,7 +104,7 @@ def find_fix(
             candidate = with_overrides(cfg, list(overrides))
             if not overrides and nodes == cluster.nodes:
                 return None  # the config itself, already planned
-            capacity = target.card.memory_gb * GIB
+            capacity = target.card.capacity_bytes
             if not shallow(candidate) and shallow_total(candidate, target) > capacity:
                 return None
             p = plan(candidate, target, assumptions)
@@ -190,7 +190,7 @@ def require_fit(cfg, cluster: Cluster, log=print) -> Plan | None:
         return None
     need = f"{p.total_bytes / GIB:.1f} GiB per GPU"
     if p.fits:
-        log(f"fit check: {need} of {p.capacity_bytes / GIB:.0f} GiB on {cluster.describe()}")
+        log(f"fit check: {need} of {p.capacity_bytes / GIB:.1f} GiB on {cluster.describe()}")
         return p
     fix = find_fix(cfg, cluster, planned=p)
     hint = (
@@ -200,6 +200,6 @@ def require_fit(cfg, cluster: Cluster, log=print) -> Plan | None:
     )
     raise ConfigError(
         f"config does not fit: {need} planned ({p.peak_bytes / GIB:.1f} tracked + "
-        f"{p.headroom_bytes / GIB:.1f} headroom) > {p.capacity_bytes / GIB:.0f} GiB of a "
+        f"{p.headroom_bytes / GIB:.1f} headroom) > {p.capacity_bytes / GIB:.1f} GiB of a "
         f"{cluster.card.name}; {hint}; or pass --no-fit-check"
     )

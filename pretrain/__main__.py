@@ -98,7 +98,7 @@ def _train(argv: list[str]) -> int:
     try:
         trainer.fit()
     finally:
-        trainer.close()
+        trainer.close(exiting=True)
     return cfg.fault.requeue_exit_code if trainer.preempted else 0
 
 

@@ -96,3 +96,46 @@ def test_a_teardown_that_hangs_holding_the_gil_is_ended(tmp_path):
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=60))
     code, err = ended_within(ready(child("teardown", port=server.port)), 15)
     assert code == 1 and "Timeout (0:00:00.500000)!" in err, err
+
+
+def test_the_vote_bound_spares_a_first_step_saves_evaluations_and_closing(tmp_path):
+    """The bound that ends a preemption no step follows (a peer is gone) judges step time
+    only: not before a step's time is known (a first step may compile for minutes), not
+    inside a save or an evaluation (which watchdog_s bounds), not once the steps ended."""
+    import time
+    import types
+
+    from pretrain.train.resilience import Watchdog
+
+    def watched() -> tuple[Watchdog, list[str]]:
+        p = types.SimpleNamespace(
+            requested=True, requested_at=time.monotonic(), agreed_at=None,
+            signal_name="SIGTERM", saved_step=None,
+        )  # fmt: skip
+        w = Watchdog(0, tmp_path, rank=0, preemption=p, vote_floor_s=0.2, linger_s=0)
+        aborts: list[str] = []
+        w._abort = lambda why, code: aborts.append(why)
+        return w, aborts
+
+    w, aborts = watched()
+    time.sleep(0.6)  # no step finished yet
+    assert aborts == []
+    w.stop()
+
+    w, aborts = watched()
+    w.beat()
+    w.beat()  # steps of next to no time: the bound is its floor, 0.2 s
+    with w.busy():  # a save
+        time.sleep(0.6)
+    assert aborts == []
+    time.sleep(0.6)  # steps again, and none follows: a peer is gone
+    assert aborts and "cannot agree on a preemption" in aborts[0]
+    w.stop()
+
+    w, aborts = watched()
+    w.beat()
+    w.beat()
+    w.steps_ended()
+    time.sleep(0.6)
+    assert aborts == []
+    w.stop()

@@ -143,14 +143,14 @@ class CheckpointMirror:
         )
         self._thread.start()
 
-    def wait(self, beat: Callable[[], None] = lambda: None) -> None:
+    def wait(self, beat: Callable[[], None] = lambda: None, owed: bool = True) -> None:
         """Once training has ended (every rank, at the same point): wait until the upload in
         flight has ended on every rank, then upload the newest skipped checkpoint, if any,
         and wait for that. Each wait ends by its deadline at the latest, calling `beat`
         (the watchdog's) every few seconds meanwhile; afterwards no rank reads its local
-        folders any more."""
+        folders any more. `owed=False` (after an error): only the upload in flight."""
         self._wait_flight(beat)
-        if self._owed is not None:
+        if owed and self._owed is not None:  # not after an error: leave as soon as we can
             self.skipped.remove(Path(self._owed[0]).name)  # uploaded after all
             self.upload(*self._owed)
             self._wait_flight(beat)

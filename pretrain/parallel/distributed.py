@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pretrain.parallel.base import Strategy
 from pretrain.parallel.device import choose_device, cuda_usable, init_distributed
-from pretrain.train.resilience import announce_failure
+from pretrain.train.resilience import announce_failure, bound_teardown
 
 
 def local_device(kind: str) -> torch.device:
@@ -106,4 +106,5 @@ class DistributedStrategy(Strategy):
         # The process is exiting with the group still up: `close` never ran (an error
         # before training began). Abort while the interpreter can still run the teardown.
         if dist.is_initialized():
+            bound_teardown()  # an abort can hang too (NCCL's); nothing else bounds it here
             self.abort("it left before training ended")

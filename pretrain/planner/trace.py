@@ -263,6 +263,7 @@ def trace_eval(strategy, tracker: _PlanTracking) -> None:
     """`eval_forward` on `eval_batch` under the (entered) tracker; its peak goes to
     `tracker.eval_peak_snap`, and the step's peak and high-water marks stay the step's."""
     saved = dict(tracker._peak_mem), dict(tracker._peak_mem_snap), dict(tracker.highs)
+    state_peak = tracker.model_state_peak, tracker.model_state_peak_bytes
     tracker._peak_mem.clear()
     tracker._peak_mem_snap.clear()
     try:
@@ -271,6 +272,7 @@ def trace_eval(strategy, tracker: _PlanTracking) -> None:
         tracker.eval_peak_snap = next(iter(tracker._peak_mem_snap.values()), {})
     finally:
         tracker._peak_mem, tracker._peak_mem_snap, tracker.highs = saved
+        tracker.model_state_peak, tracker.model_state_peak_bytes = state_peak
 
 
 def trace_step(cfg, world_size: int) -> Trace:

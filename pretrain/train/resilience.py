@@ -27,6 +27,7 @@ Tests prove all of this with real processes by injecting faults (`faults.FaultIn
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import faulthandler
 import logging
@@ -98,13 +99,16 @@ def failure_notice(store=None) -> str | None:
     """The failure notice of this start of the job, if a worker or agent posted one; a
     store that cannot be reached counts as one (the node that held it is gone). None
     outside torchrun."""
-    try:
-        store = store or job_store()
-        if store is None or not store.check([FAILED_KEY]):
-            return None
-        return store.get(FAILED_KEY).decode()
-    except Exception as e:  # no store: the job is going down
-        return f"the workers' store is unreachable ({type(e).__name__})"
+    for attempt in (1, 2):  # at a preemption, every rank asks at once: a timeout may pass
+        try:
+            store = store or job_store()
+            if store is None or not store.check([FAILED_KEY]):
+                return None
+            return store.get(FAILED_KEY).decode()
+        except Exception as e:  # twice: no store, the job is going down
+            if attempt == 2:
+                return f"the workers' store is unreachable ({type(e).__name__})"
+            time.sleep(1.0)
 
 
 def bound_teardown(limit_s: float = TEARDOWN_S) -> None:
@@ -133,6 +137,7 @@ class Preemption:
         self.requested_at: float | None = None
         self.signal_name: str | None = None
         self.agreed_at: float | None = None  # when every rank agreed to save for it
+        self.saved_step: int | None = None  # its checkpoint, once committed (then: uploads)
         self.rank = rank
         self._notice = notice
         self._previous = {}
@@ -314,6 +319,8 @@ class Watchdog:
         self.linger_s = linger_s
         self._last = time.monotonic()
         self._longest = 0.0  # the longest interval between two beats so far
+        self._busy = 0  # inside a save or evaluation: bounded by timeout_s alone
+        self._steps_ended = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self._thread.start()
@@ -325,6 +332,21 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @contextlib.contextmanager
+    def busy(self):
+        """A save or an evaluation: a phase the preemption vote's bound, which is measured
+        in step times, must not judge (the loop votes again after it)."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            self._last = time.monotonic()  # progress, but not a step's time
+
+    def steps_ended(self) -> None:
+        """No vote is coming any more (the run is closing): the vote's bound is off."""
+        self._steps_ended = True
 
     def _watch(self) -> None:
         # A twentieth of the shortest bound it enforces: each fires within 5% of its time.
@@ -339,12 +361,28 @@ class Watchdog:
                 and self.grace_s
                 and now - p.requested_at > self.grace_s
             ):
+                if p.saved_step is None:
+                    why = "save did not finish; the previous checkpoint stands"
+                else:  # committed locally; only the upload to checkpoint.remote was left
+                    why = (
+                        f"checkpoint of step {p.saved_step} is saved in the run directory, but "
+                        "its upload to checkpoint.remote did not finish"
+                    )
                 self._abort(
-                    f"preemption ({p.signal_name}) save did not finish within "
-                    f"fault.preempt_grace_s={self.grace_s:g} s; the previous checkpoint stands",
+                    f"preemption ({p.signal_name}): {why} within "
+                    f"fault.preempt_grace_s={self.grace_s:g} s",
                     self.requeue_exit_code,
                 )
-            if p is not None and p.requested and p.agreed_at is None:
+            # The vote's bound, armed once a step's time is known (a first step may compile
+            # for minutes) and outside saves and evaluations, until the steps end.
+            if (
+                p is not None
+                and p.requested
+                and p.agreed_at is None
+                and self._longest > 0
+                and not self._busy
+                and not self._steps_ended
+            ):
                 stalled = now - max(p.requested_at, self._last)
                 if stalled > max(self.vote_floor_s, VOTE_STEPS * self._longest):
                     signum = int(signal.Signals[p.signal_name])

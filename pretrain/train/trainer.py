@@ -387,6 +387,8 @@ class Trainer:
             else:
                 preempted = vote.collect()  # cast at the previous step
                 self.checkpointer.commit_if_written(vote.any_write_running)
+            if preempted:
+                self.preemption.agreed()  # every rank saves at this boundary
             evaluate = step % t.eval_every == 0 or step == t.max_steps
             save = bool(every and step % every == 0) or step == t.max_steps
             log_step = step % t.log_every == 0 or step == 1
@@ -394,19 +396,22 @@ class Trainer:
                 record = self._log_steps()
             if evaluate:
                 start = time.perf_counter()
-                val = self.evaluate()
+                with self.watchdog.busy():  # bounded by watchdog_s, not the vote's bound
+                    val = self.evaluate()
                 record["val_loss"] = val
                 self.sink.write(
                     {"step": step, "val_loss": val, "eval_s": time.perf_counter() - start}
                 )
                 self.sink.console(f"step {step:>6}/{t.max_steps} | val_loss {val:.4f}")
             if self._tasks_due(step, save) and not preempted:  # a preemption saves at once
-                self.evaluate_tasks()
+                with self.watchdog.busy():
+                    self.evaluate_tasks()
             if preempted:
                 self._save_for_preemption()
                 return record
             if save:
-                self.save()
+                with self.watchdog.busy():  # a synchronous save may outlast the vote's bound
+                    self.save()
                 vote.write_started()
                 self.watchdog.beat()
             if not self.sync_every_step:
@@ -436,26 +441,31 @@ class Trainer:
         log.warning("preempted (%s): saving step %d, then exiting to be requeued", why, self.step)
         self.save()
         self.checkpointer.wait()
+        p.saved_step = self.step  # the grace may still run out while it uploads
         self.sink.write({"event": "preempted", "step": self.step, "restart": restart_count()})
         self.preempted = True
 
-    def close(self) -> None:
+    def close(self, exiting: bool = False) -> None:
         """End the process's part in the run. After an error (`fit` noted it) the process
         groups are aborted first, so peers blocked in a collective with this rank learn at
         once (and their stop is no preemption); after training they are drained. The
-        watchdog keeps watching until the last upload and the logs are done, then its
-        timer bounds the rest (`bound_teardown`), up to the process's very end."""
+        watchdog keeps watching until the last upload and the logs are done; then, in a
+        process that is `exiting` (the CLI), a timer bounds the rest (`bound_teardown`), up
+        to the process's very end. After an error no upload is waited for: a manifest-less
+        upload is never read, and peers learn of the failure only once this process exits."""
         if self.failure is not None:
             self.strategy.abort(_one_line(self.failure))
         if self.watchdog is not None:
+            self.watchdog.steps_ended()  # no vote bound while closing
             self.watchdog.beat()  # the last upload counts as progress, like a save
         self.preemption.restore()
-        if self.checkpointer.mirror is not None:
-            self.checkpointer.mirror.wait(self.watchdog.beat if self.watchdog else lambda: None)
+        if self.checkpointer.mirror is not None and self.failure is None:
+            beat = self.watchdog.beat if self.watchdog else lambda: None
+            self.checkpointer.mirror.wait(beat)
         self.sink.close()
         if self.watchdog is not None:
             self.watchdog.stop()
-        if self.cfg.fault.watchdog_s:
+        if exiting and self.cfg.fault.watchdog_s:
             bound_teardown()
         # streaming datasets hold shared memory until they are collected: free it now, not
         # at interpreter shutdown, when the multiprocessing resource tracker complains.

@@ -171,5 +171,32 @@ def _prep(argv: list[str]) -> int:
     return prep_main(argv)
 
 
+# Commands whose own teardown has run when they return (training closes its trainer, a
+# launch has waited for its workers): the interpreter's finalization after that frees torch's
+# modules and C++ state one by one, about 1 s of CPU per process that nobody waits for, and
+# a place where a destructor can hang (bound_teardown bounds it). They end at once instead.
+ENDS_AT_ONCE = ("train", "launch", "resume")
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` after what a normal exit does that matters: the atexit
+    handlers (streaming's shared memory, DataLoader and multiprocessing children, filelocks),
+    the logs and the standard streams. Threads still running are not waited for: a
+    `train` process has waited for its saves and uploads in `Trainer.close`."""
+    import atexit
+    import contextlib
+    import logging
+
+    logging.shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if sys.argv[1:2] and sys.argv[1] in ENDS_AT_ONCE and isinstance(code, int):
+        exit_now(code)
+    sys.exit(code)

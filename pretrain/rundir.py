@@ -166,7 +166,15 @@ FROZEN_SECTIONS = ("model", "data", "optim", "schedule", "parallel")
 
 # How a run is executed, not what it computes (beyond float rounding): free to change on
 # resume, e.g. a smaller loss chunk after an out-of-memory error, or device=cuda made strict.
-OPERATIONAL_PARALLEL_KEYS = ("threads", "device", "fsdp_defer_grad_sync", "loss_chunk_tokens")
+# The mesh is as free as the number of ranks: DCP checkpoints reshard onto any layout.
+OPERATIONAL_PARALLEL_KEYS = (
+    "threads",
+    "device",
+    "fsdp_defer_grad_sync",
+    "loss_chunk_tokens",
+    "dp_replicate",
+    "dp_shard",
+)
 
 
 # How data is fetched and checked, not what it is: free to change on resume.

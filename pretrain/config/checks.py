@@ -71,6 +71,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"fault.preempt_signals[{i}] must be one of {', '.join(PREEMPT_SIGNALS)} (got {name!r})"
             )
+    check_mesh(cfg.parallel)
     c = cfg.checkpoint
     if c.async_save and cfg.parallel.strategy == "zero":
         raise ConfigError(
@@ -80,6 +81,23 @@ def validate(cfg: Config) -> None:
     if c.remote is not None and not c.remote.startswith("s3://"):
         raise ConfigError(f"checkpoint.remote must be an s3://bucket/prefix URL (got {c.remote!r})")
     check_eval(cfg)
+
+
+def check_mesh(p) -> None:
+    """The data-parallel degrees, before any rank starts (their product against the world
+    size: `ParallelDims.resolve`, once the ranks are known)."""
+    if p.dp_replicate < 1:
+        raise ConfigError(f"parallel.dp_replicate must be >= 1 (got {p.dp_replicate})")
+    if p.dp_shard != -1 and p.dp_shard < 1:
+        raise ConfigError(f"parallel.dp_shard must be >= 1, or -1 for the rest (got {p.dp_shard})")
+    if p.strategy != "fsdp" and (p.dp_replicate != 1 or p.dp_shard != -1):
+        key, value = (
+            ("dp_replicate", p.dp_replicate) if p.dp_replicate != 1 else ("dp_shard", p.dp_shard)
+        )
+        raise ConfigError(
+            f"parallel.{key}={value} lays out FSDP's mesh and needs parallel.strategy=fsdp "
+            f"(got {p.strategy}: ddp replicates on every rank, zero shards over all of them)"
+        )
 
 
 TASK_TYPES = ("multiple_choice", "language_modeling")

@@ -181,6 +181,12 @@ class ParallelConfig:
     # fsdp: FSDP2, parameters/gradients/optimizer state sharded across ranks.
     # zero: DeepSpeed ZeRO at zero_stage (1: optimizer state, 2: + gradients, 3: + params).
     strategy: str = "single"
+    # fsdp: the ranks as dp_replicate x dp_shard (pretrain/parallel/dims.py). dp_replicate
+    # > 1 is HSDP: each group of dp_shard consecutive ranks (one node, say) holds a copy of
+    # the model sharded among them; only gradients cross between the dp_replicate copies.
+    dp_replicate: int = 1
+    # Ranks each copy of the model is sharded over; -1: world size / dp_replicate.
+    dp_shard: int = -1
     # DeepSpeed ZeRO stage for strategy zero: 1 shards optimizer state, 2 also gradients,
     # 3 also parameters.
     zero_stage: int = 2

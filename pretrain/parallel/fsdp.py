@@ -17,15 +17,19 @@ communicates less but holds every parameter's unsharded gradient between micro-b
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from pretrain.model import Transformer
 from pretrain.parallel.base import prepare_blocks
+from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.distributed import DistributedStrategy
+
+log = logging.getLogger("pretrain")
 
 
 class FSDPStrategy(DistributedStrategy):
@@ -42,12 +46,24 @@ class FSDPStrategy(DistributedStrategy):
 
     _mesh = None
 
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        dims = self.dims  # a layout that does not fit the ranks started stops every rank now
+        if self.rank == 0:
+            log.info("fsdp over %d ranks: %s", self.world_size, dims.describe())
+
+    @property
+    def dims(self) -> ParallelDims:
+        """parallel.dp_replicate x parallel.dp_shard over this run's ranks (dims.py)."""
+        return ParallelDims.resolve(self.cfg.parallel, self.world_size)
+
     def device_mesh(self):
         """The ranks' mesh on the agreed device (fully_shard's default would pick CUDA
-        whenever a GPU is visible, even with parallel.device=cpu); made once, and outside
-        any fake-tensor mode (the planner builds it before tracing a step)."""
+        whenever a GPU is visible, even with parallel.device=cpu): 1-D for FSDP, 2-D
+        (dp_replicate, dp_shard) for HSDP, which fully_shard then applies. Made once, and
+        outside any fake-tensor mode (the planner builds it before tracing a step)."""
         if self._mesh is None:
-            self._mesh = init_device_mesh(self.device.type, (self.world_size,))
+            self._mesh = self.dims.mesh(self.device.type)
         return self._mesh
 
     def build_model(self) -> nn.Module:

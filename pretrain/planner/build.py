@@ -86,6 +86,6 @@ def add_ddp_buckets(model: nn.Module, world_size: int, tracker, last: OpCounts) 
     traffic (ring all-reduce: 2 (n-1)/n of the bytes)."""
     size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     tracker.ddp_bucket_bytes = size
-    if world_size > 1:
-        last.comm_bytes["all_reduce"] += 2 * size * (world_size - 1) // world_size
-        last.comm_calls["all_reduce"] += max(1, -(-size // DDP_BUCKET_BYTES))
+    if world_size > 1:  # one all-reduce per bucket
+        calls = max(1, -(-size // DDP_BUCKET_BYTES))
+        last.add_comm("all_reduce", size, 4, world_size, 1, calls)

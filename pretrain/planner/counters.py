@@ -80,6 +80,11 @@ class OpCounts:
     op_costs: list[tuple[int, int]] = field(default_factory=list)
     comm_bytes: Counter = field(default_factory=Counter)  # kind -> bytes sent by this rank
     comm_calls: Counter = field(default_factory=Counter)
+    # The same per group: (kind, group size, stride between its ranks) -> bytes, calls. A
+    # group of consecutive ranks (stride 1) stays inside a node while it fits in one; HSDP's
+    # replicas are dp_shard ranks apart (estimate.Fabric.over).
+    group_bytes: Counter = field(default_factory=Counter)
+    group_calls: Counter = field(default_factory=Counter)
 
     @property
     def model_flops(self) -> int:
@@ -94,9 +99,50 @@ class OpCounts:
             self.recompute_flops + times * other.recompute_flops,
             self.ops + times * other.ops,
             [],
-            self.comm_bytes + Counter({k: v * times for k, v in other.comm_bytes.items()}),
-            self.comm_calls + Counter({k: v * times for k, v in other.comm_calls.items()}),
+            *(
+                getattr(self, name)
+                + Counter({k: v * times for k, v in getattr(other, name).items()})
+                for name in ("comm_bytes", "comm_calls", "group_bytes", "group_calls")
+            ),
         )
+
+    def add_comm(
+        self, kind: str, buffer_bytes: int, half_factor: int, n: int, stride: int, calls: int = 1
+    ) -> None:
+        """`calls` collectives of `kind`, `buffer_bytes` in all, over a group of `n` ranks
+        `stride` apart: this rank sends half_factor / 2 x (n-1)/n of the buffer (ring busbw,
+        estimate.py's doc: 1 x for an all-gather or reduce-scatter, 2 x for an all-reduce)."""
+        sent = buffer_bytes * half_factor * (n - 1) // (2 * n) if n > 1 else 0
+        for counter, key in ((self.comm_bytes, kind), (self.group_bytes, (kind, n, stride))):
+            counter[key] += sent
+        for counter, key in ((self.comm_calls, kind), (self.group_calls, (kind, n, stride))):
+            counter[key] += calls
+
+
+def group_of(args, kwargs, world: int) -> tuple[int, int]:
+    """(size, stride) of the process group a c10d op runs on: its ProcessGroup argument, or
+    the functional ops' group name; the whole world if neither is found."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    for a in (*args, *kwargs.values()):
+        group = None
+        if isinstance(a, dist.ProcessGroup):
+            group = a
+        elif isinstance(a, torch.ScriptObject):  # how the c10d ops receive their group
+            try:
+                group = dist.ProcessGroup.unbox(a)
+            except RuntimeError:  # another kind of object (a ReduceOp, say)
+                continue
+        elif isinstance(a, str):
+            try:
+                group = _resolve_process_group(a)
+            except (RuntimeError, ValueError, KeyError):
+                continue
+        if group is not None:
+            ranks = dist.get_process_group_ranks(group)
+            return len(ranks), (ranks[1] - ranks[0]) if len(ranks) > 1 else 1
+    return world, 1
 
 
 class StepCounter(TorchDispatchMode):
@@ -119,10 +165,8 @@ class StepCounter(TorchDispatchMode):
         if func in COLLECTIVES:
             kind, index, half_factor = COLLECTIVES[func]
             buffer = out if index < 0 else args[index]
-            size = _nbytes(tree_flatten(buffer)[0])
-            n = self.world
-            c.comm_bytes[kind] += size * half_factor * (n - 1) // (2 * n) if n > 1 else 0
-            c.comm_calls[kind] += 1
+            n, stride = group_of(args, kwargs, self.world)
+            c.add_comm(kind, _nbytes(tree_flatten(buffer)[0]), half_factor, n, stride)
             return out
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not outs:

@@ -142,12 +142,34 @@ def rates(card: Accelerator, precision: str, a: Assumptions) -> Rates:
 
 @dataclass(frozen=True)
 class Fabric:
-    """What a collective over all `ranks` crosses: its busbw per rank and its ring's hops."""
+    """What a collective over all `ranks` crosses: its busbw per rank and its ring's hops;
+    `over` gives a sub-group's (HSDP's shard groups and replica groups)."""
 
     ranks: int
     nodes: int
     bytes_s: float  # busbw per rank (module doc)
     a: Assumptions
+    in_node_bytes_s: float = 0.0  # a direction of the GPU link, before link_efficiency
+    node_net_bytes_s: float = 0.0  # all of a node's NICs together, likewise
+    gpus_per_node: int = 0
+
+    def over(self, n: int, stride: int) -> Fabric:
+        """The fabric of a group of `n` ranks `stride` apart (ranks placed node by node).
+        Inside a node: the GPU link. Across nodes, the group's ring enters each node once,
+        while the other groups with ranks on that node run at the same time and share its
+        NICs: G / (the group's ranks per node) groups. For the whole world that is one
+        group with all the NICs (`fabric`); for HSDP's replicas, one rank per node in each
+        of G groups, each gets a G-th of the NICs (a rail each, on a DGX)."""
+        g = self.gpus_per_node
+        if not g or (n, stride) == (self.ranks, 1):
+            return self
+        span = stride * (n - 1) + 1
+        nodes = 1 if span <= g else (n if stride >= g else -(-span // g))
+        per_rank = self.in_node_bytes_s
+        if nodes > 1:
+            sharing = max(1, g // max(1, n // nodes))
+            per_rank = min(per_rank, self.node_net_bytes_s / sharing)
+        return replace(self, ranks=n, nodes=nodes, bytes_s=per_rank * self.a.link_efficiency)
 
     def latency_s(self, kind: str) -> float:
         """One call's latency: NCCL's base plus a hop latency per ring (or tree) step."""
@@ -164,9 +186,14 @@ class Fabric:
         return ring * 1e-6
 
     def seconds(self, counts: OpCounts) -> float:
-        """The traced collectives' time: bytes at busbw plus each call's latency."""
-        latency = sum(calls * self.latency_s(kind) for kind, calls in counts.comm_calls.items())
-        return sum(counts.comm_bytes.values()) / self.bytes_s + latency
+        """The traced collectives' time: bytes at their group's busbw plus each call's
+        latency on that group."""
+        total = 0.0
+        for (kind, n, stride), calls in counts.group_calls.items():
+            group = self.over(n, stride)
+            sent = counts.group_bytes[(kind, n, stride)]
+            total += (sent / group.bytes_s if sent else 0.0) + calls * group.latency_s(kind)
+        return total
 
 
 def fabric(card: Accelerator, world: int, gpus_per_node: int, a: Assumptions) -> Fabric:
@@ -174,8 +201,9 @@ def fabric(card: Accelerator, world: int, gpus_per_node: int, a: Assumptions) ->
     a = a.for_node(card, gpus_per_node)
     in_node = card.link_gb_s * 1e9 / 2
     nodes = max(1, -(-world // gpus_per_node))
-    per_rank = in_node if nodes == 1 else min(in_node, a.nics_per_node * a.nic_gbit_s * 1e9 / 8)
-    return Fabric(world, nodes, per_rank * a.link_efficiency, a)
+    node_net = a.nics_per_node * a.nic_gbit_s * 1e9 / 8
+    per_rank = in_node if nodes == 1 else min(in_node, node_net)
+    return Fabric(world, nodes, per_rank * a.link_efficiency, a, in_node, node_net, gpus_per_node)
 
 
 # The name plan.py (owned by the planner's maintainers) imports; it passes the result on to

@@ -1,0 +1,176 @@
+"""The fsdp strategy's mesh: `parallel.dp_replicate` x `parallel.dp_shard` (pretrain/parallel/
+dims.py). HSDP on 4 real ranks trains like one process, resumes bit for bit on its own
+layout and, through DCP's resharding, on another; the layout checks are one line each."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from pretrain.config.load import load_config
+from pretrain.errors import ConfigError
+from pretrain.parallel.dims import ParallelDims
+from tests.helpers.runs import (
+    REF,
+    REF_STEPS,
+    STRATEGIES,
+    TINY_MODEL,
+    losses_by_step,
+    with_overrides,
+)
+from tests.test_parallel import torchrun_train
+
+
+class P:  # the two keys of the parallel section that ParallelDims reads
+    def __init__(self, dp_replicate: int = 1, dp_shard: int = -1) -> None:
+        self.dp_replicate, self.dp_shard = dp_replicate, dp_shard
+
+
+def test_the_degrees_multiply_to_the_ranks_started():
+    assert ParallelDims.resolve(P(), 8) == ParallelDims(1, 8)
+    assert ParallelDims.resolve(P(2), 8) == ParallelDims(2, 4)
+    hsdp = ParallelDims.resolve(P(2, 4), 8)
+    assert (hsdp.shape, hsdp.names) == ((2, 4), ("dp_replicate", "dp_shard"))
+    with pytest.raises(ConfigError, match=r"^parallel.dp_replicate=3 does not divide the 8 ranks"):
+        ParallelDims.resolve(P(3), 8)
+    with pytest.raises(
+        ConfigError, match=r"dp_replicate=2 x parallel.dp_shard=2 is 4 ranks, but 8 were started; "
+        r"set parallel.dp_shard=4 \(or -1\)$",
+    ):  # fmt: skip
+        ParallelDims.resolve(P(2, 2), 8)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.dp_replicate=0"], "parallel.dp_replicate must be >= 1 (got 0)"),
+        (["parallel.strategy=fsdp", "parallel.dp_shard=0"], "parallel.dp_shard must be >= 1"),
+        (["parallel.strategy=ddp", "parallel.dp_replicate=2"], "parallel.dp_replicate=2 lays"),
+        (["parallel.strategy=zero", "parallel.dp_shard=4"], "parallel.dp_shard=4 lays"),
+    ],
+)
+def test_a_layout_that_cannot_work_is_refused_before_any_rank_starts(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny.yaml", overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hsdp_shards_inside_a_group_and_replicates_across_groups():
+    """On a fake process group of 8 ranks: every parameter is a DTensor on the 2-D mesh
+    (dp_replicate 2, dp_shard 4), replicated over the first dimension and sharded over the
+    second, so each rank holds a quarter of the model, not an eighth."""
+    import torch
+    from torch.distributed.tensor import Replicate, Shard
+
+    from pretrain.planner.build import build_for_plan
+    from pretrain.planner.trace import fake_world
+
+    cfg = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp", "parallel.dp_replicate=2"])
+    with fake_world(8):
+        strategy, meta, _ = build_for_plan(cfg, 8)
+        params = list(meta.parameters())
+        assert strategy.device_mesh().mesh.shape == torch.Size([2, 4])
+        for p in params:
+            assert p.device_mesh.mesh_dim_names == ("dp_replicate", "dp_shard")
+            assert p.placements == (Replicate(), Shard(0))
+            assert p.to_local().shape[0] == -(-p.shape[0] // 4)
+
+
+HSDP = [*STRATEGIES["fsdp"], "parallel.dp_replicate=2"]
+FOUR_RANKS = [*REF, "train.micro_batch_size=4"]  # global batch 16 = 4 ranks x 4
+
+
+@pytest.mark.torchrun
+def test_hsdp_on_4_ranks_trains_like_one_process_and_resumes_on_any_layout(
+    tiny_overrides, tmp_path, reference
+):
+    """HSDP 2 x 2: losses of the single-process run; stopped half-way, it resumes bit for bit
+    on its own layout, and (DCP reshards model and AdamW state) within 1e-5 as FSDP over 2
+    ranks, and as HSDP again from that one's checkpoint."""
+    single = losses_by_step(reference("single", tiny_overrides))
+    half = REF_STEPS // 2
+
+    def run(name: str, layout: list[str], nproc: int = 4, steps: int = REF_STEPS):
+        overrides = with_overrides(tiny_overrides, f"run.dir={tmp_path / name}", *FOUR_RANKS)
+        return torchrun_train(
+            nproc, *with_overrides(overrides, *layout, f"train.max_steps={steps}")
+        )
+
+    first = run("hsdp", HSDP)
+    assert "HSDP: 2 replicas x 2 shards" in first.stderr
+    uninterrupted = losses_by_step(tmp_path / "hsdp")
+    assert uninterrupted.keys() == single.keys()
+    for step, loss in single.items():
+        assert uninterrupted[step] == pytest.approx(loss, rel=1e-5), step
+
+    run("again", HSDP, steps=half)
+    shutil.copytree(tmp_path / "again", tmp_path / "moved")  # the same checkpoints, twice
+    resumed = run("again", HSDP)
+    assert "resumed from" in resumed.stderr
+    assert losses_by_step(tmp_path / "again") == uninterrupted  # bit for bit
+
+    # The half-way checkpoint on other layouts: FSDP over 2 ranks, then HSDP again from that
+    # run's checkpoint.
+    for layout, nproc, steps in ((STRATEGIES["fsdp"], 2, half + 4), (HSDP, 4, REF_STEPS)):
+        r = run("moved", layout, nproc, steps)
+        assert "resumed from" in r.stderr
+    moved = losses_by_step(tmp_path / "moved")
+    assert moved.keys() == single.keys()
+    for step, loss in uninterrupted.items():
+        assert moved[step] == pytest.approx(loss, rel=1e-5), step
+
+
+# ------------------------------------------------------------------ the planner
+def test_the_plan_charges_hsdp_gathers_on_the_shard_group_and_gradients_across_replicas():
+    """HSDP 2 x 4 traced on a fake 8-rank group: parameters are gathered and gradients
+    reduce-scattered over the 4 ranks of a shard group, exactly as FSDP over 4 ranks does;
+    the reduced gradient shards (fp32, a quarter of the model) are all-reduced over the 2
+    replicas, ranks 4 apart: 2 (2-1)/2 of a quarter of the model's bytes."""
+    from pretrain.model import count_params
+    from pretrain.planner.trace import fake_world, trace_step
+
+    base = ["parallel.strategy=fsdp", *TINY_MODEL, "train.micro_batch_size=1"]
+
+    def traced(world: int, *extra: str):
+        cfg = load_config("configs/tiny.yaml", [*base, f"train.global_batch_size={world}", *extra])
+        with fake_world(world):
+            return trace_step(cfg, world).counts, cfg
+
+    hsdp, cfg = traced(8, "parallel.dp_replicate=2")
+    fsdp, _ = traced(4)
+    for kind in ("all_gather", "reduce_scatter"):
+        assert hsdp.group_bytes[(kind, 4, 1)] == fsdp.group_bytes[(kind, 4, 1)] > 0, kind
+    quarter = 4 * count_params(cfg.model) / 4
+    assert hsdp.group_bytes[("all_reduce", 2, 4)] == pytest.approx(quarter, rel=0.01)
+    assert {n for _, n, _ in hsdp.group_bytes} <= {2, 4, 8}  # the norm's all-reduce: all 8
+    assert sum(hsdp.comm_bytes.values()) == sum(hsdp.group_bytes.values())
+
+
+def test_a_group_inside_a_node_gets_the_gpu_link_and_replicas_share_the_nics():
+    """16 H100s on 2 DGX nodes: a shard group of 8 consecutive ranks stays on NVLink; the
+    replica groups (one rank per node, 8 of them side by side) get a NIC each; the whole
+    world's ring gets all 8 NICs, as before."""
+    from pretrain.hardware import by_name
+    from pretrain.planner.estimate import Assumptions, fabric
+
+    h100 = by_name("H100")
+    world = fabric(h100, 16, 8, Assumptions())
+    shard, replicas = world.over(8, 1), world.over(2, 8)
+    assert (shard.nodes, replicas.nodes) == (1, 2)
+    assert shard.bytes_s == pytest.approx(0.75 * h100.link_gb_s * 1e9 / 2)
+    assert replicas.bytes_s == pytest.approx(0.75 * 400e9 / 8)  # one 400 Gb/s NIC
+    assert world.over(16, 1) is world and world.bytes_s == pytest.approx(0.75 * 8 * 50e9)
+    assert replicas.latency_s("all_reduce") < world.latency_s("all_reduce")
+
+
+def test_a_config_too_big_for_hsdp_is_offered_full_sharding():
+    """The fit check's fixes: HSDP holds dp_replicate times more of the model per rank than
+    sharding over every rank, so "more sharding" includes dropping the replicas."""
+    from pretrain.planner.fit import everything, more_sharding
+
+    cfg = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp", "parallel.dp_replicate=4"])
+    assert more_sharding(cfg, 16) == [("parallel.dp_replicate=1", "parallel.dp_shard=-1")]
+    assert {"parallel.dp_replicate=1", "parallel.dp_shard=-1"} <= set(everything(cfg, 16))
+    fsdp = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp"])
+    assert more_sharding(fsdp, 16) == []

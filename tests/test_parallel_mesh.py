@@ -17,6 +17,7 @@ from tests.helpers.runs import (
     STRATEGIES,
     TINY_MODEL,
     losses_by_step,
+    run_cli,
     with_overrides,
 )
 from tests.test_parallel import torchrun_train
@@ -120,6 +121,19 @@ def test_hsdp_on_4_ranks_trains_like_one_process_and_resumes_on_any_layout(
     for step, loss in uninterrupted.items():
         assert moved[step] == pytest.approx(loss, rel=1e-5), step
 
+    # What export, generate and eval read: HSDP's checkpoint as whole tensors.
+    from safetensors.torch import load_file
+
+    from pretrain.model import Transformer
+    from pretrain.rundir import checkpoint_config, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(tmp_path / "hsdp")
+    r = run_cli("consolidate", str(checkpoint), "--out", str(tmp_path / "w.safetensors"))
+    assert r.returncode == 0, r.stderr
+    whole = Transformer(checkpoint_config(checkpoint).model).state_dict()
+    weights = load_file(tmp_path / "w.safetensors")
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in whole.items()}
+
 
 # ------------------------------------------------------------------ the planner
 def test_the_plan_charges_hsdp_gathers_on_the_shard_group_and_gradients_across_replicas():
@@ -174,3 +188,12 @@ def test_a_config_too_big_for_hsdp_is_offered_full_sharding():
     assert {"parallel.dp_replicate=1", "parallel.dp_shard=-1"} <= set(everything(cfg, 16))
     fsdp = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp"])
     assert more_sharding(fsdp, 16) == []
+
+
+def test_the_plan_names_the_layout(capsys):
+    from pretrain.planner.cli import main
+
+    args = ["configs/tiny.yaml", "parallel.strategy=fsdp", "parallel.dp_replicate=2", "train.micro_batch_size=2",
+            "--nodes", "2", "--gpus-per-node", "4", "--gpu-type", "H100"]  # fmt: skip
+    assert main(args) == 0
+    assert "fsdp (HSDP: 2 replicas x 4 shards), fp32" in capsys.readouterr().out

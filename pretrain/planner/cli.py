@@ -62,6 +62,11 @@ def report(p: Plan) -> list[str]:
     cfg, c = p.cfg, p.cluster
     t, par = cfg.train, cfg.parallel
     strategy = par.strategy + (f" stage {par.zero_stage}" if par.strategy == "zero" else "")
+    if par.strategy == "fsdp":
+        from pretrain.parallel.dims import ParallelDims
+
+        dims = ParallelDims.resolve(par, c.world)
+        strategy += f" ({dims.describe()})" if dims.hsdp else ""
     lines = [
         f"plan: {cfg.run.name} on {c.describe()}, {strategy}, {par.mixed_precision}, "
         f"activation checkpointing {par.activation_checkpointing}",

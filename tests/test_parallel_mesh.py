@@ -197,3 +197,61 @@ def test_the_plan_names_the_layout(capsys):
             "--nodes", "2", "--gpus-per-node", "4", "--gpu-type", "H100"]  # fmt: skip
     assert main(args) == 0
     assert "fsdp (HSDP: 2 replicas x 4 shards), fp32" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ embedding and head groups
+def _fsdp_groups(*overrides: str) -> dict[str, list[str]]:
+    """The parameters each FSDP group of the fsdp strategy's model manages (fake 4 ranks)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from pretrain.planner.build import build_for_plan
+    from pretrain.planner.trace import fake_world
+
+    cfg = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp", *overrides])
+    with fake_world(4):
+        _, meta, _ = build_for_plan(cfg, 4)
+    names = {id(p): n for n, p in meta.named_parameters()}
+    groups = {}
+    for name, module in meta.named_modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            params = group.fsdp_params if group is not None else []
+            groups[name or "root"] = sorted(names[id(p.sharded_param)] for p in params)
+    return groups
+
+
+def test_an_untied_embedding_and_head_are_groups_of_their_own():
+    """Untied, the embedding and the final norm + output head are FSDP groups of their own
+    (the root would hold both gathered for the whole step); tied, the one shared weight
+    stays in the root group."""
+    untied = _fsdp_groups("model.tie_embeddings=false")
+    assert untied["tok_emb"] == ["tok_emb.weight"]
+    assert untied["norm"] == untied["lm_head"] == ["lm_head.weight", "norm.weight"]  # one group
+    assert untied["root"] == []  # nothing left for the root to hold
+    tied = _fsdp_groups()
+    assert tied["root"] == ["norm.weight", "tok_emb.weight"] and "tok_emb" not in tied
+
+
+@pytest.mark.torchrun
+def test_an_untied_head_in_its_own_group_trains_like_one_process(tiny_overrides, tmp_path):
+    """Untied, on 2 ranks with 2 micro-batches of 3 loss chunks each: the head's group is
+    called 3 times a forward and again when each chunk is recomputed in backward, and its
+    gradient must still be reduced once a step: losses and gradient norms of one process."""
+    from pretrain.train.metrics import read_metrics
+    from tests.helpers.runs import run_cli
+
+    untied = ["model.tie_embeddings=false", "parallel.loss_chunk_tokens=96",
+              "train.micro_batch_size=4", "train.max_steps=8", "checkpoint.every=8"]  # fmt: skip
+    runs = {}
+    for name, nproc in (("single", 1), ("fsdp", 2)):
+        overrides = with_overrides(tiny_overrides, f"run.dir={tmp_path / name}", *untied)
+        if nproc == 1:
+            r = run_cli("train", "configs/tiny.yaml", *overrides)
+            assert r.returncode == 0, r.stderr
+        else:
+            torchrun_train(2, *overrides, *STRATEGIES["fsdp"])
+        runs[name] = [x for x in read_metrics(tmp_path / name) if "loss" in x]
+    assert len(runs["single"]) == len(runs["fsdp"]) == 8
+    for one, two in zip(runs["single"], runs["fsdp"], strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), one["step"]
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5), one["step"]

@@ -86,6 +86,14 @@ class FSDPStrategy(DistributedStrategy):
         )
         for block in model.layers:  # one all-gather per block, freed after use
             fully_shard(block, **shard)
+        if not self.cfg.model.tie_embeddings:
+            # The embedding and the output head (with the final norm) in groups of their own;
+            # left in the root group, both would stay gathered for the whole step (4.2 GB at
+            # 70B in bf16). The head is called once per loss chunk and again when a chunk is
+            # recomputed in backward: it stays gathered from its forward to its backward.
+            # A tied weight is one parameter and stays in the root group (torchtitan#594).
+            fully_shard(model.tok_emb, **shard)
+            fully_shard([model.norm, model.lm_head], **{**shard, "reshard_after_forward": False})
         fully_shard(model, **shard)
         return model
 

@@ -195,8 +195,13 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `pretrain` command (the console script) and `python -m pretrain`."""
     code = main()
     if sys.argv[1:2] and sys.argv[1] in ENDS_AT_ONCE and isinstance(code, int):
         exit_now(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    console()

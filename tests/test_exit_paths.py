@@ -24,7 +24,6 @@ from tests.helpers.runs import REPO
 # run there; it returns after 60 s).
 CHILD = """
 import datetime, os, sys, time
-import pytest
 import torch.distributed as dist
 from pretrain.train.resilience import Preemption, Watchdog
 mode = sys.argv[1]

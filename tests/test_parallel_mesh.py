@@ -33,11 +33,18 @@ def test_the_degrees_multiply_to_the_ranks_started():
     assert ParallelDims.resolve(P(2), 8) == ParallelDims(2, 4)
     hsdp = ParallelDims.resolve(P(2, 4), 8)
     assert (hsdp.shape, hsdp.names) == ((2, 4), ("dp_replicate", "dp_shard"))
+    # An elastic job's layout: whole nodes of 4 as shard groups, as many replicas as remain.
+    assert ParallelDims.resolve(P(-1, 4), 16) == ParallelDims(4, 4)
+    assert ParallelDims.resolve(P(-1, 4), 12) == ParallelDims(3, 4)
     with pytest.raises(ConfigError, match=r"^parallel.dp_replicate=3 does not divide the 8 ranks"):
         ParallelDims.resolve(P(3), 8)
+    with pytest.raises(ConfigError, match=r"^parallel.dp_shard=3 does not divide the 8 ranks"):
+        ParallelDims.resolve(P(-1, 3), 8)
+    with pytest.raises(ConfigError, match=r"are both -1: fix one of them"):
+        ParallelDims.resolve(P(-1, -1), 8)
     with pytest.raises(
         ConfigError, match=r"dp_replicate=2 x parallel.dp_shard=2 is 4 ranks, but 8 were started; "
-        r"set parallel.dp_shard=4 \(or -1\)$",
+        r"set parallel.dp_shard=4 or -1, or parallel.dp_replicate=4 or -1$",
     ):  # fmt: skip
         ParallelDims.resolve(P(2, 2), 8)
 
@@ -45,10 +52,11 @@ def test_the_degrees_multiply_to_the_ranks_started():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["parallel.dp_replicate=0"], "parallel.dp_replicate must be >= 1 (got 0)"),
+        (["parallel.dp_replicate=0"], "parallel.dp_replicate must be >= 1, or -1 for the rest"),
         (["parallel.strategy=fsdp", "parallel.dp_shard=0"], "parallel.dp_shard must be >= 1"),
         (["parallel.strategy=ddp", "parallel.dp_replicate=2"], "parallel.dp_replicate=2 lays"),
         (["parallel.strategy=zero", "parallel.dp_shard=4"], "parallel.dp_shard=4 lays"),
+        (["parallel.dp_replicate=-1"], "needs parallel.strategy=fsdp (got single)"),
     ],
 )
 def test_a_layout_that_cannot_work_is_refused_before_any_rank_starts(overrides, message):
@@ -185,6 +193,8 @@ def test_a_config_too_big_for_hsdp_is_offered_full_sharding():
 
     cfg = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp", "parallel.dp_replicate=4"])
     assert more_sharding(cfg, 16) == [("parallel.dp_replicate=1", "parallel.dp_shard=-1")]
+    elastic = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp", "parallel.dp_replicate=-1", "parallel.dp_shard=4"])  # fmt: skip
+    assert more_sharding(elastic, 16) == [("parallel.dp_replicate=1", "parallel.dp_shard=-1")]
     assert {"parallel.dp_replicate=1", "parallel.dp_shard=-1"} <= set(everything(cfg, 16))
     fsdp = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp"])
     assert more_sharding(fsdp, 16) == []
@@ -197,6 +207,11 @@ def test_the_plan_names_the_layout(capsys):
             "--nodes", "2", "--gpus-per-node", "4", "--gpu-type", "H100"]  # fmt: skip
     assert main(args) == 0
     assert "fsdp (HSDP: 2 replicas x 4 shards), fp32" in capsys.readouterr().out
+    # Shard groups of 3 on nodes of 4 span nodes, which the network model does not price.
+    args = [*args[:2], "parallel.dp_replicate=-1", "parallel.dp_shard=3", "train.micro_batch_size=1", "train.global_batch_size=12",
+            "--nodes", "3", "--gpus-per-node", "4", "--gpu-type", "H100"]  # fmt: skip
+    assert main(args) == 0
+    assert "4 replicas x 3 shards; shard groups span nodes" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ embedding and head groups

@@ -86,17 +86,15 @@ def validate(cfg: Config) -> None:
 def check_mesh(p) -> None:
     """The data-parallel degrees, before any rank starts (their product against the world
     size: `ParallelDims.resolve`, once the ranks are known)."""
-    if p.dp_replicate < 1:
-        raise ConfigError(f"parallel.dp_replicate must be >= 1 (got {p.dp_replicate})")
-    if p.dp_shard != -1 and p.dp_shard < 1:
-        raise ConfigError(f"parallel.dp_shard must be >= 1, or -1 for the rest (got {p.dp_shard})")
+    for key in ("dp_replicate", "dp_shard"):
+        value = getattr(p, key)
+        if value != -1 and value < 1:
+            raise ConfigError(f"parallel.{key} must be >= 1, or -1 for the rest (got {value})")
     if p.strategy != "fsdp" and (p.dp_replicate != 1 or p.dp_shard != -1):
-        key, value = (
-            ("dp_replicate", p.dp_replicate) if p.dp_replicate != 1 else ("dp_shard", p.dp_shard)
-        )
+        key = "dp_replicate" if p.dp_replicate != 1 else "dp_shard"
         raise ConfigError(
-            f"parallel.{key}={value} lays out FSDP's mesh and needs parallel.strategy=fsdp "
-            f"(got {p.strategy}: ddp replicates on every rank, zero shards over all of them)"
+            f"parallel.{key}={getattr(p, key)} lays out the mesh of FSDP/HSDP and needs "
+            f"parallel.strategy=fsdp (got {p.strategy})"
         )
 
 

@@ -184,6 +184,7 @@ class ParallelConfig:
     # fsdp: the ranks as dp_replicate x dp_shard (pretrain/parallel/dims.py). dp_replicate
     # > 1 is HSDP: each group of dp_shard consecutive ranks (one node, say) holds a copy of
     # the model sharded among them; only gradients cross between the dp_replicate copies.
+    # -1: world size / dp_shard (elastic jobs: dp_shard = GPUs per node, dp_replicate = -1).
     dp_replicate: int = 1
     # Ranks each copy of the model is sharded over; -1: world size / dp_replicate.
     dp_shard: int = -1

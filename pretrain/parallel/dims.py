@@ -1,7 +1,9 @@
 """The ranks as a product of parallel degrees, and the one device mesh over them.
 
-`parallel.dp_replicate` x `parallel.dp_shard` must equal the world size (dp_shard -1: what
-the world size leaves). Every rank is a data-parallel rank (it reads its own samples); the
+`parallel.dp_replicate` x `parallel.dp_shard` must equal the world size (either may be -1:
+what the world size leaves). An elastic job (`--nnodes MIN:MAX`) that may lose nodes sets
+dp_shard to the GPUs of a node and dp_replicate to -1, so the shard groups stay whole nodes
+whatever the number of nodes left. Every rank is a data-parallel rank (it reads its own samples); the
 two degrees only say how the fsdp strategy holds the model over them:
 
 - dp_shard alone (the default, dp_shard = world size): FSDP, every parameter, gradient and
@@ -34,18 +36,31 @@ class ParallelDims:
         """The degrees `parallel` (the config section) asks for on `world_size` ranks, -1
         resolved; a layout that does not multiply to the world size is a ConfigError."""
         replicate, shard = parallel.dp_replicate, parallel.dp_shard
-        if world_size % replicate:
+        if replicate == -1 and shard == -1:
             raise ConfigError(
-                f"parallel.dp_replicate={replicate} does not divide the {world_size} ranks "
-                f"started; use a divisor of {world_size}"
+                "parallel.dp_replicate and parallel.dp_shard are both -1: fix one of them "
+                "(for HSDP, dp_shard = the GPUs of a node and dp_replicate = -1)"
             )
+        fixed, key = (shard, "dp_shard") if replicate == -1 else (replicate, "dp_replicate")
+        if world_size % fixed:
+            raise ConfigError(
+                f"parallel.{key}={fixed} does not divide the {world_size} ranks started; "
+                f"use a divisor of {world_size}"
+            )
+        if replicate == -1:
+            replicate = world_size // shard
         if shard == -1:
             shard = world_size // replicate
         if replicate * shard != world_size:
             raise ConfigError(
                 f"parallel.dp_replicate={replicate} x parallel.dp_shard={shard} is "
                 f"{replicate * shard} ranks, but {world_size} were started; set "
-                f"parallel.dp_shard={world_size // replicate} (or -1)"
+                f"parallel.dp_shard={world_size // replicate} or -1"
+                + (
+                    f", or parallel.dp_replicate={world_size // shard} or -1"
+                    if world_size % shard == 0
+                    else ""
+                )
             )
         return cls(replicate, shard)
 

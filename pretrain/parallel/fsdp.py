@@ -18,6 +18,7 @@ communicates less but holds every parameter's unsharded gradient between micro-b
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -51,6 +52,14 @@ class FSDPStrategy(DistributedStrategy):
         dims = self.dims  # a layout that does not fit the ranks started stops every rank now
         if self.rank == 0:
             log.info("fsdp over %d ranks: %s", self.world_size, dims.describe())
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+            if dims.hsdp and per_node and dims.dp_shard % per_node and per_node % dims.dp_shard:
+                log.warning(
+                    "parallel.dp_shard=%d with %d ranks per node: some shard groups span two "
+                    "nodes, and their gathers cross the network; a divisor or multiple of %d "
+                    "keeps them whole",
+                    dims.dp_shard, per_node, per_node,
+                )  # fmt: skip
 
     @property
     def dims(self) -> ParallelDims:
@@ -90,8 +99,11 @@ class FSDPStrategy(DistributedStrategy):
             # The embedding and the output head (with the final norm) in groups of their own;
             # left in the root group, both would stay gathered for the whole step (4.2 GB at
             # 70B in bf16). The head is called once per loss chunk and again when a chunk is
-            # recomputed in backward: it stays gathered from its forward to its backward.
-            # A tied weight is one parameter and stays in the root group (torchtitan#594).
+            # recomputed in backward; its gradient is reduced once, after the last chunk, but
+            # with several chunks torch 2.13 reshards it after the first chunk's backward and
+            # gathers it again for the next (one more V x d gather a micro-batch, traced by
+            # the planner). A tied weight is one parameter and stays in the root group
+            # (torchtitan#594).
             fully_shard(model.tok_emb, **shard)
             fully_shard([model.norm, model.lm_head], **{**shard, "reshard_after_forward": False})
         fully_shard(model, **shard)

@@ -66,7 +66,11 @@ def report(p: Plan) -> list[str]:
         from pretrain.parallel.dims import ParallelDims
 
         dims = ParallelDims.resolve(par, c.world)
-        strategy += f" ({dims.describe()})" if dims.hsdp else ""
+        g = c.gpus_per_node
+        if dims.hsdp and dims.dp_shard % g and g % dims.dp_shard:  # Fabric.over assumes whole
+            strategy += f" ({dims.describe()}; shard groups span nodes, planned as if they did not)"
+        elif dims.hsdp:
+            strategy += f" ({dims.describe()})"
     lines = [
         f"plan: {cfg.run.name} on {c.describe()}, {strategy}, {par.mixed_precision}, "
         f"activation checkpointing {par.activation_checkpointing}",

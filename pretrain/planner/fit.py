@@ -74,7 +74,7 @@ def more_sharding(cfg, world: int) -> list[tuple[str, ...]]:
         changes = []
         if p.fsdp_defer_grad_sync or not p.reshard_after_forward:
             changes.append(("parallel.fsdp_defer_grad_sync=false", "parallel.reshard_after_forward=true"))  # fmt: skip
-        if p.dp_replicate > 1 or p.dp_shard != -1:  # HSDP: shard over every rank instead
+        if p.dp_replicate != 1:  # HSDP: shard over every rank instead
             changes.append(("parallel.dp_replicate=1", "parallel.dp_shard=-1"))
         if len(changes) == 2:
             changes.append(changes[0] + changes[1])

@@ -3,8 +3,8 @@
 `parallel.dp_replicate` x `parallel.dp_shard` must equal the world size (either may be -1:
 what the world size leaves). An elastic job (`--nnodes MIN:MAX`) that may lose nodes sets
 dp_shard to the GPUs of a node and dp_replicate to -1, so the shard groups stay whole nodes
-whatever the number of nodes left. Every rank is a data-parallel rank (it reads its own samples); the
-two degrees only say how the fsdp strategy holds the model over them:
+whatever the number of nodes left. Every rank is a data-parallel rank (it reads its own
+samples); the two degrees only say how the fsdp strategy holds the model over them:
 
 - dp_shard alone (the default, dp_shard = world size): FSDP, every parameter, gradient and
   optimizer state split over all ranks;
@@ -76,6 +76,11 @@ class ParallelDims:
     @property
     def names(self) -> tuple[str, ...]:
         return ("dp_replicate", "dp_shard") if self.hsdp else ("dp_shard",)
+
+    def spans_nodes(self, per_node: int) -> bool:
+        """Whether some HSDP shard group has ranks on two nodes of `per_node` ranks each (a
+        dp_shard that neither divides nor is a multiple of `per_node`)."""
+        return self.hsdp and bool(self.dp_shard % per_node and per_node % self.dp_shard)
 
     def describe(self) -> str:
         if self.hsdp:

@@ -53,7 +53,7 @@ class FSDPStrategy(DistributedStrategy):
         if self.rank == 0:
             log.info("fsdp over %d ranks: %s", self.world_size, dims.describe())
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
-            if dims.hsdp and per_node and dims.dp_shard % per_node and per_node % dims.dp_shard:
+            if per_node and dims.spans_nodes(per_node):
                 log.warning(
                     "parallel.dp_shard=%d with %d ranks per node: some shard groups span two "
                     "nodes, and their gathers cross the network; a divisor or multiple of %d "

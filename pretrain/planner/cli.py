@@ -66,8 +66,7 @@ def report(p: Plan) -> list[str]:
         from pretrain.parallel.dims import ParallelDims
 
         dims = ParallelDims.resolve(par, c.world)
-        g = c.gpus_per_node
-        if dims.hsdp and dims.dp_shard % g and g % dims.dp_shard:  # Fabric.over assumes whole
+        if dims.spans_nodes(c.gpus_per_node):  # Fabric.over prices groups as whole nodes
             strategy += f" ({dims.describe()}; shard groups span nodes, planned as if they did not)"
         elif dims.hsdp:
             strategy += f" ({dims.describe()})"

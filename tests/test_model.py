@@ -76,9 +76,9 @@ def test_gqa_shares_kv_heads_like_repeat_interleave(variant: str) -> None:
     H, K, D = TINY.n_heads, gqa.cfg.kv_heads, TINY.head_dim
     state = gqa.state_dict()
     for i in range(TINY.n_layers):
-        w = state.pop(f"layers.{i}.attn.qkv.weight").view(H + 2 * K, D, -1)
-        k, v = w[H : H + K].repeat_interleave(H // K, 0), w[H + K :].repeat_interleave(H // K, 0)
-        state[f"layers.{i}.attn.qkv.weight"] = torch.cat([w[:H], k, v]).flatten(0, 1)
+        for name in ("k_proj", "v_proj"):
+            w = state[f"layers.{i}.attn.{name}.weight"].view(K, D, -1)
+            state[f"layers.{i}.attn.{name}.weight"] = w.repeat_interleave(H // K, 0).flatten(0, 1)
     mha.load_state_dict(state)
     x = tokens()
     torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
@@ -209,11 +209,11 @@ def test_init_scales_residual_projections() -> None:
     cfg = ModelConfig(vocab_size=256, d_model=256, n_layers=8, n_heads=4, bias=True)
     model = Transformer(cfg)
     block = model.layers[0]
-    assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     residual = 0.02 / math.sqrt(2 * cfg.n_layers)
     assert block.attn.out_proj.weight.std().item() == pytest.approx(residual, rel=0.05)
     assert block.mlp.w2.weight.std().item() == pytest.approx(residual, rel=0.05)
-    assert torch.all(block.attn.qkv.bias == 0) and torch.all(block.attn_norm.weight == 1)
+    assert torch.all(block.attn.v_proj.bias == 0) and torch.all(block.attn_norm.weight == 1)
 
 
 def test_flops_per_token_by_hand() -> None:
@@ -235,7 +235,7 @@ def test_mask_cached_under_inference_mode_still_trains() -> None:
     with torch.inference_mode():
         model(tokens())
     model(tokens()).sum().backward()
-    assert model.layers[0].attn.qkv.weight.grad is not None
+    assert model.layers[0].attn.k_proj.weight.grad is not None
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "naive"])

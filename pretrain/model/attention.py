@@ -1,6 +1,8 @@
 """Causal self-attention with grouped-query heads, sliding window and ALiBi.
 
-One fused q/k/v projection feeds one of three interchangeable kernels, picked per call by
+Separate q, k and v projections (so a tensor-parallel column split gives each rank whole
+query heads with their kv heads; checkpoints of the earlier fused `qkv` load, see
+`Attention._split_fused_qkv`) feed one of three interchangeable kernels, picked per call by
 `select_backend` because the right choice depends on the tensors (device, dtype under
 autocast) and on the GPU:
 
@@ -48,6 +50,7 @@ try:
 except ImportError:  # not installed, or built against another torch
     flash_attn_func = None
 
+QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
 # SDPA's memory-efficient kernel wants the mask's strides to be multiples of this; a mask
@@ -169,9 +172,13 @@ def build_attention_bias(
     k_len: int,
     device: torch.device,
     dtype: torch.dtype,
+    heads: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Additive mask (1, H or 1, q_len, k_len) for queries at positions q_start.. and keys
     at 0..k_len-1: causal (and window) as -inf, ALiBi as -slope * distance.
+
+    `heads` (first, count): only those of the n_heads heads (a tensor-parallel rank's), each
+    with the slope of its global index; None: all of them.
 
     Query t may attend to keys t - window + 1 .. t. The storage's last dimension is padded
     to a multiple of MASK_ALIGNMENT, so SDPA's memory-efficient kernel takes it as is.
@@ -184,7 +191,7 @@ def build_attention_bias(
         allowed &= distance < window
     bias = torch.zeros(q_len, k_len, device=device).masked_fill(~allowed, -math.inf)
     if alibi:
-        slopes = torch.tensor(alibi_slopes(n_heads), device=device)
+        slopes = torch.tensor(head_slopes(n_heads, heads), device=device)
         bias = bias - slopes[:, None, None] * distance  # (H, Tq, Tk)
     bias = bias.view(1, -1, q_len, k_len)  # (1, H or 1, Tq, Tk)
     padded = -(-k_len // MASK_ALIGNMENT) * MASK_ALIGNMENT
@@ -237,27 +244,40 @@ def attention_bias(
     device: torch.device,
     dtype: torch.dtype,
     q_start: int = 0,
+    heads: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The (1, H or 1, T, q_start + T) mask of T = seq_len queries at positions q_start..
     (0 in training; the cached prefix's length in generation), from BIAS_CACHE; under
-    torch.compile it is traced into the graph instead."""
-    args = (n_heads, alibi, window, q_start, seq_len, q_start + seq_len, device, dtype)
+    torch.compile it is traced into the graph instead. `heads`: see build_attention_bias."""
+    heads = heads if alibi and heads != (0, n_heads) else None
+    args = (n_heads, alibi, window, q_start, seq_len, q_start + seq_len, device, dtype, heads)
     if torch.compiler.is_compiling():
         return build_attention_bias(*args)
     return BIAS_CACHE.get(args, lambda: build_attention_bias(*args))
 
 
-_SLOPES: dict[tuple[int, torch.device], torch.Tensor] = {}
+def head_slopes(n_heads: int, heads: tuple[int, int] | None) -> list[float]:
+    """The ALiBi slopes of heads first..first+count-1 of n_heads (None: every head)."""
+    slopes = alibi_slopes(n_heads)
+    return slopes if heads is None else slopes[heads[0] : heads[0] + heads[1]]
 
 
-def _alibi_slopes_tensor(n_heads: int, device: torch.device) -> torch.Tensor:
-    """Slopes as flash_attn wants them: float32 (H,) on the device (one per head count)."""
+_SLOPES: dict[tuple, torch.Tensor] = {}
+
+
+def _alibi_slopes_tensor(
+    n_heads: int, heads: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Slopes as flash_attn wants them: float32 (count,) on the device, one tensor per head
+    range."""
     if torch.compiler.is_compiling():
-        return torch.tensor(alibi_slopes(n_heads), dtype=torch.float32, device=device)
-    key = (n_heads, device)
+        return torch.tensor(head_slopes(n_heads, heads), dtype=torch.float32, device=device)
+    key = (n_heads, heads, device)
     if key not in _SLOPES:
         with torch.inference_mode(False):
-            _SLOPES[key] = torch.tensor(alibi_slopes(n_heads), dtype=torch.float32, device=device)
+            _SLOPES[key] = torch.tensor(
+                head_slopes(n_heads, heads), dtype=torch.float32, device=device
+            )
     return _SLOPES[key]
 
 
@@ -280,13 +300,33 @@ class Attention(nn.Module):
         self.alibi = cfg.position == "alibi"
         self.window = cfg.sliding_window
         self.dropout_p = cfg.dropout
-        qkv_dim = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, qkv_dim, bias=cfg.bias)
+        # The heads this module computes, (first, count) of n_heads: all of them, unless
+        # tensor parallelism gave this rank a slice (`shard_heads`).
+        self.heads = (0, self.n_heads)
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self._register_load_state_dict_pre_hook(self._split_fused_qkv)
         # Writes into the residual stream: gets the scaled init in Transformer.init_weights.
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
         # Set for generation only (Transformer.set_kv_cache); a plain attribute, not a
         # submodule, so it is neither in state_dict nor moved or sharded with the weights.
         self.kv_cache: KVCache | None = None
+
+    def _split_fused_qkv(self, state: dict, prefix: str, *_) -> None:
+        """A state dict of the earlier layout (one fused `qkv`) loads into the three."""
+        for kind in ("weight", "bias"):
+            fused = state.pop(f"{prefix}qkv.{kind}", None)
+            if fused is not None:
+                parts = split_qkv(fused, self.n_heads, self.n_kv_heads, self.head_dim)
+                for name, part in zip(QKV_NAMES, parts, strict=True):
+                    state[f"{prefix}{name}.{kind}"] = part
+
+    def shard_heads(self, rank: int, parts: int) -> None:
+        """Compute only query heads rank*H/parts.. (and their kv heads): what a
+        tensor-parallel column split of the projections leaves on `rank` of `parts`."""
+        count = self.n_heads // parts
+        self.heads = (rank * count, count)
 
     def backend(self, q: torch.Tensor) -> str:
         """The kernel for query q: 'flash', 'sdpa' or 'naive' (see `select_backend`)."""
@@ -310,15 +350,13 @@ class Attention(nn.Module):
         x's positions. start_pos: the position of x's first token; with a KV cache, x's keys
         and values are stored from there and x attends over positions 0..start_pos+T-1."""
         B, T, _ = x.shape
-        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * K, D)
-        if rope is None:
-            q, k, v = qkv.split([H, K, K], dim=2)  # (B, T, H, D), (B, T, K, D), (B, T, K, D)
-        else:
-            # q and k sit next to each other in qkv: rotate both in one pass. split (not
-            # slicing) so the backward is one concatenation instead of zero-fills and adds.
-            qk, v = qkv.split([H + K, K], dim=2)
-            q, k = apply_rope(qk, *rope).split([H, K], dim=2)  # (B, T, H, D), (B, T, K, D)
+        D = self.head_dim
+        H = self.heads[1]  # this rank's query heads (all of them without tensor parallelism)
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, -1, D)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, -1, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start_pos, k, v)  # (B, start_pos + T, K, D) each
         p = self.dropout_p if self.training else 0.0
@@ -335,7 +373,7 @@ class Attention(nn.Module):
 
     def _flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
         window = (-1, -1) if self.window is None else (self.window - 1, 0)
-        slopes = _alibi_slopes_tensor(self.n_heads, q.device) if self.alibi else None
+        slopes = _alibi_slopes_tensor(self.n_heads, self.heads, q.device) if self.alibi else None
         return flash_attn_func(
             q, k, v, dropout_p=p, causal=True, window_size=window, alibi_slopes=slopes
         )
@@ -347,17 +385,25 @@ class Attention(nn.Module):
         if not self.alibi and self.window is None and (q_start == 0 or T == 1):
             return sdpa_attention(q, k, v, None, causal=q_start == 0, dropout_p=p)
         mask = attention_bias(
-            self.n_heads, self.alibi, self.window, T, q.device, q.dtype, q_start=q_start
+            self.n_heads, self.alibi, self.window, T, q.device, q.dtype, q_start, self.heads
         )
         return sdpa_attention(q, k, v, mask, causal=True, dropout_p=p)
 
     def _naive(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        k, v = expand_kv(k, self.n_heads), expand_kv(v, self.n_heads)  # (B, H, Tk, D)
+        k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])  # (B, H, Tk, D)
         T, q_start = q.shape[2], k.shape[2] - q.shape[2]
         mask = attention_bias(
-            self.n_heads, self.alibi, self.window, T, q.device, torch.float32, q_start=q_start
-        )
+            self.n_heads, self.alibi, self.window, T, q.device, torch.float32, q_start,
+            self.heads,
+        )  # fmt: skip
         scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # (B, H, T, Tk)
         probs = torch.softmax(scores + mask, dim=-1).to(v.dtype)
         probs = F.dropout(probs, p)
         return probs @ v  # (B, H, T, D)
+
+
+def split_qkv(fused: torch.Tensor, n_heads: int, kv_heads: int, head_dim: int) -> list:
+    """The earlier layout's fused `qkv` weight or bias (rows: the H query heads, then the K
+    key heads, then the K value heads) as the q_proj, k_proj and v_proj tensors."""
+    q, kv = n_heads * head_dim, kv_heads * head_dim
+    return list(fused.split([q, kv, kv]))

@@ -58,14 +58,25 @@ class Strategy(ABC):
         self.mixed_dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else None
 
     @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks (each reads its own samples): every rank, unless a group of
+        ranks shares its samples (tensor parallelism, fsdp.py)."""
+        return self.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @property
     def accum_steps(self) -> int:
         """Micro-batches per rank per optimizer step."""
         t = self.cfg.train
-        per_step = t.micro_batch_size * self.world_size
+        per_step = t.micro_batch_size * self.dp_size
         if t.global_batch_size % per_step:
+            ranks = "ranks" if self.dp_size == self.world_size else "data-parallel ranks"
             raise ConfigError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size x ranks ({t.micro_batch_size} x {self.world_size})"
+                f"train.micro_batch_size x {ranks} ({t.micro_batch_size} x {self.dp_size})"
             )
         return t.global_batch_size // per_step
 
@@ -216,10 +227,13 @@ class Strategy(ABC):
         return self._stager
 
     def load(self, folder: Path) -> None:
+        """Read model and optimizer state from `folder` (written by any number of ranks);
+        a checkpoint of the earlier fused q/k/v layout is converted as it is read
+        (`fused_qkv_planner`: each rank reads its own rows of the fused tensors)."""
         msd, osd = get_state_dict(self.model, self.optimizer)
         state = {"model": msd, "optim": osd}
         with _quiet_dcp():
-            dcp.load(state, checkpoint_id=folder)
+            dcp.load(state, checkpoint_id=folder, planner=fused_qkv_planner(folder))
         set_state_dict(
             self.model,
             self.optimizer,

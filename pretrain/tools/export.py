@@ -4,12 +4,13 @@ Our decoder with RoPE, RMSNorm and SwiGLU is Llama's architecture (`LlamaForCaus
 `model.sliding_window`, Mistral's): GQA maps to `num_key_value_heads`, `model.bias` to
 `attention_bias`/`mlp_bias`, `rope_scale` to linear RoPE scaling, tied embeddings to
 `tie_word_embeddings`. Our RoPE already uses the "rotate half" layout of transformers'
-Llama, so q/k rows need no permutation; the fused `qkv` projection is split into
-`q_proj`, `k_proj`, `v_proj`. Weights are read from the (possibly sharded) checkpoint one
-tensor at a time and written as safetensors shards with an index, so the whole model is
-never in memory. The sentencepiece model goes along as `tokenizer.model` with a
-`LlamaTokenizer` config. What transformers cannot represent (ALiBi, learned positions,
-LayerNorm, GELU MLPs) is refused with the reason.
+Llama, so q/k rows need no permutation, and our `q_proj`, `k_proj`, `v_proj` are its own
+(a checkpoint of the earlier fused `qkv` projection has its rows split into them). Weights
+are read from the (possibly sharded) checkpoint one tensor at a time and written as
+safetensors shards with an index, so the whole model is never in memory. The sentencepiece
+model goes along as `tokenizer.model` with a `LlamaTokenizer` config. What transformers
+cannot represent (ALiBi, learned positions, LayerNorm, GELU MLPs) is refused with the
+reason.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from pretrain.errors import ConfigError
 from pretrain.files import write_json
+from pretrain.model.attention import QKV_NAMES, split_qkv
 from pretrain.model.config import ModelConfig
 from pretrain.rundir import checkpoint_config, find_tokenizer, resolve_checkpoint
 from pretrain.tools.consolidate import Entry, load_tensor, model_tensors, write_safetensors
@@ -87,31 +89,37 @@ def hf_config(
 
 
 def hf_entries(checkpoint: Path, m: ModelConfig, dtype: torch.dtype) -> list[Entry]:
-    """Our tensors, renamed (and qkv split) to transformers' names, in layer order."""
+    """Our tensors, renamed to transformers' names, in layer order (the rows of a fused
+    `qkv` of the earlier layout split into q_proj, k_proj and v_proj)."""
     tensors = model_tensors(checkpoint)
     load = lru_cache(maxsize=1)(lambda name: load_tensor(checkpoint, name, tensors[name]))
-    H, K = m.n_heads * m.head_dim, m.kv_heads * m.head_dim
 
-    def entry(hf_name: str, ours: str, rows: tuple[int, int] | None = None) -> Entry:
+    def entry(hf_name: str, ours: str, part: int | None = None) -> Entry:
+        """`ours` as `hf_name`: whole, or part `part` (0 q, 1 k, 2 v) of a fused qkv."""
         if ours not in tensors:
             raise ConfigError(
                 f"{checkpoint}: no tensor {ours}; is this checkpoint from this model?"
             )
-        shape = list(tensors[ours].size)
-        if rows is not None:
-            shape[0] = rows[1] - rows[0]
-        return Entry(hf_name, shape, dtype,
-                     lambda: load(ours) if rows is None else load(ours)[rows[0] : rows[1]])  # fmt: skip
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if part is None else split_qkv(t, m.n_heads, m.kv_heads, m.head_dim)[part]
+
+        shape = list(pick(torch.empty(tensors[ours].size, device="meta")).shape)
+        return Entry(hf_name, shape, dtype, lambda: pick(load(ours)))
 
     out = [entry("model.embed_tokens.weight", "tok_emb.weight")]
     for i in range(m.n_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        spans = {"q_proj": (0, H), "k_proj": (H, H + K), "v_proj": (H + K, H + 2 * K)}
         names = [("input_layernorm.weight", "attn_norm.weight")]
         names += [("post_attention_layernorm.weight", "mlp_norm.weight")]
         for kind in ("weight", "bias") if m.bias else ("weight",):
-            for proj, span in spans.items():
-                out.append(entry(f"{hf}self_attn.{proj}.{kind}", f"{ours}attn.qkv.{kind}", span))
+            fused = f"{ours}attn.qkv.{kind}"  # a checkpoint of the earlier fused layout
+            for part, proj in enumerate(QKV_NAMES):
+                name = f"{hf}self_attn.{proj}.{kind}"
+                if fused in tensors:
+                    out.append(entry(name, fused, part))
+                else:
+                    out.append(entry(name, f"{ours}attn.{proj}.{kind}"))
             names += [(f"self_attn.o_proj.{kind}", f"attn.out_proj.{kind}")]
             names += [(f"mlp.gate_proj.{kind}", f"mlp.w1.{kind}")]
             names += [(f"mlp.up_proj.{kind}", f"mlp.w3.{kind}")]

@@ -1,9 +1,12 @@
-"""One rank of the checkpoint tests on real ranks; run by tests/test_checkpoint_ranks.py
-under torchrun (2 ranks, gloo), it writes what it saw to OUT/rank{r}.json.
+"""One rank of the checkpoint tests on real ranks; run by tests/test_checkpoint_ranks.py and
+tests/test_checkpoint_legacy.py under torchrun (2 ranks, gloo), it writes what it saw to
+OUT/rank{r}.json.
 
     strategies OUT ROOT NAME...   real strategies save twice and resume; who wrote what
     views OUT ROOT_0 ROOT_1       each rank sees its own copy of the run's checkpoints
     s3 OUT ROOT URL SLOW_URL      per-rank upload and download through a real S3 server
+    fused OUT ROOT                fsdp, hsdp, ddp resume from a sharded checkpoint of the
+                                  earlier fused q/k/v layout (`fused_layout`)
 """
 
 from __future__ import annotations
@@ -87,6 +90,111 @@ def strategies(out: dict, root: Path, names: list[str]) -> None:
         dist.barrier()
 
 
+def fused_layout(state: dict) -> dict:
+    """A checkpoint state ({"model", "optim"} as `get_state_dict` gives it) as the earlier
+    fused q/k/v layout saved it: each attention's q, k and v rows (weight, bias, AdamW
+    moments) one `qkv` entry, its `step` q's, the param groups naming `qkv` where they named
+    q_proj. A sharded DTensor stays sharded as the parts were (every rank gathers the parts
+    and keeps its slice of the whole: for test models only)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from pretrain.model.attention import QKV_NAMES
+
+    def parts(key: str) -> list[str] | None:  # q's key: the keys of q, k and v; else None
+        return [key.replace(".q_proj.", f".{n}.") for n in QKV_NAMES] if ".q_proj." in key else None
+
+    def fuse(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if tensors[0].dim() == 0:  # AdamW's step, the same in all three
+            return tensors[0]
+        if isinstance(tensors[0], DTensor):
+            whole = torch.cat([t.full_tensor() for t in tensors])
+            mesh, placements = tensors[0].device_mesh, tensors[0].placements
+            return distribute_tensor(whole, mesh, placements, src_data_rank=None)
+        return torch.cat(tensors)
+
+    def fused(entries: dict, value_of) -> dict:
+        out = {}
+        for key in entries:
+            names = parts(key)
+            if names is not None:
+                out[key.replace(".q_proj.", ".qkv.")] = value_of([entries[n] for n in names])
+            elif not any(f".{n}." in key for n in QKV_NAMES):
+                out[key] = entries[key]
+        return out
+
+    optim = state["optim"]
+    groups = [
+        {**g, "params": list(fused(dict.fromkeys(g["params"]), lambda _: None))}
+        for g in optim["param_groups"]
+    ]
+    return {
+        "model": fused(state["model"], fuse),
+        "optim": {
+            "state": fused(optim["state"], lambda ss: {k: fuse([s[k] for s in ss]) for k in ss[0]}),
+            "param_groups": groups,
+        },
+    }
+
+
+def fused(out: dict, root: Path) -> None:
+    """fsdp on 2 ranks saves a checkpoint in each layout (the fused one sharded too, its
+    shard boundaries falling inside q); fsdp, hsdp and ddp then load the fused one, and
+    hold what loading the other gives."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from pretrain.config.load import load_config
+    from pretrain.parallel import build_strategy
+
+    def built(*extra: str):
+        # q 64 rows, k and v 16 each: the fused 96 rows split 48/48 on 2 ranks
+        model = ["model.bias=true", "model.n_kv_heads=1"]
+        cfg = load_config(REPO / "configs/tiny.yaml", [*TINY, *model, *extra])
+        strategy = build_strategy(cfg)
+        strategy.setup()
+        return strategy
+
+    def local_state(strategy) -> tuple[dict[str, torch.Tensor], list]:
+        """This rank's part of every model and optimizer tensor, and the param groups (all
+        of them: not ddp's share of them to save)."""
+        model, optim = get_state_dict(strategy.model, strategy.optimizer)
+        flat = {f"model.{k}": v for k, v in model.items()}
+        for key, states in optim["state"].items():
+            flat |= {f"optim.{key}.{k}": v for k, v in states.items()}
+        flat = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in flat.items()}
+        return flat, optim["param_groups"]
+
+    strategy = built(*STRATEGIES["fsdp"])
+    tokens = torch.randint(0, 512, (2, 65), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        strategy.backward(strategy.forward(tokens[:, :-1], tokens[:, 1:]))
+        strategy.step(1.0)
+    strategy.save(root / "split")
+    dcp.save(fused_layout(strategy.checkpoint_state()), checkpoint_id=root / "fused")
+    del strategy
+    loaders = {
+        "fsdp": STRATEGIES["fsdp"],
+        "hsdp": [*STRATEGIES["fsdp"], "parallel.dp_replicate=2"],
+        "ddp": STRATEGIES["ddp"],  # whole tensors, read from both ranks' shards
+    }
+    for name, overrides in loaders.items():
+        loaded = {}
+        for layout in ("split", "fused"):
+            strategy = built(*overrides)
+            strategy.load(root / layout)
+            loaded[layout] = local_state(strategy)
+            del strategy
+        (split, split_groups), (fused_, fused_groups) = loaded["split"], loaded["fused"]
+        out[name] = {
+            "keys": sorted(split) == sorted(fused_),
+            "different": sorted(k for k in split if not torch.equal(split[k], fused_[k])),
+            "groups": split_groups == fused_groups,
+            "q_rows": fused_["model.layers.0.attn.q_proj.weight"].shape[0],
+        }
+        dist.barrier()
+
+
 def views(out: dict, roots: list[Path]) -> None:
     ck = Checkpointer(roots[dist.get_rank()], keep_last=3)
     path = ck.resume_point()
@@ -158,6 +266,8 @@ def main() -> None:
     out: dict = {}
     if mode == "strategies":  # the strategies join the process group as in training
         strategies(out, Path(sys.argv[3]), sys.argv[4:])
+    elif mode == "fused":
+        fused(out, Path(sys.argv[3]))
     else:
         # Collectives give up after COLLECTIVE_TIMEOUT_S: no wait for a transfer may be one.
         dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))

@@ -174,6 +174,8 @@ OPERATIONAL_PARALLEL_KEYS = (
     "loss_chunk_tokens",
     "dp_replicate",
     "dp_shard",
+    "tp",
+    "tp_spans_nodes",
 )
 
 

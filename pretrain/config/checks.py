@@ -71,7 +71,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"fault.preempt_signals[{i}] must be one of {', '.join(PREEMPT_SIGNALS)} (got {name!r})"
             )
-    check_mesh(cfg.parallel)
+    check_mesh(cfg)
     c = cfg.checkpoint
     if c.async_save and cfg.parallel.strategy == "zero":
         raise ConfigError(
@@ -83,18 +83,53 @@ def validate(cfg: Config) -> None:
     check_eval(cfg)
 
 
-def check_mesh(p) -> None:
-    """The data-parallel degrees, before any rank starts (their product against the world
-    size: `ParallelDims.resolve`, once the ranks are known)."""
+def check_mesh(cfg: Config) -> None:
+    """The mesh's degrees, before any rank starts (their product against the world size and
+    tp against a node: `ParallelDims.resolve` and the fsdp strategy, once ranks are known)."""
+    p = cfg.parallel
     for key in ("dp_replicate", "dp_shard"):
         value = getattr(p, key)
         if value != -1 and value < 1:
             raise ConfigError(f"parallel.{key} must be >= 1, or -1 for the rest (got {value})")
+    if p.tp < 1:
+        raise ConfigError(f"parallel.tp must be >= 1 (got {p.tp})")
+    if p.tp > 1 and p.strategy != "fsdp":
+        raise ConfigError(
+            f"parallel.tp={p.tp} (tensor parallelism) needs parallel.strategy=fsdp "
+            f"(got {p.strategy})"
+        )
+    if p.tp > 1:
+        check_tp(p.tp, cfg)
     if p.strategy != "fsdp" and (p.dp_replicate != 1 or p.dp_shard != -1):
         key = "dp_replicate" if p.dp_replicate != 1 else "dp_shard"
         raise ConfigError(
             f"parallel.{key}={getattr(p, key)} lays out the mesh of FSDP/HSDP and needs "
             f"parallel.strategy=fsdp (got {p.strategy})"
+        )
+
+
+def check_tp(tp: int, cfg: Config) -> None:
+    """What tensor parallelism over `tp` ranks splits must divide by it: query and kv heads
+    (whole heads per rank), the vocabulary (embedding and head rows), the MLP's hidden size
+    and the sequence (sequence-parallel norms)."""
+    m = cfg.model
+    sizes = [
+        ("model.n_heads", m.n_heads),
+        ("model.n_kv_heads", m.kv_heads),
+        ("model.vocab_size", m.vocab_size),
+        ("model.hidden_dim", m.hidden_dim),
+        ("data.seq_len", cfg.data.seq_len),
+    ]
+    for key, size in sizes:
+        if size % tp:
+            raise ConfigError(
+                f"{key}={size} does not divide by parallel.tp={tp}: tensor parallelism gives "
+                f"each of the {tp} ranks an equal part; use a tp that divides {size}"
+            )
+    if m.position == "learned":
+        raise ConfigError(
+            f"parallel.tp={tp} with model.position=learned is not supported yet (the table "
+            "would be added to sequence-parallel shards); use rope or alibi, or tp=1"
         )
 
 

@@ -186,8 +186,16 @@ class ParallelConfig:
     # the model sharded among them; only gradients cross between the dp_replicate copies.
     # -1: world size / dp_shard (elastic jobs: dp_shard = GPUs per node, dp_replicate = -1).
     dp_replicate: int = 1
-    # Ranks each copy of the model is sharded over; -1: world size / dp_replicate.
+    # Ranks each copy of the model is sharded over; -1: world size / (dp_replicate x tp).
     dp_shard: int = -1
+    # fsdp: tensor (+ sequence) parallel degree, the innermost mesh dimension: each group of
+    # tp consecutive ranks splits every block's heads and MLP, the embedding and the output
+    # head (over the vocabulary) and reads the same samples. Heads, kv heads, vocab_size and
+    # seq_len must divide by it; keep it within a node (NVLink).
+    tp: int = 1
+    # Allow tp groups that do not fit in one node (their every-layer traffic then crosses
+    # the network); refused by default.
+    tp_spans_nodes: bool = False
     # DeepSpeed ZeRO stage for strategy zero: 1 shards optimizer state, 2 also gradients,
     # 3 also parameters.
     zero_stage: int = 2

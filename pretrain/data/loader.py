@@ -82,6 +82,8 @@ def _dataset(
             shuffle=shuffle,
             shuffle_seed=cfg.run.seed,
             num_canonical_nodes=num_canonical_nodes,
+            # The tp consecutive ranks of a tensor-parallel group read the same samples.
+            replication=cfg.parallel.tp if cfg.parallel.tp > 1 else None,
         )
 
 

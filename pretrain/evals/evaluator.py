@@ -19,8 +19,12 @@ from pretrain.evals.tasks import Request, Task, read_tasks
 
 
 class Evaluator:
-    def __init__(self, cfg: EvalConfig, tokenizer, max_len: int, ranks=None, device="cpu") -> None:
-        self.cfg, self.ranks, self.device = cfg, ranks, device
+    def __init__(
+        self, cfg: EvalConfig, tokenizer, max_len: int, ranks=None, device="cpu", tp: int = 1
+    ) -> None:
+        """`tp`: consecutive ranks that run each forward together (tensor parallelism): they
+        score the same batches, and only the first of them counts its results."""
+        self.cfg, self.ranks, self.device, self.tp = cfg, ranks, device, tp
         self.rank = ranks.rank if ranks is not None else 0
         self.world = ranks.world_size if ranks is not None else 1
         self.tasks: list[Task] = read_tasks(cfg.tasks, ranks)
@@ -47,7 +51,10 @@ class Evaluator:
         {"core", "tasks": {name: {acc[, acc_norm], chance, centered, n, metric}}, "eval_s"}
         and with `samples`, each task's per-request [loglik, greedy] in request order."""
         start = time.perf_counter()
-        mine = score(forward, self.encoded, self.plan, self.rank, self.world, self.pad_id, self.device, beat)  # fmt: skip
+        dp_rank, dp = self.rank // self.tp, self.world // self.tp
+        mine = score(forward, self.encoded, self.plan, dp_rank, dp, self.pad_id, self.device, beat)
+        if self.rank % self.tp:  # the group's first rank holds the same results
+            mine = {}
         results = merge(mine, len(self.encoded), self.world, self.device)
         if self.rank != 0:
             return None

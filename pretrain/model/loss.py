@@ -12,18 +12,56 @@ token, under 1% of a 7B model's step).
 It runs inside `Transformer.forward` on purpose: a sharded wrapper (FSDP2, ZeRO-3)
 gathers the output projection's weight for the model's forward and backward, so calling
 the `head` module here, and again in the recomputation, sees the whole weight.
+
+Under tensor parallelism (parallel/tp.py) the head's logits are a DTensor split over the
+vocabulary: the loss is taken on the split logits by torch's `loss_parallel` (a max, a sum
+of exponentials and the target's logit, each reduced over the tp group: three tiny
+all-reduces a chunk instead of gathering chunk x V logits). Its backward needs the same
+context: `loss_parallel_backward` is what the strategy runs `loss.backward()` in.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils.checkpoint import checkpoint
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """F.cross_entropy of logits upcast to fp32; logits split over the vocabulary (a
+    DTensor, tensor parallelism) are reduced without being gathered."""
+    if not isinstance(logits, DTensor):
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)
+    with loss_parallel():
+        loss = F.cross_entropy(logits.float(), targets, reduction=reduction)
+    return loss.to_local()  # replicated over the tp group: every rank holds the value
+
+
+def loss_parallel_backward(model: nn.Module):
+    """The context `loss.backward()` runs in: torch's `loss_parallel` when `model`'s head
+    is split over the vocabulary (its backward handlers must be active too), else none."""
+    head = getattr(model, "lm_head", None)
+    if (
+        head is not None
+        and isinstance(head.weight, DTensor)
+        and "tp" in (head.weight.device_mesh.mesh_dim_names or ())
+    ):
+        return loss_parallel()
+    return contextlib.nullcontext()
+
+
+def whole(logits: torch.Tensor) -> torch.Tensor:
+    """Logits with every vocabulary entry on this rank (gathered if split)."""
+    return logits.full_tensor() if isinstance(logits, DTensor) else logits
+
+
 def _chunk_loss(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+    return cross_entropy(head(h), targets, reduction="sum")
 
 
 def chunked_cross_entropy(
@@ -39,7 +77,7 @@ def chunked_cross_entropy(
     if chunk_tokens <= 0 or chunk_tokens >= n:
         # One chunk: recomputing it in backward would cost a matmul and lower no peak (the
         # recomputation holds the same logits, log-probs and gradient at once).
-        return F.cross_entropy(head(h).float(), targets)
+        return cross_entropy(head(h), targets, reduction="mean")
     total = h.new_zeros((), dtype=torch.float32)
     for h_part, t_part in zip(h.split(chunk_tokens), targets.split(chunk_tokens), strict=True):
         if torch.is_grad_enabled():
@@ -81,7 +119,7 @@ def token_scores(
     parts = []
     for k in range(-(-n // size)):  # ceil(n / size) calls, whatever this rank's N
         h_part, t_part = h[k * size : (k + 1) * size], targets[k * size : (k + 1) * size]
-        logits = head(h_part).float()
+        logits = whole(head(h_part)).float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, t_part[:, None])[:, 0]
         greedy = (logits.argmax(dim=-1) == t_part).float()
         parts.append(torch.stack([logp, greedy], dim=-1))

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from pretrain.model.attention import Attention
 from pretrain.model.config import ATTENTION_IMPLS, MLPS, NORMS, POSITIONS, ModelConfig
 from pretrain.model.kv_cache import KVCache
-from pretrain.model.loss import chunked_cross_entropy, token_scores
+from pretrain.model.loss import chunked_cross_entropy, token_scores, whole
 from pretrain.model.positions import rope_cos_sin
 
 
@@ -233,7 +233,7 @@ class Transformer(nn.Module):
         """
         x = self.hidden(tokens, start_pos)  # (B, T, d_model)
         if targets is None:
-            return self.lm_head(x).float()  # (B, T, vocab_size)
+            return whole(self.lm_head(x)).float()  # (B, T, vocab_size)
         if targets.shape != tokens.shape:
             raise ValueError(
                 f"targets {tuple(targets.shape)} must match tokens {tuple(tokens.shape)}"

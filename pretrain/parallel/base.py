@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from pretrain.checkpoint.legacy import fused_qkv_planner
 from pretrain.errors import ConfigError
 from pretrain.model import Transformer
 from pretrain.train.optim import build_optimizer

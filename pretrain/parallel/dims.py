@@ -1,10 +1,11 @@
 """The ranks as a product of parallel degrees, and the one device mesh over them.
 
-`parallel.dp_replicate` x `parallel.dp_shard` must equal the world size (either may be -1:
-what the world size leaves). An elastic job (`--nnodes MIN:MAX`) that may lose nodes sets
+`parallel.dp_replicate` x `parallel.dp_shard` x `parallel.tp` must equal the world size
+(either dp degree may be -1: what the world size leaves). An elastic job (`--nnodes MIN:MAX`) that may lose nodes sets
 dp_shard to the GPUs of a node and dp_replicate to -1, so the shard groups stay whole nodes
-whatever the number of nodes left. Every rank is a data-parallel rank (it reads its own
-samples); the two degrees only say how the fsdp strategy holds the model over them:
+whatever the number of nodes left. The tp consecutive ranks of a tensor-parallel group
+read the same samples (one data-parallel rank, `dp_rank`); the dp degrees say how the fsdp
+strategy holds the model over the data-parallel ranks:
 
 - dp_shard alone (the default, dp_shard = world size): FSDP, every parameter, gradient and
   optimizer state split over all ranks;
@@ -14,8 +15,11 @@ samples); the two degrees only say how the fsdp strategy holds the model over th
   dp_shard is at most its GPUs: NVLink), and only the reduced gradient shards are
   all-reduced across the dp_replicate copies (the network).
 
+- tp > 1: tensor + sequence parallelism (parallel/tp.py) inside each data-parallel rank,
+  the innermost mesh dimension; FSDP then shards over the dp dimensions only.
+
 Consecutive ranks share a node under torchrun and SLURM, so the innermost dimension is the
-one whose traffic is heaviest (dp_shard now; tensor parallelism, when it comes, inside it).
+one whose traffic is heaviest: tp (every layer, forward and backward), then dp_shard.
 Checkpoints are DCP: a run saved on one layout resumes on any other (DCP reshards).
 """
 
@@ -30,12 +34,25 @@ from pretrain.errors import ConfigError
 class ParallelDims:
     dp_replicate: int
     dp_shard: int
+    tp: int = 1
 
     @classmethod
     def resolve(cls, parallel, world_size: int) -> ParallelDims:
         """The degrees `parallel` (the config section) asks for on `world_size` ranks, -1
         resolved; a layout that does not multiply to the world size is a ConfigError."""
+        tp = getattr(parallel, "tp", 1)
+        if world_size % tp:
+            raise ConfigError(
+                f"parallel.tp={tp} does not divide the {world_size} ranks started; use a "
+                f"divisor of {world_size}"
+            )
+        return cls._resolve_dp(parallel, world_size // tp, tp)
+
+    @classmethod
+    def _resolve_dp(cls, parallel, world_size: int, tp: int) -> ParallelDims:
+        """dp_replicate x dp_shard over the world_size data-parallel ranks (the world / tp)."""
         replicate, shard = parallel.dp_replicate, parallel.dp_shard
+        ranks = "ranks started" if tp == 1 else f"data-parallel ranks (world / parallel.tp={tp})"
         if replicate == -1 and shard == -1:
             raise ConfigError(
                 "parallel.dp_replicate and parallel.dp_shard are both -1: fix one of them "
@@ -44,7 +61,7 @@ class ParallelDims:
         fixed, key = (shard, "dp_shard") if replicate == -1 else (replicate, "dp_replicate")
         if world_size % fixed:
             raise ConfigError(
-                f"parallel.{key}={fixed} does not divide the {world_size} ranks started; "
+                f"parallel.{key}={fixed} does not divide the {world_size} {ranks}; "
                 f"use a divisor of {world_size}"
             )
         if replicate == -1:
@@ -54,7 +71,8 @@ class ParallelDims:
         if replicate * shard != world_size:
             raise ConfigError(
                 f"parallel.dp_replicate={replicate} x parallel.dp_shard={shard} is "
-                f"{replicate * shard} ranks, but {world_size} were started; set "
+                f"{replicate * shard} ranks, but {world_size} "
+                f"{'were started' if tp == 1 else f'are data-parallel (world / parallel.tp={tp})'}; set "
                 f"parallel.dp_shard={world_size // replicate} or -1"
                 + (
                     f", or parallel.dp_replicate={world_size // shard} or -1"
@@ -62,30 +80,67 @@ class ParallelDims:
                     else ""
                 )
             )
-        return cls(replicate, shard)
+        return cls(replicate, shard, tp)
 
     @property
     def hsdp(self) -> bool:
         return self.dp_replicate > 1
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        """The mesh's shape, outermost first: (dp_replicate, dp_shard) for HSDP."""
-        return (self.dp_replicate, self.dp_shard) if self.hsdp else (self.dp_shard,)
+    def dp(self) -> int:
+        """Data-parallel ranks: each reads its own samples."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp
+
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel rank of global `rank` (its tp group's index)."""
+        return rank // self.tp
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp
+
+    @property
+    def dp_names(self) -> tuple[str, ...]:
+        """The mesh dimensions FSDP shards (and HSDP replicates) over."""
+        return ("dp_replicate", "dp_shard") if self.hsdp else ("dp_shard",)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return ("dp_replicate", "dp_shard") if self.hsdp else ("dp_shard",)
+        return self.dp_names + (("tp",) if self.tp > 1 else ())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The mesh's shape, outermost first: (dp_replicate, dp_shard, tp), dimensions of 1
+        left out (dp_shard is always there)."""
+        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        return tuple(sizes[n] for n in self.names)
 
     def spans_nodes(self, per_node: int) -> bool:
-        """Whether some HSDP shard group has ranks on two nodes of `per_node` ranks each (a
-        dp_shard that neither divides nor is a multiple of `per_node`)."""
-        return self.hsdp and bool(self.dp_shard % per_node and per_node % self.dp_shard)
+        """Whether some HSDP shard group has ranks on two nodes of `per_node` ranks each (its
+        dp_shard x tp consecutive ranks neither divide nor are a multiple of `per_node`)."""
+        group = self.dp_shard * self.tp
+        return self.hsdp and bool(group % per_node and per_node % group)
+
+    def check_tp_in_node(self, per_node: int, allowed: bool) -> None:
+        """A ConfigError when some tensor-parallel group would have ranks on two nodes of
+        `per_node` ranks (its every-layer traffic on the network), unless `allowed`
+        (parallel.tp_spans_nodes)."""
+        if self.tp > 1 and per_node % self.tp and not allowed:
+            raise ConfigError(
+                f"parallel.tp={self.tp} with {per_node} GPUs per node: tensor-parallel groups "
+                f"would span nodes, their every-layer traffic on the network; use a tp that "
+                f"divides {per_node}, or set parallel.tp_spans_nodes=true"
+            )
 
     def describe(self) -> str:
         if self.hsdp:
-            return f"HSDP: {self.dp_replicate} replicas x {self.dp_shard} shards"
-        return f"FSDP: {self.dp_shard} shards"
+            text = f"HSDP: {self.dp_replicate} replicas x {self.dp_shard} shards"
+        else:
+            text = f"FSDP: {self.dp_shard} shards"
+        return text + (f" x TP {self.tp}" if self.tp > 1 else "")
 
     def mesh(self, device_type: str):
         """The device mesh of these degrees over the default process group's ranks."""

@@ -10,6 +10,10 @@ load onto any number of ranks.
 
 Gradient accumulation reduce-scatters after every micro-batch by default: each rank then
 only ever keeps its shard of the (fp32) gradients, accumulated across micro-batches.
+With parallel.tp > 1 the model is first split by tensor (+ sequence) parallelism over each
+group of tp consecutive ranks (tp.py), then FSDP shards it over the data-parallel
+dimensions of the mesh only (dims.py): 2-D parameters.
+
 Deferring the reduce-scatter to the last micro-batch (`parallel.fsdp_defer_grad_sync`)
 communicates less but holds every parameter's unsharded gradient between micro-batches
 (+4 bytes per parameter per rank, the size of the whole model): for small models only.
@@ -26,6 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from pretrain.model import Transformer
+from pretrain.model.loss import loss_parallel_backward
 from pretrain.parallel.base import prepare_blocks
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.distributed import DistributedStrategy
@@ -50,9 +55,11 @@ class FSDPStrategy(DistributedStrategy):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         dims = self.dims  # a layout that does not fit the ranks started stops every rank now
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+        if per_node:
+            dims.check_tp_in_node(per_node, cfg.parallel.tp_spans_nodes)
         if self.rank == 0:
             log.info("fsdp over %d ranks: %s", self.world_size, dims.describe())
-            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
             if per_node and dims.spans_nodes(per_node):
                 log.warning(
                     "parallel.dp_shard=%d with %d ranks per node: some shard groups span two "
@@ -63,17 +70,30 @@ class FSDPStrategy(DistributedStrategy):
 
     @property
     def dims(self) -> ParallelDims:
-        """parallel.dp_replicate x parallel.dp_shard over this run's ranks (dims.py)."""
+        """parallel.dp_replicate x dp_shard x tp over this run's ranks (dims.py)."""
         return ParallelDims.resolve(self.cfg.parallel, self.world_size)
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank(self.rank)
 
     def device_mesh(self):
         """The ranks' mesh on the agreed device (fully_shard's default would pick CUDA
-        whenever a GPU is visible, even with parallel.device=cpu): 1-D for FSDP, 2-D
-        (dp_replicate, dp_shard) for HSDP, which fully_shard then applies. Made once, and
-        outside any fake-tensor mode (the planner builds it before tracing a step)."""
+        whenever a GPU is visible, even with parallel.device=cpu): (dp_replicate, dp_shard,
+        tp), dimensions of 1 left out but dp_shard. Made once, and outside any fake-tensor
+        mode (the planner builds it before tracing a step)."""
         if self._mesh is None:
             self._mesh = self.dims.mesh(self.device.type)
         return self._mesh
+
+    def dp_mesh(self):
+        """What fully_shard shards over: 1-D for FSDP, 2-D (dp_replicate, dp_shard) for HSDP."""
+        mesh, dims = self.device_mesh(), self.dims
+        return mesh if dims.tp == 1 else mesh[dims.dp_names]
 
     def build_model(self) -> nn.Module:
         model = self.sharded_meta_model()
@@ -87,9 +107,13 @@ class FSDPStrategy(DistributedStrategy):
         with torch.device("meta"):
             model = Transformer(self.cfg.model)
         p = self.cfg.parallel
+        if self.dims.tp > 1:  # tensor parallelism first, then checkpointing, compile, FSDP
+            from pretrain.parallel.tp import apply_tensor_parallel
+
+            apply_tensor_parallel(model, self.device_mesh()["tp"])
         prepare_blocks(model, p)
         shard = dict(
-            mesh=self.device_mesh(),
+            mesh=self.dp_mesh(),
             mp_policy=self.mixed_precision_policy(),
             reshard_after_forward=p.reshard_after_forward,
         )
@@ -112,7 +136,8 @@ class FSDPStrategy(DistributedStrategy):
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         if self.cfg.parallel.fsdp_defer_grad_sync:  # reduce-scatter once, after the last
             self.model.set_requires_gradient_sync(last)
-        loss.backward()
+        with loss_parallel_backward(self.model):
+            loss.backward()
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         norm = super().clip_gradients(max_norm)

@@ -281,8 +281,9 @@ class Trainer:
         model = self.strategy.model
         model.eval()
         total, n = torch.zeros((), device=self.device), 0
-        # eval_batches counts micro-batches over all ranks: the same samples at any world size.
-        per_rank = max(1, self.cfg.train.eval_batches // self.strategy.world_size)
+        # eval_batches counts micro-batches over all data-parallel ranks: the same samples at
+        # any world size and layout.
+        per_rank = max(1, self.cfg.train.eval_batches // self.strategy.dp_size)
         for tokens in self.val_data.batches(per_rank):
             total += self.loss(tokens.to(self.device))
             n += 1
@@ -301,8 +302,9 @@ class Trainer:
 
         max_len = self.cfg.model.max_seq_len
         return Evaluator(
-            self.cfg.eval, self.tokenizer, max_len, Ranks.current(), self.strategy.device
-        )
+            self.cfg.eval, self.tokenizer, max_len, Ranks.current(), self.strategy.device,
+            tp=self.cfg.parallel.tp,
+        )  # fmt: skip
 
     def _tasks_due(self, step: int, save: bool) -> bool:
         e = self.cfg.eval

@@ -1,0 +1,215 @@
+"""Tensor + sequence parallelism (`parallel.tp`, pretrain/parallel/tp.py) on the fsdp strategy.
+
+On 4 real gloo ranks a test model whose head counts divide by 4 (GQA: 8 query heads over 4
+kv heads, tied embeddings) trains as one process does, step by step, on tp 2 x dp_shard 2;
+a rank killed with SIGKILL resumes bit for bit on its own layout, and the checkpoint resumes
+through DCP's resharding on FSDP alone, on tp 4 and on HSDP x tp. ALiBi with an untied head
+and a chunked loss runs on tp 4. The layout checks are one line each.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+
+import pytest
+import torch
+
+from pretrain.config.load import load_config
+from pretrain.errors import ConfigError
+from pretrain.parallel.dims import ParallelDims
+from tests.helpers.runs import REPO, losses_by_step, run_cli, torchrun_command, with_overrides
+from tests.test_faults import finish, wait_for_step, worker
+from tests.test_parallel import torchrun_train
+
+STEPS = 20
+# Whole heads for up to 4 ranks: 8 query heads over 4 kv heads (GQA), head_dim 8.
+TP_MODEL = ["model.n_heads=8", "model.n_kv_heads=4", "train.log_every=1", "train.eval_every=10",
+            f"schedule.decay_steps={STEPS}"]  # fmt: skip
+FOUR = ["parallel.strategy=fsdp", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
+        "checkpoint.keep_last=4"]  # fmt: skip
+LAYOUTS = {
+    "tp2": ["parallel.tp=2"],
+    "fsdp4": [],
+    "tp4": ["parallel.tp=4"],
+    "hsdp-tp": ["parallel.tp=2", "parallel.dp_replicate=2"],
+}
+
+
+def tp_overrides(tiny_overrides: list[str], run_dir, *extra: str) -> list[str]:
+    return with_overrides(tiny_overrides, f"run.dir={run_dir}", *TP_MODEL, *extra)
+
+
+# ------------------------------------------------------------------ layout checks
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.tp=0"], "parallel.tp must be >= 1 (got 0)"),
+        (["parallel.tp=2", "parallel.strategy=zero"], "parallel.tp=2 (tensor parallelism) needs parallel.strategy=fsdp (got zero)"),
+        (["parallel.tp=2", "parallel.strategy=ddp"], "needs parallel.strategy=fsdp (got ddp)"),
+        (["parallel.tp=4"], "model.n_heads=6 does not divide by parallel.tp=4"),
+        (["parallel.tp=3", "model.n_kv_heads=6"], "model.vocab_size=4096 does not divide by parallel.tp=3"),
+        (["parallel.tp=2", "model.n_kv_heads=1"], "model.n_kv_heads=1 does not divide by parallel.tp=2"),
+        (["parallel.tp=2", "data.seq_len=255", "model.max_seq_len=255"], "data.seq_len=255 does not divide"),
+        (["parallel.tp=2", "model.position=learned"], "model.position=learned is not supported yet"),
+    ],
+)  # fmt: skip
+def test_a_tp_layout_that_cannot_work_is_refused_before_any_rank_starts(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny.yaml", ["parallel.strategy=fsdp", *overrides])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+class P:
+    def __init__(self, tp: int, dp_replicate: int = 1, dp_shard: int = -1) -> None:
+        self.tp, self.dp_replicate, self.dp_shard = tp, dp_replicate, dp_shard
+
+
+def test_tp_is_the_innermost_dimension_and_stays_in_a_node():
+    dims = ParallelDims.resolve(P(2, 2), 16)
+    assert dims == ParallelDims(2, 4, 2) and dims.dp == 8
+    assert (dims.shape, dims.names) == ((2, 4, 2), ("dp_replicate", "dp_shard", "tp"))
+    # Consecutive ranks form a tp group and read one data-parallel rank's samples.
+    assert [dims.dp_rank(r) for r in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert dims.describe() == "HSDP: 2 replicas x 4 shards x TP 2"
+    with pytest.raises(ConfigError, match=r"^parallel.tp=3 does not divide the 16 ranks"):
+        ParallelDims.resolve(P(3), 16)
+    with pytest.raises(ConfigError, match=r"dp_replicate=3 does not divide the 8 data-parallel"):
+        ParallelDims.resolve(P(2, 3), 16)
+    ParallelDims(1, 2, 8).check_tp_in_node(8, allowed=False)
+    ParallelDims(1, 2, 4).check_tp_in_node(8, allowed=False)
+    with pytest.raises(ConfigError, match=r"^parallel.tp=16 with 8 GPUs per node: .* or set parallel.tp_spans_nodes=true$"):  # fmt: skip
+        ParallelDims(1, 1, 16).check_tp_in_node(8, allowed=False)
+    ParallelDims(1, 1, 16).check_tp_in_node(8, allowed=True)
+
+
+def test_tp_splits_whole_heads_and_keeps_the_tie():
+    """On a fake 4-rank group (dp_shard 2 x tp 2): rank 0 computes query heads 0-3 with kv
+    heads 0-1, and its q/k/v rows are exactly those heads' rows; the embedding and the head
+    are one parameter, split over the vocabulary; FSDP shards over the dp dimension."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from pretrain.planner.build import build_for_plan
+    from pretrain.planner.trace import fake_world
+
+    cfg = load_config(
+        "configs/tiny.yaml", ["parallel.strategy=fsdp", "parallel.tp=2", "model.n_heads=8",
+                              "model.n_kv_heads=4", "model.d_model=64"],
+    )  # fmt: skip
+    with fake_world(4):
+        _, meta, _ = build_for_plan(cfg, 4)
+        attn = meta.layers[0].attn
+        assert attn.heads == (0, 4)
+        q, k = attn.q_proj.weight, attn.k_proj.weight
+        assert isinstance(q, DTensor) and q.device_mesh.mesh_dim_names == ("dp_shard", "tp")
+        assert q.shape == (8 * 8, 64) and q.placements[1] == Shard(0)  # heads split over tp
+        assert k.shape == (4 * 8, 64) and k.placements[1] == Shard(0)
+        assert meta.lm_head.weight is meta.tok_emb.weight
+        assert meta.tok_emb.weight.placements[1] == Shard(0)  # vocabulary rows over tp
+
+
+def test_alibi_slopes_follow_the_global_head_index():
+    """A rank holding heads 2-3 of 4 gets those heads' ALiBi biases, not heads 0-1's."""
+    from pretrain.model.attention import build_attention_bias
+
+    args = (4, True, None, 0, 8, 8, torch.device("cpu"), torch.float32)
+    whole = build_attention_bias(*args)
+    assert torch.equal(build_attention_bias(*args, heads=(2, 2)), whole[:, 2:4])
+    assert not torch.equal(whole[:, 0:2], whole[:, 2:4])
+
+
+# ------------------------------------------------------------------ 4 real ranks
+def start_four(overrides: list[str], max_restarts: int) -> subprocess.Popen:
+    cmd = torchrun_command(
+        4, "-m", "pretrain", "train", "configs/tiny.yaml", *overrides, max_restarts=max_restarts
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.torchrun
+def test_tp_on_4_ranks_trains_like_one_process_and_resumes_on_any_layout(tiny_overrides, tmp_path):
+    single_dir = tmp_path / "single"
+    r = run_cli("train", "configs/tiny.yaml", *tp_overrides(tiny_overrides, single_dir,
+                f"train.max_steps={STEPS}"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    single = losses_by_step(single_dir)
+    assert len(single) == STEPS
+
+    # tp 2 x dp_shard 2, uninterrupted: one process's losses, step by step.
+    tp2 = tmp_path / "tp2"
+    r = torchrun_train(4, *tp_overrides(tiny_overrides, tp2, *FOUR, *LAYOUTS["tp2"]))
+    assert "FSDP: 2 shards x TP 2" in r.stderr
+    uninterrupted = losses_by_step(tp2)
+    assert uninterrupted.keys() == single.keys()
+    for step, loss in single.items():
+        assert uninterrupted[step] == pytest.approx(loss, rel=1e-5), step
+
+    # A rank killed (SIGKILL) after the step-10 checkpoint: torchrun restarts the ranks, they
+    # resume on the same layout, and every logged loss is the uninterrupted run's, bit for bit.
+    killed = tmp_path / "killed"
+    proc = start_four(tp_overrides(tiny_overrides, killed, *FOUR, *LAYOUTS["tp2"]), 1)
+    wait_for_step(proc, killed, 12, 0)
+    victim = worker(proc, random.Random("tp-kill").randint(0, 3), 0)
+    assert victim is not None
+    victim.send_signal(signal.SIGKILL)
+    code, out = finish(proc)
+    assert code == 0 and "resumed from" in out, out
+    assert losses_by_step(killed) == uninterrupted
+
+    # The step-10 checkpoint on every other layout in turn, each resuming from the one before:
+    # FSDP over 4 ranks, tp 4, HSDP 2 x tp 2; losses within 1e-5 of the uninterrupted run.
+    moved = tmp_path / "moved"
+    shutil.copytree(tp2, moved)
+    for step in (15, 20):
+        shutil.rmtree(moved / "checkpoints" / f"step_{step:08d}", ignore_errors=True)
+    for layout, steps in (("fsdp4", 12), ("tp4", 16), ("hsdp-tp", STEPS)):
+        extra = [*FOUR, *LAYOUTS[layout], f"train.max_steps={steps}", "checkpoint.every=2"]
+        r = torchrun_train(4, *tp_overrides(tiny_overrides, moved, *extra))
+        assert "resumed from" in r.stderr, layout
+    resumed = losses_by_step(moved)
+    assert resumed.keys() == single.keys()
+    for step, loss in uninterrupted.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-5), step
+
+    # What export, generate and eval read: the tp checkpoint as whole tensors, the single
+    # process's final weights. Within 1e-3: AdamW turns float rounding in a gradient near
+    # zero into up to a step of lr (3e-3) over 20 steps; rows from the wrong head or
+    # vocabulary shard would be off by the weights' own scale (init_std 0.02).
+    import torch.distributed.checkpoint as dcp
+
+    from pretrain.model import Transformer
+    from pretrain.rundir import checkpoint_config, resolve_checkpoint
+
+    weights = {}
+    for run in (single_dir, tp2):
+        checkpoint = resolve_checkpoint(run)
+        state = {"model": Transformer(checkpoint_config(checkpoint).model).state_dict()}
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        weights[run] = state["model"]
+    assert weights[tp2].keys() == weights[single_dir].keys()
+    for name, tensor in weights[single_dir].items():
+        torch.testing.assert_close(weights[tp2][name], tensor, rtol=0, atol=1e-3)
+
+
+@pytest.mark.torchrun
+def test_tp_4_with_alibi_an_untied_head_and_loss_chunks_trains_like_one_process(
+    tiny_overrides, tmp_path
+):
+    """Each rank's heads keep their own ALiBi slopes, the untied head is split over the
+    vocabulary and the loss is taken in chunks on the split logits."""
+    extra = ["model.position=alibi", "model.tie_embeddings=false",
+             "parallel.loss_chunk_tokens=48", "train.max_steps=20"]  # fmt: skip
+    single_dir, tp4 = tmp_path / "single", tmp_path / "tp4"
+    r = run_cli("train", "configs/tiny.yaml", *tp_overrides(tiny_overrides, single_dir, *extra))
+    assert r.returncode == 0, r.stderr
+    torchrun_train(4, *tp_overrides(tiny_overrides, tp4, *FOUR, *extra, *LAYOUTS["tp4"]))
+    single, tp = losses_by_step(single_dir), losses_by_step(tp4)
+    assert tp.keys() == single.keys() and len(single) == STEPS
+    for step, loss in single.items():
+        assert tp[step] == pytest.approx(loss, rel=1e-5), step

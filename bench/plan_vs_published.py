@@ -4,12 +4,13 @@ We cannot run 8B/70B models here, so the honest check of `pretrain plan` at scal
 runs others measured: bench/published.py holds their rows (torchtitan, fms-fsdp, llm-foundry,
 OLMo-core, Megatron-Bridge), each with its source. For every row this builds our config with
 the row's settings (model shape, sequence length, micro- and global batch, activation
-checkpointing, bf16, fsdp) and plans it on the row's GPU count and card, then prints
+checkpointing, bf16, fsdp, tensor parallelism) and plans it on the row's GPU count and card,
+then prints
 published, planned and the ratio ours / published, and the median ratio per column.
 
 Like is compared with like: a "reserved" figure (torch's allocator pool) against our peak
 plus allocator headroom (`total_bytes`), an "active" one against our tracked peak
-(`peak_bytes`). Rows with settings our framework cannot express (tensor, pipeline or context
+(`peak_bytes`). Rows with settings our framework cannot express (pipeline or context
 parallelism, float8 matmuls, torch's per-op selective checkpointing) are listed as "not
 comparable" with the reason, not dropped; where the only difference is per-op selective
 checkpointing, our plans with none and with full checkpointing are printed as the bracket
@@ -56,8 +57,8 @@ def base_config(model: str) -> Path:
 def obstacles(row: Published) -> list[str]:
     """Why our config cannot express this row's run; empty when it can."""
     why = []
-    if max(row.tp, row.pp, row.cp) > 1:
-        why.append(f"TP {row.tp} / PP {row.pp} / CP {row.cp} (we shard data only)")
+    if max(row.pp, row.cp) > 1:
+        why.append(f"PP {row.pp} / CP {row.cp} (we have FSDP/HSDP x TP)")
     if row.precision == "float8":
         why.append("float8 matmuls")
     if row.ac == "selective-op":
@@ -89,8 +90,9 @@ def layout(row: Published) -> tuple[int, list[str]]:
 def overrides(row: Published, gpus: int, ac: str) -> list[str]:
     """Dotted overrides that give our config the row's settings on `gpus` ranks."""
     accum = row.grad_accum
-    if accum is None:  # the published per-GPU accumulation, where the global batch gives it
-        per_step = row.micro_batch * (row.gpus or gpus)
+    dp = gpus // row.tp  # micro_batch is per data-parallel rank (a TP group shares it)
+    if accum is None:  # the published per-rank accumulation, where the global batch gives it
+        per_step = row.micro_batch * ((row.gpus or gpus) // row.tp)
         ok = row.global_batch is not None and row.global_batch % per_step == 0
         accum = row.global_batch // per_step if ok else 1
     return [
@@ -99,8 +101,9 @@ def overrides(row: Published, gpus: int, ac: str) -> list[str]:
         f"data.seq_len={row.seq_len}",
         "parallel.strategy=fsdp",
         "parallel.mixed_precision=bf16",
+        f"parallel.tp={row.tp}",
         f"train.micro_batch_size={row.micro_batch}",
-        f"train.global_batch_size={row.micro_batch * gpus * accum}",
+        f"train.global_batch_size={row.micro_batch * dp * accum}",
         *AC[ac],
     ]
 

@@ -213,3 +213,27 @@ def test_tp_4_with_alibi_an_untied_head_and_loss_chunks_trains_like_one_process(
     assert tp.keys() == single.keys() and len(single) == STEPS
     for step, loss in single.items():
         assert tp[step] == pytest.approx(loss, rel=1e-5), step
+
+
+# ------------------------------------------------------------------ GPUs (NCCL, bf16)
+@pytest.mark.gpu
+@pytest.mark.torchrun
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+@pytest.mark.parametrize("layout", ["tp2", "hsdp-tp"])
+def test_tp_over_nccl_in_bf16_follows_one_fp32_process(tiny_overrides, tmp_path, layout):
+    """The same mesh on GPUs: NCCL groups, FSDP's bf16 policy over TP-split parameters; the
+    losses follow an fp32 single process within bf16's precision."""
+    gpus = 4 if layout == "hsdp-tp" else 2
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} CUDA GPUs")
+    single_dir, run = tmp_path / "single", tmp_path / layout
+    r = run_cli("train", "configs/tiny.yaml", *tp_overrides(tiny_overrides, single_dir))
+    assert r.returncode == 0, r.stderr
+    extra = [*FOUR, *LAYOUTS[layout], "parallel.device=cuda", "parallel.mixed_precision=bf16",
+             f"train.micro_batch_size={16 // (gpus // 2)}"]  # fmt: skip
+    r = torchrun_train(gpus, *tp_overrides(tiny_overrides, run, *extra))
+    assert "TP 2" in r.stderr
+    single, gpu = losses_by_step(single_dir), losses_by_step(run)
+    assert gpu.keys() == single.keys()
+    for step, loss in single.items():
+        assert gpu[step] == pytest.approx(loss, rel=3e-2), step

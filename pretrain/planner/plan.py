@@ -133,10 +133,17 @@ def check_layout(cfg, cluster: Cluster) -> None:
             f"parallel.strategy=single runs one process, but the cluster has {world} ranks: "
             "set parallel.strategy=fsdp (or ddp, zero), or --nodes 1 --gpus-per-node 1"
         )
-    if t.global_batch_size % (t.micro_batch_size * world):
+    dp, ranks = world, "ranks"
+    if cfg.parallel.strategy == "fsdp":  # the mesh's own checks, as the ranks would make them
+        from pretrain.parallel.dims import ParallelDims
+
+        dims = ParallelDims.resolve(cfg.parallel, world)
+        dims.check_tp_in_node(cluster.gpus_per_node, cfg.parallel.tp_spans_nodes)
+        dp, ranks = dims.dp, ("ranks" if dims.tp == 1 else "data-parallel ranks")
+    if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x ranks ({t.micro_batch_size} x {world}) on {cluster.describe()}"
+            f"train.micro_batch_size x {ranks} ({t.micro_batch_size} x {dp}) on {cluster.describe()}"
         )
 
 

@@ -257,10 +257,20 @@ class _StreamingThreadErrors(logging.Filter):
 _THREAD_ERRORS = _StreamingThreadErrors()
 
 
+def _replication_notice(record: logging.LogRecord) -> bool:
+    """streaming warns at every epoch start with `replication` (tensor-parallel groups
+    sharing samples) to account for it in `state_dict`: the loader's state_dict does
+    (streaming_compat), so the warning is dropped."""
+    return "`replication` arg has been set" not in record.getMessage()
+
+
 def _watch_streaming_threads() -> None:
     futures_log = logging.getLogger("concurrent.futures")
     if _THREAD_ERRORS not in futures_log.filters:
         futures_log.addFilter(_THREAD_ERRORS)
+    dataset_log = logging.getLogger("streaming.base.dataset")
+    if _replication_notice not in dataset_log.filters:
+        dataset_log.addFilter(_replication_notice)
 
 
 def _next(iterator: Iterator, sources: list[StreamSource], loader):

@@ -39,7 +39,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -
         return F.cross_entropy(logits.float(), targets, reduction=reduction)
     with loss_parallel():
         loss = F.cross_entropy(logits.float(), targets, reduction=reduction)
-    return loss.to_local()  # replicated over the tp group: every rank holds the value
+    # Replicated over the tp group: every rank holds the value. A copy, not the view
+    # to_local gives: FSDP2 warns when the model returns a view (scalar: nothing to copy).
+    return loss.to_local().clone()
 
 
 def loss_parallel_backward(model: nn.Module):

@@ -477,11 +477,13 @@ class Trainer:
 
     def _announce(self) -> None:
         cfg, s = self.cfg, self.strategy
+        tp = cfg.parallel.tp
+        ranks = f"{s.world_size} ranks" if tp == 1 else f"{s.dp_size} data ranks x tp {tp}"
         self.sink.console(
             f"run {cfg.run.name} in {self.run_dir} | {count_params(cfg.model) / 1e6:.2f}M params | "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token | "
             f"peak {flops_text(self.peak.flops)} per rank ({self.peak.source}) | "
-            f"{s.accum_steps} micro-batches/step x {s.world_size} ranks | from step {self.step}"
+            f"{s.accum_steps} micro-batches/step x {ranks} | from step {self.step}"
         )
 
 

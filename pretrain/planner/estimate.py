@@ -32,7 +32,9 @@ call bus bandwidth (busbw): time = bytes / busbw + latency.
 Collectives overlap the compute of their micro-batch (FSDP prefetches, DDP and ZeRO reduce
 in buckets during backward), except for at least one block's share (the first gather, the
 last reduction): exposed communication is max(comm - compute, comm / (layers + 1)) per
-micro-batch.
+micro-batch. Tensor parallelism's collectives (on the tp group: consecutive ranks, stride 1)
+overlap nothing: each gathers a block's input or reduces its output, which the next op
+needs at once (eager DTensor; no asynchronous TP), so they are exposed in full.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class Assumptions:
             f"across nodes, of the lesser of it and {nics}; {self.base_latency_us:g} us a call "
             f"+ {self.intra_hop_us:g} us an in-node hop + {self.net_hop_us:g} us a network hop "
             f"(all-reduce: or a tree at {self.tree_intra_hop_us:g} / {self.tree_net_hop_us:g} us "
-            "a hop); overlapped with compute except one block's share",
+            "a hop); overlapped with compute except one block's share (tensor parallelism's: "
+            "not at all)",
             f"headroom: {self.overhead_gib:g} GiB (CUDA context, NCCL, cuBLAS) + "
             f"{self.fragmentation:.0%} of the tracked peak (allocator fragmentation)",
         ]
@@ -185,11 +188,13 @@ class Fabric:
             ring = min(ring, 2 * hops)
         return ring * 1e-6
 
-    def seconds(self, counts: OpCounts) -> float:
+    def seconds(self, counts: OpCounts, groups=None) -> float:
         """The traced collectives' time: bytes at their group's busbw plus each call's
-        latency on that group."""
+        latency on that group; only those on the (n, stride) `groups` if given."""
         total = 0.0
         for (kind, n, stride), calls in counts.group_calls.items():
+            if groups is not None and (n, stride) not in groups:
+                continue
             group = self.over(n, stride)
             sent = counts.group_bytes[(kind, n, stride)]
             total += (sent / group.bytes_s if sent else 0.0) + calls * group.latency_s(kind)
@@ -229,14 +234,20 @@ def step_time(
     network: Fabric,
     world: int,
     a: Assumptions,
+    tp: int = 1,
 ) -> StepTime:
     """(accum - 1) micro-batches like `micro`, the last like `last`, then the optimizer.
-    (`world` and `a` are `network`'s; plan.py passes them too.)"""
+    (`world` and `a` are `network`'s; plan.py passes them too.) With `tp` > 1 the
+    collectives of the tensor-parallel group (`tp` consecutive ranks; every data-parallel
+    group is `tp` ranks apart) are exposed in full, the others overlap compute (module doc)."""
+    serial = {(tp, 1)} if tp > 1 else set()
     total = compute = comm = exposed = 0.0
     for counts, times in ((micro, accum - 1), (last, 1)):
         c = roofline_seconds(counts, r)
-        m = network.seconds(counts)
-        e = max(m - c, m / (n_layers + 1))
+        s = network.seconds(counts, serial) if serial else 0.0
+        m = network.seconds(counts) - s
+        e = s + max(m - c, m / (n_layers + 1))
+        m += s
         total += times * (c + e)
         compute, comm, exposed = compute + times * c, comm + times * m, exposed + times * e
     c = roofline_seconds(optimizer, r)

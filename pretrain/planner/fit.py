@@ -56,10 +56,12 @@ def single_changes(cfg) -> list[tuple[str, ...]]:
 
 
 def smaller_micro_batches(cfg, world: int) -> list[int]:
-    """Micro-batch sizes below the config's that divide the global batch on `world` ranks."""
+    """Micro-batch sizes below the config's that divide the global batch on `world` ranks
+    (on their data-parallel ranks: a tensor-parallel group shares its micro-batch)."""
     t = cfg.train
+    dp = world // cfg.parallel.tp if world % cfg.parallel.tp == 0 else world
     sizes = range(t.micro_batch_size - 1, 0, -1)
-    return [m for m in sizes if t.global_batch_size % (m * world) == 0]
+    return [m for m in sizes if t.global_batch_size % (m * dp) == 0]
 
 
 def more_sharding(cfg, world: int) -> list[tuple[str, ...]]:

@@ -157,7 +157,7 @@ def plan(cfg, cluster: Cluster, assumptions: Assumptions | None = None) -> Plan:
     bandwidth = link_bytes_s(cluster.card, cluster.world, cluster.gpus_per_node, a)
     time = step_time(
         trace.micro, trace.last, trace.optimizer, trace.accum, cfg.model.n_layers, r,
-        bandwidth, cluster.world, a,
+        bandwidth, cluster.world, a, tp=cfg.parallel.tp,
     )  # fmt: skip
     tokens_per_rank = cfg.train.global_batch_size * cfg.data.seq_len / cluster.world
     analytic = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_rank

@@ -26,20 +26,28 @@ more than a training micro-batch can be, and its peak is kept apart from the ste
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.fsdp2_mem_tracker import (
+    FSDPMemTracker,
+    _FSDPRefType,
+    _SavedFSDPMethods,
+)
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_state import _register_group_forward_hooks
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.planner import zero_trace
 from pretrain.planner.build import add_ddp_buckets, build_for_plan, make_state, plan_model
-from pretrain.planner.counters import OpCounts, StepCounter
+from pretrain.planner.counters import OpCounts, Propagation, StepCounter
 
 LOSS = "Logits/Loss"  # the tracker category we add: output projection + cross-entropy
 
@@ -103,19 +111,6 @@ def fake_world(world_size: int):
         dist.destroy_process_group()
 
 
-class _Propagation:
-    """Entered around DTensor's sharding propagation, which runs the op on global-shape
-    fake tensors to learn the output's shape: those are not a rank's memory."""
-
-    depth = 0
-
-    def __enter__(self):
-        _Propagation.depth += 1
-
-    def __exit__(self, *exc):
-        _Propagation.depth -= 1
-
-
 class _PlanTracking:
     """What the planner adds to torch's trackers: the loss region as its own category,
     DTensor's propagation left out, and only the global peak kept (per-module peaks cost
@@ -153,7 +148,7 @@ class _PlanTracking:
                     self.highs[k] = v
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if _Propagation.depth:
+        if Propagation.depth:
             return func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
@@ -186,9 +181,78 @@ class PlanMemTracker(_PlanTracking, MemTracker):
 
 
 class PlanFSDPMemTracker(_PlanTracking, FSDPMemTracker):
+    """FSDPMemTracker, whose hooks keep FSDP's own behaviour for a group of several modules.
+
+    torch's tracker swaps each FSDP state's forward hooks for its own, registered on every
+    module of the state as if each were a group alone. `fully_shard([norm, lm_head])` (the
+    untied head's group, fsdp.py) hooks its modules together instead, so that the group's
+    pre/post-forward run once per pass however often the head is called (once per loss
+    chunk). Hooked one by one, every chunk's call ran a whole post-forward: in backward the
+    head was gathered once more per micro-batch and its gradient reduced in two pieces, a
+    step real ranks do not take. Here such a group's hooks are wrapped as a group
+    (`_register_group_forward_hooks`, as `FSDPState.init` registers them), on entry and again
+    when the tracker gives them back."""
+
     def __init__(self, model, optimizer) -> None:
         super().__init__(model, optimizer)
         self._plan_init()
+
+    def _fsdp_states(self) -> dict:
+        """Each FSDP state with parameters -> the first of its modules (the tracker's key)."""
+        states: dict = {}
+        for module in self._root_mod.modules():
+            if isinstance(module, FSDPModule):
+                state = module._get_fsdp_state()
+                if state._fsdp_param_group is not None:
+                    states.setdefault(state, module)
+        return states
+
+    @staticmethod
+    def _hook(state, module, pre, post) -> None:
+        """Register `pre`/`post` as the state's forward hooks, as torch's FSDPState.init does."""
+        if len(state._modules) > 1:
+            handle = _register_group_forward_hooks(
+                state._modules, pre, post, state._modules_to_run_forward, state._cast_output_dtype
+            )
+            state._pre_forward_hook_handle = state._post_forward_hook_handle = handle
+            return
+        state._pre_forward_hook_handle = module.register_forward_pre_hook(
+            pre, prepend=True, with_kwargs=True
+        )
+        state._post_forward_hook_handle = module.register_forward_hook(
+            post, prepend=False, always_call=True
+        )
+
+    def _instrument_fsdp_module(self) -> None:
+        for state, module in self._fsdp_states().items():
+            state._pre_forward_hook_handle.remove()
+            state._post_forward_hook_handle.remove()
+            group = state._fsdp_param_group
+            self._instrument_fsdp_sharded_params_grads(group)
+            self._hook(
+                state,
+                module,
+                self._fsdp_state_pre_forward(module, state._pre_forward),
+                self._fsdp_state_post_forward(module, state._post_forward),
+            )
+            self._fsdp_mod_to_saved_methods[module] = _SavedFSDPMethods(
+                group.pre_backward, group.post_backward
+            )
+            group.pre_backward = self._fsdp_param_group_pre_backward(module, group.pre_backward)
+            group.post_backward = self._fsdp_param_group_post_backward(module, group.post_backward)
+        for buffer in self._root_mod.buffers():
+            self._update_and_maybe_create_winfos(buffer, _FSDPRefType.BUFFER)
+
+    def _deregister_module_and_optimizer_hooks(self) -> None:
+        for module, saved in self._fsdp_mod_to_saved_methods.items():
+            state = module._get_fsdp_state()
+            state._pre_forward_hook_handle.remove()
+            state._post_forward_hook_handle.remove()
+            self._hook(state, module, state._pre_forward, state._post_forward)
+            state._fsdp_param_group.pre_backward = saved.pre_backward
+            state._fsdp_param_group.post_backward = saved.post_backward
+        self._fsdp_mod_to_saved_methods.clear()
+        super()._deregister_module_and_optimizer_hooks()  # the optimizer's hooks
 
 
 def mark_loss_region(model: nn.Module, tracker: _PlanTracking) -> list:
@@ -275,6 +339,36 @@ def trace_eval(strategy, tracker: _PlanTracking) -> None:
         tracker.model_state_peak, tracker.model_state_peak_bytes = state_peak
 
 
+class _NotSequentialReductions(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "sequential" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_torch():
+    """Two warnings torch gives about a tensor-parallel step, kept out of the plan's output:
+    both are about the training step, not the plan, and neither changes what is traced.
+
+    - DTensor's "2 sequential all_reduce operations" (`_redistribute`): clipping reduces the
+      gradient norm over the dp_shard and the tp dimensions of the mesh one after the other,
+      two calls on a vector of one float per parameter. The trace counts both, at their
+      groups' latency, as the ranks will run them (a mesh with those two dimensions
+      flattened, as the warning suggests, would make it one call).
+    - FSDP2's "returned a view tensor" (the tensor-parallel embedding's output is a view of
+      its DTensor's local shard): a warning against an in-place op on that output, which the
+      model never makes (`x = x + ...` throughout).
+    """
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    quiet = _NotSequentialReductions()
+    logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view")
+            yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def trace_step(cfg, world_size: int) -> Trace:
     """Trace one steady optimizer step of `cfg` on rank 0 of `world_size` ranks (inside
     `fake_world(world_size)`)."""
@@ -282,10 +376,11 @@ def trace_step(cfg, world_size: int) -> Trace:
     accum = strategy.accum_steps
     zero = cfg.parallel.strategy == "zero"
     saved_lock = ShardingPropagator._fake_mode_lock
-    ShardingPropagator._fake_mode_lock = _Propagation()
+    ShardingPropagator._fake_mode_lock = Propagation()
     try:
         with (
             zero_trace.deepspeed_on_fake_tensors() if zero else contextlib.nullcontext(),
+            quiet_torch(),
             FakeTensorMode(allow_non_fake_inputs=True),  # FSDP's meta shards become fake
         ):
             tracker = set_up(strategy, meta, build_optimizer)

@@ -124,10 +124,10 @@ class FSDPStrategy(DistributedStrategy):
             # left in the root group, both would stay gathered for the whole step (4.2 GB at
             # 70B in bf16). The head is called once per loss chunk and again when a chunk is
             # recomputed in backward; its gradient is reduced once, after the last chunk, but
-            # with several chunks torch 2.13 reshards it after the first chunk's backward and
-            # gathers it again for the next (one more V x d gather a micro-batch, traced by
-            # the planner). A tied weight is one parameter and stays in the root group
-            # (torchtitan#594).
+            # with several chunks torch 2.13 reshards it at the end of forward all the same
+            # and gathers it again when backward starts (one more V x d gather a micro-batch,
+            # traced by the planner). A tied weight is one parameter and stays in the root
+            # group (torchtitan#594).
             fully_shard(model.tok_emb, **shard)
             fully_shard([model.norm, model.lm_head], **{**shard, "reshard_after_forward": False})
         fully_shard(model, **shard)

@@ -27,8 +27,9 @@ commands:
   generate RUN_DIR|CHECKPOINT --prompt TEXT    sample text with a KV cache
   eval RUN_DIR|CHECKPOINT [--tasks F.jsonl ...] downstream task scores (any number of ranks)
   plot RUN_DIR [RUN_DIR ...] --out F.png       loss, learning rate and tokens/s curves
-  plan CONFIG [k=v ...] --nodes N --gpus-per-node G --gpu-type T
-                                  per-GPU memory, step time and MFU on a cluster (no GPU needed)
+  plan CONFIG [k=v ...] --nodes N --gpus-per-node G --gpu-type T [--search]
+                                  per-GPU memory, step time and MFU on a cluster (no GPU needed);
+                                  --search: the fastest layouts that fit
   plan --flops F | --gpus N --hours H --gpu-type T   compute-optimal model and data size
   launch CONFIG [k=v ...] --nproc-per-node N   torchrun on this machine (or one node of many)
   submit CONFIG [k=v ...] --nodes N ...        submit a SLURM job that requeues on preemption

@@ -44,7 +44,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add_network_flags(p)
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--no-fix", action="store_true", help="do not search for a fix")
+    p.add_argument(
+        "--search", action="store_true",
+        help="the fastest layouts that fit (tp x FSDP/HSDP mesh, micro-batch, activation "
+        "checkpointing; the global batch kept) as overrides, and the config's rank among them",
+    )  # fmt: skip
+    p.add_argument(
+        "--jobs", type=int, default=None,
+        help="--search: planning processes (default: the CPUs, at most 4)",
+    )  # fmt: skip
+    p.add_argument("--top", type=int, default=5, help="--search: layouts to print (default 5)")
     args = p.parse_intermixed_args(argv)
+    for flag, value in (("--jobs", args.jobs), ("--top", args.top)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.search and args.json:
+        raise ConfigError("--search prints a table; it has no --json form")
     if not 0 < args.matmul_efficiency <= 1:
         raise ConfigError(f"--matmul-efficiency must be in (0, 1], got {args.matmul_efficiency}")
     args.network = network_flags(args)
@@ -68,11 +83,16 @@ def report(p: Plan) -> list[str]:
         dims = ParallelDims.resolve(par, c.world)
         if dims.spans_nodes(c.gpus_per_node):  # Fabric.over prices groups as whole nodes
             strategy += f" ({dims.describe()}; shard groups span nodes, planned as if they did not)"
-        elif dims.hsdp:
+        elif dims.hsdp or dims.tp > 1:
             strategy += f" ({dims.describe()})"
     lines = [
         f"plan: {cfg.run.name} on {c.describe()}, {strategy}, {par.mixed_precision}, "
-        f"activation checkpointing {par.activation_checkpointing}",
+        f"activation checkpointing {par.activation_checkpointing}"
+        + (
+            f" {par.activation_checkpointing_every}"
+            if par.activation_checkpointing == "every"
+            else ""
+        ),
         f"  micro-batch {t.micro_batch_size} x {cfg.data.seq_len} tokens, "
         f"{p.trace.accum} per step per rank, global batch {t.global_batch_size} "
         f"({p.tokens_per_step:,} tokens)",
@@ -164,6 +184,12 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     a = Assumptions(matmul_efficiency=args.matmul_efficiency, **args.network)
     a = a.for_node(cluster.card, cluster.gpus_per_node)  # printed: the NICs it plans with
+    if args.search:
+        from pretrain.planner.search import search
+
+        found = search(cfg, cluster, a, jobs=args.jobs)
+        print("\n".join(search_report(found, cfg, args.top)))
+        return 0 if found.kept else 1
     p = plan(cfg, cluster, a)
     fix = None if p.fits or args.no_fix else find_fix(cfg, cluster, a, planned=p)
     if args.json:
@@ -185,3 +211,73 @@ def main(argv: list[str]) -> int:
         )
     print(f"(planned in {time.perf_counter() - started:.1f} s)")
     return 0 if p.fits else 1
+
+
+def search_report(s, cfg, top: int = 5) -> list[str]:
+    """`--search`'s table: the fastest layouts that fit, each with its overrides to paste,
+    what was skipped and why, and where the config itself stands."""
+    from pretrain.planner.search import depths
+
+    c, g, seq = s.cluster, cfg.train.global_batch_size, cfg.data.seq_len
+    too_big = sum(not r.fits for r in s.probed)
+    lo, hi = depths(cfg)
+    lines = [
+        f"search: {cfg.run.name} on {c.describe()}, global batch {g} x {seq} tokens "
+        f"({g * seq:,}) as configured; fsdp meshes (tp x FSDP/HSDP) x micro-batch x "
+        "activation checkpointing (none, every 2, full)",
+        *(f"  skipped {n} mesh{'es' if n > 1 else ''}: {why}" for why, n in sorted(s.skipped.items())),
+        *(f"  refused {n} layout{'s' if n > 1 else ''}: {why}" for why, n in sorted(s.invalid.items())),
+        f"  planned {len(s.probed)} layout{'s' if len(s.probed) != 1 else ''} ("
+        + (f"{lo}- and {hi}-block copies traced, extrapolated per block" if cfg.model.n_layers > hi else "in full")
+        + f"), {too_big} do not fit; kept, per mesh and micro-batch, the least checkpointing "
+        f"that fits: {len(s.kept)}",
+        "",
+    ]  # fmt: skip
+    if not s.kept:
+        lines.append("no layout fits: more nodes, or a card with more memory")
+    else:
+        lines.append(f"{'#':>2} {'tokens/s':>11} {'per GPU':>8} {'MFU':>6} {'memory':>12} {'step':>8}  layout")  # fmt: skip
+        for i, r in enumerate(s.kept[:top], 1):
+            lines += [
+                f"{i:>2} {r.tokens_per_s:>11,.0f} {r.tokens_per_s / c.world:>8,.0f} "
+                f"{r.mfu:>6.1%} {memory(r):>12} {seconds(r.step_time_s):>7}s  "
+                f"{r.layout.describe()}",
+                "   " + (" ".join(r.layout.overrides(cfg)) or "(the config as it is)"),
+            ]
+    lines += ["", current_line(s)]
+    lines.append(f"(searched in {s.seconds:.1f} s, {s.jobs} process{'es' if s.jobs > 1 else ''})")
+    return lines
+
+
+def current_line(s) -> str:
+    """Where the config as it is stands among the layouts kept."""
+    layout = s.current_layout.describe() if s.current_layout else "not the fsdp strategy"
+    head = f"the config as it is ({layout}): "
+    if s.current_error is not None:
+        return head + f"invalid on this cluster: {s.current_error}"
+    r = s.current
+    if not r.fits:
+        return head + f"does not fit ({memory(r)} of {gib(r.capacity_bytes)})"
+    rank, n = s.rank(), len(s.kept)
+    text = f"{r.tokens_per_s:,.0f} tokens/s, MFU {r.mfu:.1%}, {memory(r)}: "
+    same = [k for k in s.kept if r.layout is not None and k.layout.key[:4] == r.layout.key[:4]]
+    if any(k.layout.key == r.layout.key for k in same):
+        text += f"#{rank} of the {n} layouts kept"
+    else:
+        text += f"{rank - 1} of the {n} layouts kept plan faster " + (
+            f"(its mesh and micro-batch fit with checkpointing {same[0].layout.ac})"
+            if same
+            else "(not a layout the search tries)"
+        )
+    if rank > 1:
+        text += f"; #1 plans {s.kept[0].tokens_per_s / r.tokens_per_s:.2f}x its tokens/s"
+    return head + text
+
+
+def memory(r) -> str:
+    """A layout's planned memory; `<=` where it is an upper bound (search.upper_total)."""
+    return ("<= " if r.upper else "") + gib(r.total_bytes)
+
+
+def seconds(t: float) -> str:
+    return f"{t:.2f}" if t >= 1 else f"{t:.3g}"

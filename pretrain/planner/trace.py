@@ -104,11 +104,32 @@ def fake_world(world_size: int):
 
     if dist.is_initialized():
         raise RuntimeError("planning needs its own process group; one is already set up")
+    fresh_dtensor_caches()  # a plan before this one, in this process, left its meshes there
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def fresh_dtensor_caches() -> None:
+    """Forget DTensor's cached sharding propagation and redistribution plans. Their keys hold
+    device meshes, which compare by shape and names, not by process group: after a plan's
+    fake world is torn down, the next plan's equal-looking mesh would get the old one's
+    entries (and their process groups, gone: "Could not resolve the process group", or a
+    sequence-parallel shard gathered over the wrong group)."""
+    import torch
+    from torch.distributed.tensor import DTensor, _collective_utils, _redistribute
+
+    clear_native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_native is not None:  # the C++ dispatch fast path's own cache
+        clear_native()
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache_clear()
+    propagator._propagate_tensor_meta_cached.cache_clear()
+    _redistribute.clear_redistribute_planner_cache()
+    for fn in (_redistribute._gen_transform_infos, _collective_utils.MeshTopoInfo.build_from_mesh):
+        getattr(fn, "cache_clear", lambda: None)()
 
 
 class _PlanTracking:

@@ -281,8 +281,7 @@ class Trainer:
         model = self.strategy.model
         model.eval()
         total, n = torch.zeros((), device=self.device), 0
-        # eval_batches counts micro-batches over all data-parallel ranks: the same samples at
-        # any world size and layout.
+        # eval_batches counts micro-batches over all data ranks: the same at any layout.
         per_rank = max(1, self.cfg.train.eval_batches // self.strategy.dp_size)
         for tokens in self.val_data.batches(per_rank):
             total += self.loss(tokens.to(self.device))
@@ -301,10 +300,8 @@ class Trainer:
         from pretrain.evals.evaluator import Evaluator
 
         max_len = self.cfg.model.max_seq_len
-        return Evaluator(
-            self.cfg.eval, self.tokenizer, max_len, Ranks.current(), self.strategy.device,
-            tp=self.cfg.parallel.tp,
-        )  # fmt: skip
+        e, tp = self.cfg.eval, self.cfg.parallel.tp
+        return Evaluator(e, self.tokenizer, max_len, Ranks.current(), self.strategy.device, tp)
 
     def _tasks_due(self, step: int, save: bool) -> bool:
         e = self.cfg.eval
@@ -477,8 +474,8 @@ class Trainer:
 
     def _announce(self) -> None:
         cfg, s = self.cfg, self.strategy
-        tp = cfg.parallel.tp
-        ranks = f"{s.world_size} ranks" if tp == 1 else f"{s.dp_size} data ranks x tp {tp}"
+        tp, ranks = cfg.parallel.tp, f"{s.world_size} ranks"
+        ranks = ranks if tp == 1 else f"{s.dp_size} data ranks x tp {tp}"
         self.sink.console(
             f"run {cfg.run.name} in {self.run_dir} | {count_params(cfg.model) / 1e6:.2f}M params | "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token | "

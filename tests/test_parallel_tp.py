@@ -54,6 +54,7 @@ def tp_overrides(tiny_overrides: list[str], run_dir, *extra: str) -> list[str]:
         (["parallel.tp=3", "model.n_kv_heads=6"], "model.vocab_size=4096 does not divide by parallel.tp=3"),
         (["parallel.tp=2", "model.n_kv_heads=1"], "model.n_kv_heads=1 does not divide by parallel.tp=2"),
         (["parallel.tp=2", "data.seq_len=255", "model.max_seq_len=255"], "data.seq_len=255 does not divide"),
+        (["parallel.tp=2", "model.mlp_hidden=511"], "model.mlp_hidden=511 does not divide by parallel.tp=2"),
         (["parallel.tp=2", "model.position=learned"], "model.position=learned is not supported yet"),
     ],
 )  # fmt: skip

@@ -117,14 +117,17 @@ def check_tp(tp: int, cfg: Config) -> None:
         ("model.n_heads", m.n_heads),
         ("model.n_kv_heads", m.kv_heads),
         ("model.vocab_size", m.vocab_size),
-        ("model.hidden_dim", m.hidden_dim),
+        ("model.mlp_hidden", m.hidden_dim),  # derived from d_model when not set
         ("data.seq_len", cfg.data.seq_len),
     ]
     for key, size in sizes:
         if size % tp:
+            derived = (
+                " (from model.d_model)" if key == "model.mlp_hidden" and not m.mlp_hidden else ""
+            )
             raise ConfigError(
-                f"{key}={size} does not divide by parallel.tp={tp}: tensor parallelism gives "
-                f"each of the {tp} ranks an equal part; use a tp that divides {size}"
+                f"{key}={size}{derived} does not divide by parallel.tp={tp}: tensor parallelism "
+                f"gives each of the {tp} ranks an equal part; use a tp that divides {size}"
             )
     if m.position == "learned":
         raise ConfigError(

@@ -29,13 +29,13 @@ STEPS = 20
 # Whole heads for up to 4 ranks: 8 query heads over 4 kv heads (GQA), head_dim 8.
 TP_MODEL = ["model.n_heads=8", "model.n_kv_heads=4", "train.log_every=1", "train.eval_every=10",
             f"schedule.decay_steps={STEPS}"]  # fmt: skip
-FOUR = ["parallel.strategy=fsdp", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
-        "checkpoint.keep_last=4"]  # fmt: skip
+FOUR = ["parallel.strategy=fsdp", f"train.max_steps={STEPS}", "checkpoint.keep_last=4"]
+# Each layout reads the global batch of 16 in one micro-batch per data-parallel rank.
 LAYOUTS = {
-    "tp2": ["parallel.tp=2"],
-    "fsdp4": [],
-    "tp4": ["parallel.tp=4"],
-    "hsdp-tp": ["parallel.tp=2", "parallel.dp_replicate=2"],
+    "tp2": ["parallel.tp=2", "train.micro_batch_size=8"],
+    "fsdp4": ["train.micro_batch_size=4"],
+    "tp4": ["parallel.tp=4", "train.micro_batch_size=16"],
+    "hsdp-tp": ["parallel.tp=2", "parallel.dp_replicate=2", "train.micro_batch_size=8"],
 }
 
 
@@ -230,8 +230,7 @@ def test_tp_over_nccl_in_bf16_follows_one_fp32_process(tiny_overrides, tmp_path,
     single_dir, run = tmp_path / "single", tmp_path / layout
     r = run_cli("train", "configs/tiny.yaml", *tp_overrides(tiny_overrides, single_dir))
     assert r.returncode == 0, r.stderr
-    extra = [*FOUR, *LAYOUTS[layout], "parallel.device=cuda", "parallel.mixed_precision=bf16",
-             f"train.micro_batch_size={16 // (gpus // 2)}"]  # fmt: skip
+    extra = [*FOUR, *LAYOUTS[layout], "parallel.device=cuda", "parallel.mixed_precision=bf16"]
     r = torchrun_train(gpus, *tp_overrides(tiny_overrides, run, *extra))
     assert "TP 2" in r.stderr
     single, gpu = losses_by_step(single_dir), losses_by_step(run)

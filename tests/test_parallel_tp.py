@@ -237,3 +237,28 @@ def test_tp_over_nccl_in_bf16_follows_one_fp32_process(tiny_overrides, tmp_path,
     assert gpu.keys() == single.keys()
     for step, loss in single.items():
         assert gpu[step] == pytest.approx(loss, rel=3e-2), step
+
+
+def test_evaluation_batches_are_padded_to_split_evenly_and_score_the_same():
+    """Sequence parallelism splits every sequence over the tp ranks: a task batch of 63
+    positions is right-padded to 64 (unscored), and every score is what it was. (By hand on
+    4 gloo ranks: tp 2 x dp 2 scored two tasks exactly as FSDP over 4 ranks did.)"""
+    from pretrain.evals.evaluator import padded
+    from pretrain.model import Transformer
+    from pretrain.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64)
+    )
+    inputs, targets = torch.randint(0, 64, (2, 63)), torch.randint(-1, 64, (2, 63))
+    seen = []
+
+    def forward(i, t, planned):
+        seen.append(i.shape[1])
+        return model(i, t, scores=True, planned_tokens=planned)
+
+    whole = forward(inputs, targets, 0)
+    # (Equal up to float rounding: the kernels tile 64 positions unlike 63.)
+    torch.testing.assert_close(padded(forward, 4)(inputs, targets, 0), whole)
+    assert seen == [63, 64]

@@ -119,6 +119,7 @@ def check_tp(tp: int, cfg: Config) -> None:
         ("model.vocab_size", m.vocab_size),
         ("model.mlp_hidden", m.hidden_dim),  # derived from d_model when not set
         ("data.seq_len", cfg.data.seq_len),
+        ("model.max_seq_len", m.max_seq_len),  # evaluation pads up to a multiple of tp
     ]
     for key, size in sizes:
         if size % tp:

@@ -18,6 +18,22 @@ from pretrain.evals.scoring import Encoded, Forward, batches, encode, merge, sco
 from pretrain.evals.tasks import Request, Task, read_tasks
 
 
+def padded(forward: Forward, multiple: int) -> Forward:
+    """`forward` on batches right-padded to a length that `multiple` divides (unscored
+    positions, target -1): sequence parallelism splits each sequence evenly over the tp
+    ranks. Causal attention: no earlier position sees the padding."""
+
+    def run(inputs, targets, planned):
+        import torch.nn.functional as F
+
+        pad = -inputs.shape[1] % multiple
+        if pad:
+            inputs, targets = F.pad(inputs, (0, pad), value=0), F.pad(targets, (0, pad), value=-1)
+        return forward(inputs, targets, planned)
+
+    return run
+
+
 class Evaluator:
     def __init__(
         self, cfg: EvalConfig, tokenizer, max_len: int, ranks=None, device="cpu", tp: int = 1
@@ -52,6 +68,7 @@ class Evaluator:
         and with `samples`, each task's per-request [loglik, greedy] in request order."""
         start = time.perf_counter()
         dp_rank, dp = self.rank // self.tp, self.world // self.tp
+        forward = forward if self.tp == 1 else padded(forward, self.tp)
         mine = score(forward, self.encoded, self.plan, dp_rank, dp, self.pad_id, self.device, beat)
         if self.rank % self.tp:  # the group's first rank holds the same results
             mine = {}

@@ -10,13 +10,13 @@ load onto any number of ranks.
 
 Gradient accumulation reduce-scatters after every micro-batch by default: each rank then
 only ever keeps its shard of the (fp32) gradients, accumulated across micro-batches.
-With parallel.tp > 1 the model is first split by tensor (+ sequence) parallelism over each
-group of tp consecutive ranks (tp.py), then FSDP shards it over the data-parallel
-dimensions of the mesh only (dims.py): 2-D parameters.
-
 Deferring the reduce-scatter to the last micro-batch (`parallel.fsdp_defer_grad_sync`)
 communicates less but holds every parameter's unsharded gradient between micro-batches
 (+4 bytes per parameter per rank, the size of the whole model): for small models only.
+
+With parallel.tp > 1 the model is first split by tensor (+ sequence) parallelism over each
+group of tp consecutive ranks (tp.py), then FSDP shards it over the data-parallel
+dimensions of the mesh only (dims.py): 2-D parameters.
 """
 
 from __future__ import annotations

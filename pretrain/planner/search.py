@@ -49,7 +49,7 @@ from pretrain.model.flops import count_params
 from pretrain.planner.counters import OpCounts
 from pretrain.planner.estimate import Assumptions, headroom_bytes
 from pretrain.planner.plan import GIB, Cluster, Plan
-from pretrain.planner.trace import Trace, fake_world, fresh_dtensor_caches, trace_step
+from pretrain.planner.trace import Trace, fake_world, trace_step
 
 AC_LEVELS = ("none", "every", "full")
 AC_EVERY = 2  # the `every` level checkpoints each 2nd block
@@ -280,7 +280,6 @@ def plan_shallow(cfg, cluster: Cluster, a: Assumptions) -> tuple[Plan, int | Non
     None, when cfg is no deeper than the copies, not the fsdp strategy (`depths`), or when
     it would fit by the plan but not by the bound."""
     d_lo, d_hi = depths(cfg)
-    fresh_dtensor_caches()
     if cfg.model.n_layers <= d_hi or cfg.parallel.strategy != "fsdp":
         return plan_module.plan(cfg, cluster, a), None
     plan_module.check_layout(cfg, cluster)
@@ -290,7 +289,6 @@ def plan_shallow(cfg, cluster: Cluster, a: Assumptions) -> tuple[Plan, int | Non
     p = plan_traced(cfg, cluster, a, deeper(*traces, d_lo, d_hi, cfg.model.n_layers))
     upper = upper_total(cfg, *traces, d_lo, d_hi, a)
     if upper is not None and p.fits and upper > p.capacity_bytes:
-        fresh_dtensor_caches()
         return plan_module.plan(cfg, cluster, a), None
     return p, upper
 

@@ -261,7 +261,7 @@ def worker(strategy: str, layers: int, out: Path) -> None:
 
     def forward_backward(last: bool) -> None:
         tokens = trainer.train_data.next().to(s.device)
-        s.backward(trainer.loss(tokens) / accum, last=last)
+        s.forward_backward(tokens, accum, last=last)
 
     def train_step() -> None:
         for i in range(accum):

@@ -116,6 +116,28 @@ class Strategy(ABC):
         with self.autocast():
             return self.model(*args, **kwargs)
 
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of a (B, T + 1) micro-batch, taken by the model
+        itself (so a sharded wrapper has the output projection whole) from logits of at most
+        parallel.loss_chunk_tokens tokens at a time: never B*T*V of them in fp32."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
+        return self.forward(inputs, targets, loss_chunk_tokens=self.cfg.parallel.loss_chunk_tokens)
+
+    def forward_backward(
+        self, tokens: torch.Tensor, micro_batches: int = 1, last: bool = True, poison: bool = False
+    ) -> torch.Tensor:
+        """Forward and backward of one micro-batch of a step of `micro_batches`: the loss is
+        divided by `micro_batches` for backward (the step's gradient is their mean), and
+        `last` says the step's gradients are complete after it. Returns this micro-batch's
+        loss, detached and still on the device. `poison` makes the loss NaN (the tests'
+        fault injection, `train.faults`). The trainer and the planner both take a step as
+        these calls and then `step`, so what the planner traces is what trains."""
+        loss = self.loss(tokens)
+        if poison:
+            loss = loss * float("nan")
+        self.backward(loss / micro_batches, last=last)
+        return loss.detach()
+
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         """Backward of one micro-batch; `last` says whether the step's gradients are complete
         after it (a strategy may skip gradient communication before then)."""
@@ -151,7 +173,11 @@ class Strategy(ABC):
         limit = max_norm if max_norm > 0 else float("inf")
         return nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
 
-    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+    def reduce(self, value: torch.Tensor, over: str = "world", op: str = "mean") -> torch.Tensor:
+        """`value` (a tensor on the device) reduced by `op` (mean, sum or max) over the ranks
+        `over` names: "world" (every rank) or "dp" (one rank of each data-parallel group:
+        what the ranks of a tensor-parallel group hold alike, such as the loss, needs no
+        more). A new tensor on the device, queued: nothing waits for it."""
         return value
 
     def any_rank(self, flag: bool) -> bool:

@@ -42,7 +42,10 @@ class DDPStrategy(DistributedStrategy):
         return self.model.module
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
-        with contextlib.nullcontext() if last else self.model.no_sync():
+        # The planner's DDP model is the plain one (DDP's reducer cannot run on fake
+        # tensors; planner/build.py adds its buckets after the trace): nothing to skip.
+        skip_sync = not last and isinstance(self.model, DistributedDataParallel)
+        with self.model.no_sync() if skip_sync else contextlib.nullcontext():
             loss.backward()
 
     def checkpoint_state(self) -> dict:

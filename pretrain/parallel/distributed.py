@@ -22,6 +22,8 @@ from pretrain.parallel.base import Strategy
 from pretrain.parallel.device import choose_device, cuda_usable, init_distributed
 from pretrain.train.resilience import announce_failure, bound_teardown
 
+_OPS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
 
 def local_device(kind: str) -> torch.device:
     """This process's device of `kind` (cuda: the GPU of its LOCAL_RANK)."""
@@ -57,12 +59,21 @@ class DistributedStrategy(Strategy):
             timeout = datetime.timedelta(seconds=self.cfg.fault.collective_timeout_s)
             self.checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
 
-    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
+    def reduce(self, value: torch.Tensor, over: str = "world", op: str = "mean") -> torch.Tensor:
+        if over not in ("world", "dp") or op not in _OPS:
+            raise ValueError(f"reduce over {over!r} by {op!r}: over is world or dp, op {_OPS}")
+        group = self.process_group(over)
+        size = dist.get_world_size(group) if dist.is_initialized() else 1
+        if size == 1:
             return value
         value = value.detach().clone()
-        dist.all_reduce(value)
-        return value / self.world_size
+        dist.all_reduce(value, op=_OPS[op], group=group)
+        return value / size if op == "mean" else value
+
+    def process_group(self, over: str):
+        """The process group of the ranks `over` names (None: the default group, every
+        rank). Every rank of a data-parallel strategy is its own data-parallel rank."""
+        return None
 
     def any_rank(self, flag: bool) -> bool:
         if self.world_size == 1:

@@ -95,6 +95,19 @@ class FSDPStrategy(DistributedStrategy):
         mesh, dims = self.device_mesh(), self.dims
         return mesh if dims.tp == 1 else mesh[dims.dp_names]
 
+    _dp_group = None
+
+    def process_group(self, over: str):
+        """With tensor parallelism, "dp" is the group of this rank's tp position across the
+        data-parallel ranks (the mesh's dp dimensions, flattened into one once)."""
+        dims = self.dims
+        if over == "world" or dims.tp == 1:
+            return None
+        if self._dp_group is None:
+            dp = self.device_mesh()[dims.dp_names]
+            self._dp_group = (dp._flatten("dp") if dp.ndim > 1 else dp).get_group()
+        return self._dp_group
+
     def build_model(self) -> nn.Module:
         model = self.sharded_meta_model()
         model.to_empty(device=self.device)

@@ -295,16 +295,13 @@ def mark_loss_region(model: nn.Module, tracker: _PlanTracking) -> list:
 
 
 def train_step(strategy, batches: list[torch.Tensor], cfg, on_micro_batch=None) -> None:
-    """One optimizer step as the trainer takes it (forward with the chunked loss, backward
-    of loss / accumulation, the last micro-batch reducing gradients, then clip and step)."""
+    """One optimizer step as the trainer takes it, through the same calls: the strategy's
+    `forward_backward` of each micro-batch (the last one reducing gradients), then `step`."""
     n = len(batches)
     for i, tokens in enumerate(batches):
         if on_micro_batch is not None:
             on_micro_batch(i)
-        loss = strategy.forward(
-            tokens[:, :-1], tokens[:, 1:], loss_chunk_tokens=cfg.parallel.loss_chunk_tokens
-        )
-        strategy.backward(loss / n, last=i == n - 1)
+        strategy.forward_backward(tokens, n, last=i == n - 1)
     if on_micro_batch is not None:
         on_micro_batch(n)
     strategy.step(cfg.optim.grad_clip)
@@ -429,11 +426,9 @@ def set_up(strategy, meta, build_optimizer) -> _PlanTracking:
         zero_trace.track_zero(tracker, strategy)
         return tracker
     model = plan_model(strategy, meta)
+    # DDP's reducer cannot run on fake tensors: the plain model backs it, with its gradient
+    # buckets and their all-reduce added after the trace (`add_ddp_buckets`).
     strategy.model, strategy.optimizer = strategy.wrap(model, build_optimizer(model, cfg.optim))
-    if cfg.parallel.strategy == "ddp":
-        # DDP's reducer cannot run on fake tensors: the plain model backs it, with its
-        # gradient buckets and their all-reduce added after the trace (`add_ddp_buckets`).
-        strategy.backward = lambda loss, last=True: loss.backward()
     make_state(strategy)
     if meta is not None:
         return PlanFSDPMemTracker(strategy.model, strategy.optimizer)

@@ -55,11 +55,9 @@ class FaultInjection:
     def from_env(cls, rank: int) -> FaultInjection:
         return cls(os.environ.get("PRETRAIN_FAULTS"), rank)
 
-    def loss(self, step: int, loss):
-        """`loss`, or NaN when step `step` (1-based, the one being computed) is poisoned."""
-        if step in self.nan_steps and self.rank == 0:
-            return loss * float("nan")
-        return loss
+    def poisoned(self, step: int) -> bool:
+        """Whether step `step` (1-based, the one being computed) has a NaN loss here."""
+        return step in self.nan_steps and self.rank == 0
 
     def maybe_hang(self, step: int) -> None:
         """The step-time sleep, and the hang or error injected at step `step`, if any."""

@@ -188,13 +188,12 @@ class Trainer:
             t0 = time.perf_counter()
             tokens = self.train_data.next().to(self.device, non_blocking=True)  # (B, T + 1)
             data_s += time.perf_counter() - t0
-            loss = self.injected.loss(self.step + 1, self.loss(tokens))
-            s.backward(loss / accum, last=i == accum - 1)
-            loss_sum += loss.detach()
+            poison = self.injected.poisoned(self.step + 1)
+            loss_sum += s.forward_backward(tokens, accum, last=i == accum - 1, poison=poison)
         grad_norm = s.step(cfg.optim.grad_clip)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        loss = s.reduce_mean(loss_sum / accum)  # a scalar all-reduce, queued on the device
+        loss = s.reduce(loss_sum / accum, over="dp")  # a scalar all-reduce, queued
         ended = self.clock.mark()
         self.pending.append(
             PendingStep(
@@ -268,14 +267,6 @@ class Trainer:
             f"{last.name if last else 'none'}; lower optim.lr or check the data, then rerun"
         )
 
-    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of a (B, T + 1) micro-batch, taken by the model
-        itself (so a sharded wrapper has the output projection whole) from logits of at most
-        parallel.loss_chunk_tokens tokens at a time: never B*T*V of them in fp32."""
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
-        chunk = self.cfg.parallel.loss_chunk_tokens
-        return self.strategy.forward(inputs, targets, loss_chunk_tokens=chunk)
-
     @torch.no_grad()
     def evaluate(self) -> float:
         model = self.strategy.model
@@ -284,12 +275,12 @@ class Trainer:
         # eval_batches counts micro-batches over all data ranks: the same at any layout.
         per_rank = max(1, self.cfg.train.eval_batches // self.strategy.dp_size)
         for tokens in self.val_data.batches(per_rank):
-            total += self.loss(tokens.to(self.device))
+            total += self.strategy.loss(tokens.to(self.device))
             n += 1
             if self.watchdog is not None:
                 self.watchdog.beat()
         model.train()
-        return self.strategy.reduce_mean(total / max(n, 1)).item()
+        return self.strategy.reduce(total / max(n, 1), over="dp").item()
 
     def _evaluator(self):
         """The downstream tasks' `Evaluator`, when training scores them (eval.every or

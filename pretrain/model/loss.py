@@ -13,7 +13,7 @@ It runs inside `Transformer.forward` on purpose: a sharded wrapper (FSDP2, ZeRO-
 gathers the output projection's weight for the model's forward and backward, so calling
 the `head` module here, and again in the recomputation, sees the whole weight.
 
-Under tensor parallelism (parallel/tp.py) the head's logits are a DTensor split over the
+Under tensor parallelism (parallel/parallelize.py) the head's logits are a DTensor split over the
 vocabulary: the loss is taken on the split logits by torch's `loss_parallel` (a max, a sum
 of exponentials and the target's logit, each reduced over the tp group: three tiny
 all-reduces a chunk instead of gathering chunk x V logits). Its backward needs the same

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from pretrain.checkpoint.legacy import fused_qkv_planner
 from pretrain.errors import ConfigError
 from pretrain.model import Transformer
+from pretrain.parallel.parallelize import parallelize
 from pretrain.train.optim import build_optimizer
 
 
@@ -285,43 +286,14 @@ def _quiet_dcp():
         yield
 
 
-def prepare_blocks(model: Transformer, p) -> None:
-    """Activation checkpointing, then torch.compile, applied to each block in place (before
-    any sharding; parameter names stay the same, so checkpoints interchange)."""
-    apply_activation_checkpointing(
-        model, p.activation_checkpointing, p.activation_checkpointing_every
-    )
-    if p.compile:
-        for block in model.layers:
-            block.compile()
-
-
-def apply_activation_checkpointing(model: Transformer, mode: str, every: int) -> None:
-    """Recompute the activations of checkpointed blocks in backward instead of storing them.
-
-    `full` wraps every block, `every` each `every`-th one (trading less memory for less
-    recomputation). Done before any sharding; DCP state dicts drop the wrapper's name, so
-    checkpoints load with or without it.
-    """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    if mode == "none":
-        return
-    step = 1 if mode == "full" else every
-    for i, block in enumerate(model.layers):
-        if i % step == step - 1 or step == 1:
-            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
-
-
 def new_transformer(cfg, device: torch.device) -> Transformer:
     """Build on the meta device, then materialise and initialise on `device`.
 
-    No full-size fp32 copy is made on the CPU first; the sharded strategies reuse this
-    with `fully_shard` between the two steps.
+    No full-size fp32 copy is made on the CPU first; the sharded strategies parallelize
+    between the two steps instead (fsdp.py).
     """
     with torch.device("meta"):
         model = Transformer(cfg.model)
     model.to_empty(device=device)
     model.init_weights()
-    prepare_blocks(model, cfg.parallel)
-    return model
+    return parallelize(model, cfg.parallel)  # checkpointing and compile: no mesh

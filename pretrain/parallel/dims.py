@@ -15,7 +15,7 @@ strategy holds the model over the data-parallel ranks:
   dp_shard is at most its GPUs: NVLink), and only the reduced gradient shards are
   all-reduced across the dp_replicate copies (the network).
 
-- tp > 1: tensor + sequence parallelism (parallel/tp.py) inside each data-parallel rank,
+- tp > 1: tensor + sequence parallelism (parallel/parallelize.py) inside each data-parallel rank,
   the innermost mesh dimension; FSDP then shards over the dp dimensions only.
 
 Consecutive ranks share a node under torchrun and SLURM, so the innermost dimension is the

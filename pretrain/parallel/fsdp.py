@@ -15,7 +15,7 @@ communicates less but holds every parameter's unsharded gradient between micro-b
 (+4 bytes per parameter per rank, the size of the whole model): for small models only.
 
 With parallel.tp > 1 the model is first split by tensor (+ sequence) parallelism over each
-group of tp consecutive ranks (tp.py), then FSDP shards it over the data-parallel
+group of tp consecutive ranks (parallelize.py), then FSDP shards it over the data-parallel
 dimensions of the mesh only (dims.py): 2-D parameters.
 """
 
@@ -26,14 +26,14 @@ import os
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from pretrain.model import Transformer
 from pretrain.model.loss import loss_parallel_backward
-from pretrain.parallel.base import prepare_blocks
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.distributed import DistributedStrategy
+from pretrain.parallel.parallelize import parallelize
 
 log = logging.getLogger("pretrain")
 
@@ -90,11 +90,6 @@ class FSDPStrategy(DistributedStrategy):
             self._mesh = self.dims.mesh(self.device.type)
         return self._mesh
 
-    def dp_mesh(self):
-        """What fully_shard shards over: 1-D for FSDP, 2-D (dp_replicate, dp_shard) for HSDP."""
-        mesh, dims = self.device_mesh(), self.dims
-        return mesh if dims.tp == 1 else mesh[dims.dp_names]
-
     _dp_group = None
 
     def process_group(self, over: str):
@@ -115,36 +110,13 @@ class FSDPStrategy(DistributedStrategy):
         return model
 
     def sharded_meta_model(self) -> Transformer:
-        """The model on the meta device, blocks and root sharded: no memory yet (the
-        planner materialises it as fake tensors instead of real ones)."""
+        """The model on the meta device, laid out over the mesh (tensor parallelism, then
+        checkpointing, compile, FSDP: `parallelize`): no memory yet (the planner
+        materialises it as fake tensors instead of real ones)."""
         with torch.device("meta"):
             model = Transformer(self.cfg.model)
-        p = self.cfg.parallel
-        if self.dims.tp > 1:  # tensor parallelism first, then checkpointing, compile, FSDP
-            from pretrain.parallel.tp import apply_tensor_parallel
-
-            apply_tensor_parallel(model, self.device_mesh()["tp"])
-        prepare_blocks(model, p)
-        shard = dict(
-            mesh=self.dp_mesh(),
-            mp_policy=self.mixed_precision_policy(),
-            reshard_after_forward=p.reshard_after_forward,
-        )
-        for block in model.layers:  # one all-gather per block, freed after use
-            fully_shard(block, **shard)
-        if not self.cfg.model.tie_embeddings:
-            # The embedding and the output head (with the final norm) in groups of their own;
-            # left in the root group, both would stay gathered for the whole step (4.2 GB at
-            # 70B in bf16). The head is called once per loss chunk and again when a chunk is
-            # recomputed in backward; its gradient is reduced once, after the last chunk, but
-            # with several chunks torch 2.13 reshards it at the end of forward all the same
-            # and gathers it again when backward starts (one more V x d gather a micro-batch,
-            # traced by the planner). A tied weight is one parameter and stays in the root
-            # group (torchtitan#594).
-            fully_shard(model.tok_emb, **shard)
-            fully_shard([model.norm, model.lm_head], **{**shard, "reshard_after_forward": False})
-        fully_shard(model, **shard)
-        return model
+        p, policy = self.cfg.parallel, self.mixed_precision_policy()
+        return parallelize(model, p, self.dims, self.device_mesh(), policy)
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         if self.cfg.parallel.fsdp_defer_grad_sync:  # reduce-scatter once, after the last

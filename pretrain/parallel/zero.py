@@ -26,8 +26,9 @@ from torch import nn
 
 from pretrain.errors import ConfigError
 from pretrain.model import Transformer
-from pretrain.parallel.base import new_transformer, prepare_blocks
+from pretrain.parallel.base import new_transformer
 from pretrain.parallel.distributed import DistributedStrategy
+from pretrain.parallel.parallelize import parallelize
 
 TAG = "zero"
 
@@ -199,8 +200,7 @@ def build_partitioned(cfg, device: torch.device, ds_config: dict, dtype: torch.d
     whole = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
     if whole:
         raise RuntimeError(f"ZeRO-3 build left parameters unpartitioned: {whole[:3]}")
-    prepare_blocks(model, cfg.parallel)
-    return model
+    return parallelize(model, cfg.parallel)  # checkpointing and compile: no mesh
 
 
 class _DeviceName(str):

@@ -47,15 +47,14 @@ def plan_model(strategy, meta) -> nn.Module:
     """The strategy's model on fake tensors (inside FakeTensorMode); weights are never read,
     so none is initialised."""
     from pretrain.model import Transformer
-    from pretrain.parallel.base import prepare_blocks
+    from pretrain.parallel.parallelize import parallelize
 
     if meta is not None:
         return meta.to_empty(device=strategy.device)
     with torch.device("meta"):
         model = Transformer(strategy.cfg.model)
     fake_tensors(model, strategy.device)
-    prepare_blocks(model, strategy.cfg.parallel)
-    return model
+    return parallelize(model, strategy.cfg.parallel)
 
 
 def fake_tensors(model: nn.Module, device: torch.device, recurse: bool = True) -> nn.Module:

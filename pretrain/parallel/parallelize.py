@@ -1,7 +1,14 @@
-"""Tensor + sequence parallelism: the plan of which module is split how over the `tp` ranks.
+"""How the model is laid out over the ranks: `parallelize` applies every plan, in one order.
 
-This is the one place that names the model's modules for tensor parallelism. Megatron's
-layout, with torch's DTensor styles (`parallelize_module`), as torchtitan applies it:
+This is the one file that names the model's modules for parallelism (the tensor-parallel
+styles, the FSDP units, which blocks are checkpointed and compiled); a strategy says only
+which mesh and precision. `parallelize(model, p, dims, mesh)` applies, in the anchors'
+order (torchtitan's parallelize.py): tensor + sequence parallelism over the mesh's tp
+dimension, activation checkpointing, compile, then FSDP over its data-parallel dimensions.
+Single-process, DDP and ZeRO runs get the middle two only (no mesh).
+
+Tensor + sequence parallelism: Megatron's layout, with torch's DTensor styles
+(`parallelize_module`), as torchtitan applies it:
 
 - each block's attention and MLP: the projections that widen (q, k, v; MLP gate/up) are
   split by output rows (column-parallel: whole query heads with their kv heads on each rank,
@@ -27,6 +34,7 @@ rank's part, so the split model starts as one process's would.
 
 from __future__ import annotations
 
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -38,6 +46,72 @@ from torch.distributed.tensor.parallel import (
 )
 
 from pretrain.model.transformer import GeluMLP, SwiGLU, Transformer
+from pretrain.parallel.dims import ParallelDims
+
+
+def parallelize(
+    model: Transformer,
+    p,
+    dims: ParallelDims | None = None,
+    mesh=None,
+    mp_policy: MixedPrecisionPolicy | None = None,
+) -> Transformer:
+    """Lay `model` out as the config's `parallel` section `p` says, in place: tensor
+    parallelism over `mesh["tp"]` (when dims.tp > 1), then activation checkpointing and
+    compile of the blocks, then FSDP over the data-parallel dimensions of `mesh` (when a
+    mesh is given). Tensor parallelism and FSDP need the model still on the meta device;
+    checkpointing and compile take it on either. Parameter names stay the same whatever is
+    applied (DCP drops the wrappers' names), so checkpoints interchange between layouts."""
+    if dims is not None and dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    apply_activation_checkpointing(
+        model, p.activation_checkpointing, p.activation_checkpointing_every
+    )
+    if p.compile:
+        for block in model.layers:
+            block.compile()
+    if mesh is not None:
+        dp_mesh = mesh if dims.tp == 1 else mesh[dims.dp_names]
+        apply_fsdp(model, dp_mesh, mp_policy or MixedPrecisionPolicy(), p.reshard_after_forward)
+    return model
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str, every: int) -> None:
+    """Recompute the activations of checkpointed blocks in backward instead of storing them.
+
+    `full` wraps every block, `every` each `every`-th one (trading less memory for less
+    recomputation). Done before any sharding; DCP state dicts drop the wrapper's name, so
+    checkpoints load with or without it.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode == "none":
+        return
+    step = 1 if mode == "full" else every
+    for i, block in enumerate(model.layers):
+        if i % step == step - 1 or step == 1:
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+def apply_fsdp(model: Transformer, dp_mesh, mp_policy, reshard_after_forward: bool) -> None:
+    """FSDP2 units over `dp_mesh` (1-D: FSDP; 2-D (dp_replicate, dp_shard): HSDP): each
+    block, then (untied) the embedding and the head, then the root with what is left."""
+    shard = dict(mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    for block in model.layers:  # one all-gather per block, freed after use
+        fully_shard(block, **shard)
+    if not model.cfg.tie_embeddings:
+        # The embedding and the output head (with the final norm) in groups of their own;
+        # left in the root group, both would stay gathered for the whole step (4.2 GB at
+        # 70B in bf16). The head is called once per loss chunk and again when a chunk is
+        # recomputed in backward; its gradient is reduced once, after the last chunk, but
+        # with several chunks torch 2.13 reshards it at the end of forward all the same
+        # and gathers it again when backward starts (one more V x d gather a micro-batch,
+        # traced by the planner). A tied weight is one parameter and stays in the root
+        # group (torchtitan#594).
+        fully_shard(model.tok_emb, **shard)
+        fully_shard([model.norm, model.lm_head], **{**shard, "reshard_after_forward": False})
+    fully_shard(model, **shard)
+
 
 # The projections of each MLP kind that widen (column-parallel) and narrow (row-parallel).
 MLP_SPLIT = {SwiGLU: (("w1", "w3"), "w2"), GeluMLP: (("fc",), "proj")}

@@ -29,7 +29,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ from pretrain.data.tokenizer import Tokenizer
 from pretrain.errors import DataError
 from pretrain.train import process
 
+if TYPE_CHECKING:  # importing pretrain.parallel costs 0.8 s: the strategies
+    from pretrain.parallel.dims import ParallelDims
+
 log = logging.getLogger("pretrain")
 
 
@@ -59,6 +62,7 @@ def _dataset(
     shuffle: bool,
     batch_size: int,
     num_canonical_nodes: int,
+    replication: int = 1,
 ):
     streaming = streaming_module()
     streams = [
@@ -83,7 +87,7 @@ def _dataset(
             shuffle_seed=cfg.run.seed,
             num_canonical_nodes=num_canonical_nodes,
             # The tp consecutive ranks of a tensor-parallel group read the same samples.
-            replication=cfg.parallel.tp if cfg.parallel.tp > 1 else None,
+            replication=replication if replication > 1 else None,
         )
 
 
@@ -330,12 +334,16 @@ class TrainBatches:
         run_dir: Path,
         device: torch.device | None = None,
         checked: tuple[list[StreamSource], int] | None = None,
+        dims: ParallelDims | None = None,
     ) -> None:
-        """`checked`: `check_data`'s "train" verdict; None: a round of its own."""
+        """`checked`: `check_data`'s "train" verdict; None: a round of its own. `dims`: the
+        run's parallel degrees (the ranks of a tensor-parallel group read the same samples);
+        None: every rank is a data-parallel rank of its own."""
         bs = cfg.train.micro_batch_size
         _watch_streaming_threads()
         self.sources, canonical = checked or check_data(cfg, run_dir, ("train",))[1]["train"]
-        self.dataset = _dataset(cfg, self.sources, cfg.data.shuffle, bs, canonical)
+        tp = dims.tp if dims is not None else 1
+        self.dataset = _dataset(cfg, self.sources, cfg.data.shuffle, bs, canonical, tp)
         self.loader = _loader(self.dataset, cfg, bs, pin_memory=_pinned(device))
         self._iter: Iterator | None = None
 
@@ -368,12 +376,16 @@ class ValBatches:
         run_dir: Path,
         device: torch.device | None = None,
         checked: tuple[list[StreamSource], int] | None = None,
+        dims: ParallelDims | None = None,
     ) -> None:
-        """`checked`: `check_data`'s "val" verdict; None: a round of its own."""
+        """`checked`: `check_data`'s "val" verdict; None: a round of its own. `dims`: the
+        run's parallel degrees (the ranks of a tensor-parallel group read the same samples);
+        None: every rank is a data-parallel rank of its own."""
         bs = cfg.train.micro_batch_size
         _watch_streaming_threads()
         self.sources, canonical = checked or check_data(cfg, run_dir, ("val",))[1]["val"]
-        self.dataset = _dataset(cfg, self.sources, False, bs, canonical)
+        tp = dims.tp if dims is not None else 1
+        self.dataset = _dataset(cfg, self.sources, False, bs, canonical, tp)
         self.loader = _loader(self.dataset, cfg, bs, pin_memory=_pinned(device))
 
     def batches(self, n: int) -> Iterator[torch.Tensor]:

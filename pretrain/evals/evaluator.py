@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pretrain.config.schema import EvalConfig
 from pretrain.evals.scoring import Encoded, Forward, batches, encode, merge, score, task_metrics
 from pretrain.evals.tasks import Request, Task, read_tasks
+
+if TYPE_CHECKING:  # importing pretrain.parallel costs 0.8 s: the strategies
+    from pretrain.parallel.dims import ParallelDims
 
 
 def padded(forward: Forward, multiple: int) -> Forward:
@@ -36,13 +40,21 @@ def padded(forward: Forward, multiple: int) -> Forward:
 
 class Evaluator:
     def __init__(
-        self, cfg: EvalConfig, tokenizer, max_len: int, ranks=None, device="cpu", tp: int = 1
+        self,
+        cfg: EvalConfig,
+        tokenizer,
+        max_len: int,
+        ranks=None,
+        device="cpu",
+        dims: ParallelDims | None = None,
     ) -> None:
-        """`tp`: consecutive ranks that run each forward together (tensor parallelism): they
-        score the same batches, and only the first of them counts its results."""
-        self.cfg, self.ranks, self.device, self.tp = cfg, ranks, device, tp
+        """`dims`: the run's parallel degrees. The tp consecutive ranks of a tensor-parallel
+        group run each forward together: they score the same batches, and only the first
+        of them counts its results. None: every rank scores batches of its own."""
+        self.cfg, self.ranks, self.device = cfg, ranks, device
         self.rank = ranks.rank if ranks is not None else 0
         self.world = ranks.world_size if ranks is not None else 1
+        self.dims = dims
         self.tasks: list[Task] = read_tasks(cfg.tasks, ranks)
         self.requests: list[list[Request]] = [t.requests() for t in self.tasks]
         self.encoded: list[Encoded] = []
@@ -67,10 +79,11 @@ class Evaluator:
         {"core", "tasks": {name: {acc[, acc_norm], chance, centered, n, metric}}, "eval_s"}
         and with `samples`, each task's per-request [loglik, greedy] in request order."""
         start = time.perf_counter()
-        dp_rank, dp = self.rank // self.tp, self.world // self.tp
-        forward = forward if self.tp == 1 else padded(forward, self.tp)
+        tp = self.dims.tp if self.dims is not None else 1
+        dp_rank, dp = self.rank // tp, self.world // tp  # tp consecutive ranks per dp rank
+        forward = forward if tp == 1 else padded(forward, tp)
         mine = score(forward, self.encoded, self.plan, dp_rank, dp, self.pad_id, self.device, beat)
-        if self.rank % self.tp:  # the group's first rank holds the same results
+        if self.rank % tp:  # the group's first rank holds the same results
             mine = {}
         results = merge(mine, len(self.encoded), self.world, self.device)
         if self.rank != 0:

@@ -14,6 +14,7 @@ state is saved in checkpoints, so a resume continues each rank's own stream.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import warnings
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from pretrain.checkpoint.legacy import fused_qkv_planner
 from pretrain.errors import ConfigError
 from pretrain.model import Transformer
+from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import parallelize
 from pretrain.train.optim import build_optimizer
 
@@ -59,15 +61,21 @@ class Strategy(ABC):
         # parallel.mixed_precision as a dtype; None: fp32 throughout.
         self.mixed_dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else None
 
+    @functools.cached_property
+    def dims(self) -> ParallelDims:
+        """The run's parallel degrees (dims.py), made once and handed to what depends on the
+        layout (the data, the evaluator): every rank a data-parallel rank of its own,
+        unless the strategy splits the model over groups of ranks (fsdp.py)."""
+        return ParallelDims(1, self.world_size)
+
     @property
     def dp_size(self) -> int:
-        """Data-parallel ranks (each reads its own samples): every rank, unless a group of
-        ranks shares its samples (tensor parallelism, fsdp.py)."""
-        return self.world_size
+        """Data-parallel ranks: each reads its own samples."""
+        return self.dims.dp
 
     @property
     def dp_rank(self) -> int:
-        return self.rank
+        return self.dims.dp_rank(self.rank)
 
     @property
     def accum_steps(self) -> int:

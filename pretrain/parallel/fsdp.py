@@ -21,6 +21,7 @@ dimensions of the mesh only (dims.py): 2-D parameters.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -68,18 +69,10 @@ class FSDPStrategy(DistributedStrategy):
                     dims.dp_shard, per_node, per_node,
                 )  # fmt: skip
 
-    @property
+    @functools.cached_property
     def dims(self) -> ParallelDims:
         """parallel.dp_replicate x dp_shard x tp over this run's ranks (dims.py)."""
         return ParallelDims.resolve(self.cfg.parallel, self.world_size)
-
-    @property
-    def dp_size(self) -> int:
-        return self.dims.dp
-
-    @property
-    def dp_rank(self) -> int:
-        return self.dims.dp_rank(self.rank)
 
     def device_mesh(self):
         """The ranks' mesh on the agreed device (fully_shard's default would pick CUDA

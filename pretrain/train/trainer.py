@@ -56,8 +56,9 @@ class Trainer:
         # Data first: anything wrong with it is reported before a model is built. Global
         # rank 0 checks the tokenizer and both splits in one round and tells every rank.
         self.tokenizer, data = check_data(cfg, self.run_dir)
-        self.train_data = TrainBatches(cfg, self.run_dir, self.strategy.device, data["train"])
-        self.val_data = ValBatches(cfg, self.run_dir, self.strategy.device, data["val"])
+        device, dims = self.strategy.device, self.strategy.dims
+        self.train_data = TrainBatches(cfg, self.run_dir, device, data["train"], dims)
+        self.val_data = ValBatches(cfg, self.run_dir, device, data["val"], dims)
         self.evaluator = self._evaluator()  # task files are data too: checked before the model
         self.evaluated: set[int] = set()  # steps whose task scores are already in metrics.jsonl
         self.strategy.setup()
@@ -290,9 +291,8 @@ class Trainer:
         from pretrain.checkpoint.ranks import Ranks
         from pretrain.evals.evaluator import Evaluator
 
-        max_len = self.cfg.model.max_seq_len
-        e, tp = self.cfg.eval, self.cfg.parallel.tp
-        return Evaluator(e, self.tokenizer, max_len, Ranks.current(), self.strategy.device, tp)
+        max_len, s = self.cfg.model.max_seq_len, self.strategy
+        return Evaluator(self.cfg.eval, self.tokenizer, max_len, Ranks.current(), s.device, s.dims)
 
     def _tasks_due(self, step: int, save: bool) -> bool:
         e = self.cfg.eval
@@ -465,7 +465,7 @@ class Trainer:
 
     def _announce(self) -> None:
         cfg, s = self.cfg, self.strategy
-        tp, ranks = cfg.parallel.tp, f"{s.world_size} ranks"
+        tp, ranks = s.dims.tp, f"{s.world_size} ranks"
         ranks = ranks if tp == 1 else f"{s.dp_size} data ranks x tp {tp}"
         self.sink.console(
             f"run {cfg.run.name} in {self.run_dir} | {count_params(cfg.model) / 1e6:.2f}M params | "

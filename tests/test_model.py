@@ -116,6 +116,24 @@ def test_rope_scores_depend_only_on_relative_offset() -> None:
     assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)  # and it does depend on it
 
 
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_positions_passed_in_are_the_ones_encoded(position: str) -> None:
+    """The default positions are 0..T-1; positions given by the caller (a context-parallel
+    part of a sequence) are encoded instead. RoPE depends only on relative offsets, so a
+    constant shift leaves the logits as they are; a learned table does not."""
+    model, x = build(position=position, init_std=0.5), tokens(T=8)  # attention that matters
+    plain = model(x)
+    assert torch.equal(model(x, positions=torch.arange(8)), plain)
+    shifted = model(x, positions=torch.arange(8) + 5)
+    if position == "rope":
+        torch.testing.assert_close(shifted, plain, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(model(x, positions=torch.arange(8).flip(0)), plain, atol=1e-2)
+    else:
+        assert not torch.allclose(shifted, plain, atol=1e-2)
+    with pytest.raises(ValueError, match=r"positions \(7,\) must be \(8,\)"):
+        model(x, positions=torch.arange(7))
+
+
 def test_rope_scale_interpolates_positions() -> None:
     D, T = 16, 32
     cos1, sin1 = rope_cos_sin(D, T, scale=1.0)

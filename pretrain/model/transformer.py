@@ -215,6 +215,7 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         scores: bool = False,
         planned_tokens: int = 0,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size) in float32.
 
@@ -230,8 +231,13 @@ class Transformer(nn.Module):
 
         start_pos (only with a KV cache, see `set_kv_cache`): the tokens sit at positions
         start_pos.. and attend over the cached keys and values of every earlier position.
+
+        positions (T,) int64: the position each token's encoding (RoPE, a learned table)
+        is taken at; default start_pos..start_pos+T-1. The caller that splits a sequence
+        (context parallelism) passes each part's own. Attention stays causal over the
+        order the tokens are given in, and ALiBi's distances are counted in that order.
         """
-        x = self.hidden(tokens, start_pos)  # (B, T, d_model)
+        x = self.hidden(tokens, start_pos, positions)  # (B, T, d_model)
         if targets is None:
             return whole(self.lm_head(x)).float()  # (B, T, vocab_size)
         if targets.shape != tokens.shape:
@@ -246,9 +252,11 @@ class Transformer(nn.Module):
             self.lm_head, x.flatten(0, 1), targets.flatten(), loss_chunk_tokens
         )
 
-    def hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """tokens (B, T) at positions start_pos.. -> the final norm's output (B, T, d_model),
-        the LM head's input."""
+    def hidden(
+        self, tokens: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens (B, T) at `positions` (default start_pos..) -> the final norm's output
+        (B, T, d_model), the LM head's input."""
         end = start_pos + tokens.shape[1]
         if end > self.cfg.max_seq_len:
             raise ValueError(
@@ -256,14 +264,24 @@ class Transformer(nn.Module):
             )
         if start_pos and not self.kv_caches():  # each layer's cache checks the rest
             raise ValueError(f"start_pos {start_pos} needs a KV cache (set_kv_cache)")
+        if positions is not None and positions.shape != tokens.shape[1:]:
+            raise ValueError(
+                f"positions {tuple(positions.shape)} must be ({tokens.shape[1]},): one per token"
+            )
         x = self.tok_emb(tokens)  # (B, T, d_model)
         if self.pos_emb is not None:
-            positions = torch.arange(start_pos, end, device=tokens.device)
-            x = x + self.pos_emb(positions)  # (T, d_model) broadcasts over the batch
+            at = (
+                torch.arange(start_pos, end, device=tokens.device)
+                if positions is None
+                else positions
+            )
+            x = x + self.pos_emb(at)  # (T, d_model) broadcasts over the batch
         x = self.emb_dropout(x)
         rope = None
-        if self.cfg.position == "rope":
+        if self.cfg.position == "rope" and positions is None:
             rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, D/2) each
+        elif self.cfg.position == "rope":
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
         for layer in self.layers:
             x = layer(x, rope, start_pos)
         return self.norm(x)

@@ -1,25 +1,17 @@
 """The fsdp strategy's mesh: `parallel.dp_replicate` x `parallel.dp_shard` (pretrain/parallel/
-dims.py). HSDP on 4 real ranks trains like one process, resumes bit for bit on its own
-layout and, through DCP's resharding, on another; the layout checks are one line each."""
+dims.py); the layout checks are one line each. HSDP on 4 real ranks (trains like one
+process, resumes bit for bit on its own layout and, through DCP's resharding, on others and
+on another number of ranks) is one of the layouts of test_parallel_tp.py's 4-rank test,
+which shares their single-process run."""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 
 from pretrain.config.load import load_config
 from pretrain.errors import ConfigError
 from pretrain.parallel.dims import ParallelDims
-from tests.helpers.runs import (
-    REF,
-    REF_STEPS,
-    STRATEGIES,
-    TINY_MODEL,
-    losses_by_step,
-    run_cli,
-    with_overrides,
-)
+from tests.helpers.runs import STRATEGIES, TINY_MODEL, with_overrides
 from tests.test_parallel import torchrun_train
 
 
@@ -84,63 +76,6 @@ def test_hsdp_shards_inside_a_group_and_replicates_across_groups():
             assert p.device_mesh.mesh_dim_names == ("dp_replicate", "dp_shard")
             assert p.placements == (Replicate(), Shard(0))
             assert p.to_local().shape[0] == -(-p.shape[0] // 4)
-
-
-HSDP = [*STRATEGIES["fsdp"], "parallel.dp_replicate=2"]
-FOUR_RANKS = [*REF, "train.micro_batch_size=4"]  # global batch 16 = 4 ranks x 4
-
-
-@pytest.mark.torchrun
-def test_hsdp_on_4_ranks_trains_like_one_process_and_resumes_on_any_layout(
-    tiny_overrides, tmp_path, reference
-):
-    """HSDP 2 x 2: losses of the single-process run; stopped half-way, it resumes bit for bit
-    on its own layout, and (DCP reshards model and AdamW state) within 1e-5 as FSDP over 2
-    ranks, and as HSDP again from that one's checkpoint."""
-    single = losses_by_step(reference("single", tiny_overrides))
-    half = REF_STEPS // 2
-
-    def run(name: str, layout: list[str], nproc: int = 4, steps: int = REF_STEPS):
-        overrides = with_overrides(tiny_overrides, f"run.dir={tmp_path / name}", *FOUR_RANKS)
-        return torchrun_train(
-            nproc, *with_overrides(overrides, *layout, f"train.max_steps={steps}")
-        )
-
-    first = run("hsdp", HSDP)
-    assert "HSDP: 2 replicas x 2 shards" in first.stderr
-    uninterrupted = losses_by_step(tmp_path / "hsdp")
-    assert uninterrupted.keys() == single.keys()
-    for step, loss in single.items():
-        assert uninterrupted[step] == pytest.approx(loss, rel=1e-5), step
-
-    run("again", HSDP, steps=half)
-    shutil.copytree(tmp_path / "again", tmp_path / "moved")  # the same checkpoints, twice
-    resumed = run("again", HSDP)
-    assert "resumed from" in resumed.stderr
-    assert losses_by_step(tmp_path / "again") == uninterrupted  # bit for bit
-
-    # The half-way checkpoint on other layouts: FSDP over 2 ranks, then HSDP again from that
-    # run's checkpoint.
-    for layout, nproc, steps in ((STRATEGIES["fsdp"], 2, half + 4), (HSDP, 4, REF_STEPS)):
-        r = run("moved", layout, nproc, steps)
-        assert "resumed from" in r.stderr
-    moved = losses_by_step(tmp_path / "moved")
-    assert moved.keys() == single.keys()
-    for step, loss in uninterrupted.items():
-        assert moved[step] == pytest.approx(loss, rel=1e-5), step
-
-    # What export, generate and eval read: HSDP's checkpoint as whole tensors.
-    from safetensors.torch import load_file
-
-    from pretrain.model import Transformer
-    from pretrain.rundir import checkpoint_config, resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(tmp_path / "hsdp")
-    r = run_cli("consolidate", str(checkpoint), "--out", str(tmp_path / "w.safetensors"))
-    assert r.returncode == 0, r.stderr
-    whole = Transformer(checkpoint_config(checkpoint).model).state_dict()
-    weights = load_file(tmp_path / "w.safetensors")
-    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in whole.items()}
 
 
 # ------------------------------------------------------------------ the planner

@@ -1,9 +1,11 @@
 """Tensor + sequence parallelism (`parallel.tp`, pretrain/parallel/tp.py) on the fsdp strategy.
 
 On 4 real gloo ranks a test model whose head counts divide by 4 (GQA: 8 query heads over 4
-kv heads, tied embeddings) trains as one process does, step by step, on tp 2 x dp_shard 2;
-a rank killed with SIGKILL resumes bit for bit on its own layout, and the checkpoint resumes
-through DCP's resharding on FSDP alone, on tp 4 and on HSDP x tp. ALiBi with an untied head
+kv heads, tied embeddings) trains as one process does, step by step, on tp 2 x dp_shard 2
+and on HSDP 2 x 2 (the mesh of test_parallel_mesh.py); a rank killed with SIGKILL resumes
+bit for bit on its own layout, HSDP too from its own checkpoint, and the checkpoint resumes
+through DCP's resharding on FSDP alone, HSDP, tp 4, HSDP x tp and FSDP over 2 ranks, one
+after another (one test: one single-process run serves them all). ALiBi with an untied head
 and a chunked loss runs on tp 4. The layout checks are one line each.
 """
 
@@ -36,6 +38,8 @@ LAYOUTS = {
     "fsdp4": ["train.micro_batch_size=4"],
     "tp4": ["parallel.tp=4", "train.micro_batch_size=16"],
     "hsdp-tp": ["parallel.tp=2", "parallel.dp_replicate=2", "train.micro_batch_size=8"],
+    "hsdp": ["parallel.dp_replicate=2", "train.micro_batch_size=4"],
+    "fsdp2": ["train.micro_batch_size=8"],  # on 2 ranks
 }
 
 
@@ -134,7 +138,16 @@ def start_four(overrides: list[str], max_restarts: int) -> subprocess.Popen:
 
 
 @pytest.mark.torchrun
-def test_tp_on_4_ranks_trains_like_one_process_and_resumes_on_any_layout(tiny_overrides, tmp_path):
+def test_tp_hsdp_and_fsdp_on_4_ranks_train_like_one_process_and_resume_on_any_layout(
+    tiny_overrides, tmp_path
+):
+    """One single-process run, and on 4 ranks tp 2 x dp_shard 2 and HSDP (dp_replicate 2 x
+    dp_shard 2) from the start: each logs the single process's losses, step by step. A tp
+    rank killed with SIGKILL resumes bit for bit, and so does HSDP from its own half-way
+    checkpoint. The tp run's step-10 checkpoint then moves through every other layout, each
+    resuming from the one before (DCP reshards model and AdamW state): FSDP over 4 ranks,
+    HSDP, tp 4, HSDP x tp, FSDP over 2 ranks (another world size) and HSDP again from that
+    one's checkpoint; losses within 1e-5 of the uninterrupted run."""
     single_dir = tmp_path / "single"
     r = run_cli("train", "configs/tiny.yaml", *tp_overrides(tiny_overrides, single_dir,
                 f"train.max_steps={STEPS}"))  # fmt: skip
@@ -142,14 +155,28 @@ def test_tp_on_4_ranks_trains_like_one_process_and_resumes_on_any_layout(tiny_ov
     single = losses_by_step(single_dir)
     assert len(single) == STEPS
 
-    # tp 2 x dp_shard 2, uninterrupted: one process's losses, step by step.
-    tp2 = tmp_path / "tp2"
-    r = torchrun_train(4, *tp_overrides(tiny_overrides, tp2, *FOUR, *LAYOUTS["tp2"]))
-    assert "FSDP: 2 shards x TP 2" in r.stderr
-    uninterrupted = losses_by_step(tp2)
-    assert uninterrupted.keys() == single.keys()
-    for step, loss in single.items():
-        assert uninterrupted[step] == pytest.approx(loss, rel=1e-5), step
+    def train(run_dir, layout: str, *extra: str, nproc: int = 4):
+        overrides = tp_overrides(tiny_overrides, run_dir, *FOUR, *LAYOUTS[layout], *extra)
+        return torchrun_train(nproc, *overrides)
+
+    def copy_until(run_dir, name: str, step: int):
+        """A copy of `run_dir` without its checkpoints after `step`."""
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        for checkpoint in (copy / "checkpoints").glob("step_*"):
+            if int(checkpoint.name.removeprefix("step_")) > step:
+                shutil.rmtree(checkpoint)
+        return copy
+
+    # Uninterrupted on tp 2 x dp_shard 2 and on HSDP 2 x 2: one process's losses, step by step.
+    uninterrupted = {}
+    for layout, banner in (("tp2", "FSDP: 2 shards x TP 2"), ("hsdp", "HSDP: 2 replicas x 2 shards")):  # fmt: skip
+        r = train(tmp_path / layout, layout)
+        assert banner in r.stderr, layout
+        uninterrupted[layout] = losses_by_step(tmp_path / layout)
+        assert uninterrupted[layout].keys() == single.keys(), layout
+        for step, loss in single.items():
+            assert uninterrupted[layout][step] == pytest.approx(loss, rel=1e-5), (layout, step)
 
     # A rank killed (SIGKILL) after the step-10 checkpoint: torchrun restarts the ranks, they
     # resume on the same layout, and every logged loss is the uninterrupted run's, bit for bit.
@@ -161,21 +188,27 @@ def test_tp_on_4_ranks_trains_like_one_process_and_resumes_on_any_layout(tiny_ov
     victim.send_signal(signal.SIGKILL)
     code, out = finish(proc)
     assert code == 0 and "resumed from" in out, out
-    assert losses_by_step(killed) == uninterrupted
+    assert losses_by_step(killed) == uninterrupted["tp2"]
 
-    # The step-10 checkpoint on every other layout in turn, each resuming from the one before:
-    # FSDP over 4 ranks, tp 4, HSDP 2 x tp 2; losses within 1e-5 of the uninterrupted run.
-    moved = tmp_path / "moved"
-    shutil.copytree(tp2, moved)
-    for step in (15, 20):
-        shutil.rmtree(moved / "checkpoints" / f"step_{step:08d}", ignore_errors=True)
-    for layout, steps in (("fsdp4", 12), ("tp4", 16), ("hsdp-tp", STEPS)):
-        extra = [*FOUR, *LAYOUTS[layout], f"train.max_steps={steps}", "checkpoint.every=2"]
-        r = torchrun_train(4, *tp_overrides(tiny_overrides, moved, *extra))
-        assert "resumed from" in r.stderr, layout
+    # HSDP from its own step-10 checkpoint: bit for bit.
+    again = copy_until(tmp_path / "hsdp", "again", 10)
+    assert "resumed from" in train(again, "hsdp").stderr
+    assert losses_by_step(again) == uninterrupted["hsdp"]
+
+    # The tp run's step-10 checkpoint on every other layout in turn, each resuming from the
+    # checkpoint the one before saved last; losses within 1e-5 of the uninterrupted run.
+    moved = copy_until(tmp_path / "tp2", "moved", 10)
+    hops = (("fsdp4", 4, 12), ("hsdp", 4, 14), ("tp4", 4, 16), ("hsdp-tp", 4, 18),
+            ("fsdp2", 2, 19), ("hsdp", 4, STEPS))  # fmt: skip
+    last = 10
+    for layout, nproc, steps in hops:
+        extra = [f"train.max_steps={steps}", "checkpoint.every=2"]
+        r = train(moved, layout, *extra, nproc=nproc)
+        assert f"step_{last:08d} (step {last};" in r.stderr, (layout, r.stderr[-2000:])
+        last = steps
     resumed = losses_by_step(moved)
     assert resumed.keys() == single.keys()
-    for step, loss in uninterrupted.items():
+    for step, loss in uninterrupted["tp2"].items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5), step
 
     # What export, generate and eval read: the tp checkpoint as whole tensors, the single
@@ -183,19 +216,27 @@ def test_tp_on_4_ranks_trains_like_one_process_and_resumes_on_any_layout(tiny_ov
     # zero into up to a step of lr (3e-3) over 20 steps; rows from the wrong head or
     # vocabulary shard would be off by the weights' own scale (init_std 0.02).
     import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
 
+    from pretrain.__main__ import main as pretrain_main
     from pretrain.model import Transformer
     from pretrain.rundir import checkpoint_config, resolve_checkpoint
 
     weights = {}
-    for run in (single_dir, tp2):
+    for run in (single_dir, tmp_path / "tp2"):
         checkpoint = resolve_checkpoint(run)
         state = {"model": Transformer(checkpoint_config(checkpoint).model).state_dict()}
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
         weights[run] = state["model"]
-    assert weights[tp2].keys() == weights[single_dir].keys()
+    assert weights[tmp_path / "tp2"].keys() == weights[single_dir].keys()
     for name, tensor in weights[single_dir].items():
-        torch.testing.assert_close(weights[tp2][name], tensor, rtol=0, atol=1e-3)
+        torch.testing.assert_close(weights[tmp_path / "tp2"][name], tensor, rtol=0, atol=1e-3)
+    # HSDP's checkpoint consolidated (`pretrain consolidate`): every tensor, whole.
+    checkpoint = resolve_checkpoint(tmp_path / "hsdp")
+    assert pretrain_main(["consolidate", str(checkpoint), "--out", str(tmp_path / "w.st")]) == 0
+    whole = Transformer(checkpoint_config(checkpoint).model).state_dict()
+    consolidated = load_file(tmp_path / "w.st")
+    assert {k: v.shape for k, v in consolidated.items()} == {k: v.shape for k, v in whole.items()}
 
 
 @pytest.mark.torchrun
@@ -203,13 +244,14 @@ def test_tp_4_with_alibi_an_untied_head_and_loss_chunks_trains_like_one_process(
     tiny_overrides, tmp_path
 ):
     """Each rank's heads keep their own ALiBi slopes, the untied head is split over the
-    vocabulary and the loss is taken in chunks on the split logits."""
-    extra = ["model.position=alibi", "model.tie_embeddings=false",
-             "parallel.loss_chunk_tokens=48", "train.max_steps=20"]  # fmt: skip
+    vocabulary and the loss is taken in chunks on the split logits (3 a micro-batch of
+    4 x 64 tokens, the last one shorter)."""
+    extra = ["model.position=alibi", "model.tie_embeddings=false", "parallel.loss_chunk_tokens=112",
+             "train.global_batch_size=4", "train.micro_batch_size=4", "train.max_steps=20"]  # fmt: skip
     single_dir, tp4 = tmp_path / "single", tmp_path / "tp4"
     r = run_cli("train", "configs/tiny.yaml", *tp_overrides(tiny_overrides, single_dir, *extra))
     assert r.returncode == 0, r.stderr
-    torchrun_train(4, *tp_overrides(tiny_overrides, tp4, *FOUR, *extra, *LAYOUTS["tp4"]))
+    torchrun_train(4, *tp_overrides(tiny_overrides, tp4, *FOUR, *extra, "parallel.tp=4"))
     single, tp = losses_by_step(single_dir), losses_by_step(tp4)
     assert tp.keys() == single.keys() and len(single) == STEPS
     for step, loss in single.items():

@@ -218,13 +218,14 @@ def test_scores_do_not_depend_on_the_world_size(files, tokenizer):
 
 
 def test_ranks_call_the_output_projection_alike_in_every_round(files, tokenizer):
-    """Under ZeRO-3 each call of the output projection gathers its weight collectively, so
-    in every round of the plan each rank, whatever its batch (or dummy), calls it as often
-    as the others: as often as the round's largest batch of scored tokens needs."""
+    """A projection of split logits gathers them collectively (tensor parallelism), so in
+    every round of the plan each rank, whatever its batch (or dummy), projects as often as
+    the others: as often as the round's largest batch of scored tokens needs."""
     model = tiny_model()
     ev = Evaluator(EvalConfig(tasks=configs(files), batch_size=3), tokenizer, 64)
-    calls, per_forward = [], []  # lm_head calls; how many each forward made
-    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    calls, per_forward = [], []  # projections; how many each forward made
+    project = model.lm_head.logits
+    model.lm_head.logits = lambda h: (calls.append(1), project(h))[1]
 
     def forward(x, t, planned):
         before = len(calls)

@@ -90,13 +90,13 @@ def test_targets_must_match_tokens() -> None:
 
 
 def test_scores_call_the_head_as_often_as_planned_with_the_same_values() -> None:
-    """`planned_tokens` (the most any rank scores in the forward) adds calls on no tokens:
-    the same number of head calls on every rank, and the same scores as without it."""
+    """`planned_tokens` (the most any rank scores in the forward) adds projections of no
+    tokens: the same number of them on every rank, and the same scores as without it."""
     model = build().eval()
     inputs, targets = batch()
     targets = torch.where(torch.arange(13) >= 9, targets, -1)  # 3 rows x 4 scored tokens
-    calls = []
-    model.lm_head.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
+    calls, project = [], model.lm_head.logits
+    model.lm_head.logits = lambda h: (calls.append(h.shape[0]), project(h))[1]
     with torch.no_grad():
         own = model(inputs, targets, loss_chunk_tokens=5, scores=True)
         assert calls == [5, 5, 2]  # 12 scored tokens, 5 at a time

@@ -136,12 +136,12 @@ def expected_step(cfg, world: int) -> Expected:
             + 3 * d * h // tp  # w1, w3 column-, w2 row-parallel
         )
         embedding = V // tp * d
-        if untied:  # its own groups: the embedding, and the final norm with the head
-            groups = [(embedding, 2), (embedding + d, 1 + (chunks > 1))]
-            # (with several loss chunks torch reshards the head at the end of forward and
-            # gathers it again as backward starts: one more gather; one reduction)
-        else:  # the root's group holds the tied embedding and the final norm
-            groups = [(embedding + d, 2)]
+        # Untied: groups of their own, the embedding, and the final norm with the head (one
+        # module call a micro-batch with all its loss chunks: gathered once and kept through
+        # its backward, reshard_after_forward=False). Tied: the root's group holds the
+        # embedding and the final norm.
+        untied_groups = [(embedding, 2), (embedding + d, 1)]
+        groups = untied_groups if untied else [(embedding + d, 2)]
         groups += [(block, 2)] * L  # gathered for forward and again for backward
         for numel, gathers in groups:
             e.add("all_gather", shard, tp, gathers, numel * act)

@@ -9,9 +9,12 @@ its logits there, one chunk at a time: peak logits memory is a few chunk*V fp32 
 instead of a few B*T*V, for one extra output-projection matmul (2 * d_model * V FLOPs per
 token, under 1% of a 7B model's step).
 
-It runs inside `Transformer.forward` on purpose: a sharded wrapper (FSDP2, ZeRO-3)
-gathers the output projection's weight for the model's forward and backward, so calling
-the `head` module here, and again in the recomputation, sees the whole weight.
+The projection and the loss are one module, `OutputHead` (the model's `lm_head`, whose
+weight keeps the name `lm_head.weight`): its forward takes the final norm's output and the
+targets and returns the loss (or scores, or logits). A sharded wrapper (FSDP2, ZeRO-3)
+gathers its weight once for that one call and once for its backward, however many chunks
+the loss is taken in; the chunks' projections inside, and their recomputation in
+backward, use the gathered weight.
 
 Under tensor parallelism (parallel/parallelize.py) the head's logits are a DTensor split over the
 vocabulary: the loss is taken on the split logits by torch's `loss_parallel` (a max, a sum
@@ -23,13 +26,52 @@ context: `loss_parallel_backward` is what the strategy runs `loss.backward()` in
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils.checkpoint import checkpoint
+
+
+class OutputHead(nn.Module):
+    """The output projection (a (vocab, d_model) weight, no bias) with the loss taken on it.
+
+    `forward(h, targets)`: h (N, d_model), targets (N,) int64 -> the mean cross-entropy,
+    `chunk_tokens` at a time (`chunked_cross_entropy`); with `scores`, the scored targets'
+    log-probabilities and greedy flags (`token_scores`); without targets, the (..., vocab)
+    fp32 logits, whole. Under tensor parallelism (parallelize.py) the weight is split over
+    the vocabulary (a DTensor, Shard(0)) and `logits` are too, each rank its part.
+    """
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., d_model) -> logits (..., vocab_size) in h's dtype; split over the
+        vocabulary (a DTensor) when the weight is, with h taken as every rank's whole input."""
+        w = self.weight
+        if isinstance(w, DTensor) and not isinstance(h, DTensor):
+            h = DTensor.from_local(h, w.device_mesh, [Replicate()], run_check=False)
+        return F.linear(h, w)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        chunk_tokens: int = 0,
+        scores: bool = False,
+        planned_tokens: int = 0,
+    ) -> torch.Tensor:
+        if targets is None:
+            return whole(self.logits(h)).float()
+        if scores:
+            return token_scores(self.logits, h, targets, chunk_tokens, planned_tokens)
+        return chunked_cross_entropy(self.logits, h, targets, chunk_tokens)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -62,12 +104,15 @@ def whole(logits: torch.Tensor) -> torch.Tensor:
     return logits.full_tensor() if isinstance(logits, DTensor) else logits
 
 
-def _chunk_loss(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+Head = Callable[[torch.Tensor], torch.Tensor]  # h (N, d_model) -> logits (N, vocab)
+
+
+def _chunk_loss(head: Head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return cross_entropy(head(h), targets, reduction="sum")
 
 
 def chunked_cross_entropy(
-    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+    head: Head, h: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
 ) -> torch.Tensor:
     """Mean cross-entropy of `head(h)` (logits upcast to fp32) against `targets`.
 
@@ -94,7 +139,7 @@ def chunked_cross_entropy(
 
 
 def token_scores(
-    head: nn.Module,
+    head: Head,
     h: torch.Tensor,
     targets: torch.Tensor,
     chunk_tokens: int,
@@ -108,11 +153,11 @@ def token_scores(
     (0: all at once), so a long few-shot context costs no logits at all.
 
     `head` is called as often as `max(N, planned_tokens)` scored tokens need, the later
-    calls on no tokens: under ZeRO-3 every call gathers the head's weight collectively, so
-    ranks scoring different batches in one round must make as many calls as each other
-    (`planned_tokens`: the most any rank scores in this forward). The chunks themselves
-    stay `chunk_tokens` long from the first scored token, so a score does not depend on
-    how many ranks there are.
+    calls on no tokens, so that ranks scoring different batches in one round make as many
+    calls as each other (`planned_tokens`: the most any rank scores in this forward) should
+    a call be collective (split logits are gathered under tensor parallelism). The chunks
+    themselves stay `chunk_tokens` long from the first scored token, so a score does not
+    depend on how many ranks there are.
     """
     keep = targets >= 0
     h, targets = h[keep], targets[keep]

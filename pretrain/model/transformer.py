@@ -5,9 +5,10 @@ Design choices, all driven by ModelConfig:
 - positions: RoPE (cos/sin cache shared by all layers), ALiBi (inside attention) or a
   learned absolute table `pos_emb`;
 - MLP: SwiGLU (w1 gate, w3 up, w2 down) or GELU (fc, proj); norm: RMSNorm or LayerNorm;
-- `lm_head` shares its weight with `tok_emb` when tie_embeddings;
+- `lm_head` (an `OutputHead`: the output projection and the loss, one module) shares its
+  weight with `tok_emb` when tie_embeddings;
 - `forward(tokens, targets)` returns the loss, computed in chunks of tokens inside the
-  model (`loss.py`), so the full fp32 logits never exist during training;
+  head (`loss.py`), so the full fp32 logits never exist during training;
 - generation runs the same forward: `set_kv_cache` gives every attention layer a
   preallocated cache and `forward(tokens, start_pos=...)` feeds the tokens that follow the
   first `start_pos` ones (positions, RoPE and masks offset to match).
@@ -30,7 +31,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from pretrain.model.attention import Attention
 from pretrain.model.config import ATTENTION_IMPLS, MLPS, NORMS, POSITIONS, ModelConfig
 from pretrain.model.kv_cache import KVCache
-from pretrain.model.loss import chunked_cross_entropy, token_scores, whole
+from pretrain.model.loss import OutputHead
 from pretrain.model.positions import rope_cos_sin
 
 
@@ -159,7 +160,7 @@ class Transformer(nn.Module):
             self.emb_dropout = _dropout(cfg.dropout)
             self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
             self.norm = make_norm(cfg)
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size)
             if cfg.position == "rope":
                 # Derived from the config, so not saved in checkpoints; init_weights fills them.
                 half = cfg.head_dim // 2
@@ -190,9 +191,10 @@ class Transformer(nn.Module):
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         residual_out = {id(m) for b in self.layers for m in (b.attn.out_proj, b.mlp.out_proj)}
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                if module is self.lm_head and cfg.tie_embeddings:
-                    continue  # the weight is tok_emb's, initialised as an embedding
+            if isinstance(module, OutputHead):
+                if not cfg.tie_embeddings:  # else the weight is tok_emb's, initialised as one
+                    _normal_(module.weight, cfg.init_std)
+            elif isinstance(module, nn.Linear):
                 std = residual_std if id(module) in residual_out else cfg.init_std
                 _normal_(module.weight, std)
                 if module.bias is not None:
@@ -239,17 +241,17 @@ class Transformer(nn.Module):
         """
         x = self.hidden(tokens, start_pos, positions)  # (B, T, d_model)
         if targets is None:
-            return whole(self.lm_head(x)).float()  # (B, T, vocab_size)
+            return self.lm_head(x)  # (B, T, vocab_size) fp32
         if targets.shape != tokens.shape:
             raise ValueError(
                 f"targets {tuple(targets.shape)} must match tokens {tuple(tokens.shape)}"
             )
-        if scores:
-            return token_scores(
-                self.lm_head, x.flatten(0, 1), targets.flatten(), loss_chunk_tokens, planned_tokens
-            )
-        return chunked_cross_entropy(
-            self.lm_head, x.flatten(0, 1), targets.flatten(), loss_chunk_tokens
+        return self.lm_head(
+            x.flatten(0, 1),
+            targets.flatten(),
+            chunk_tokens=loss_chunk_tokens,
+            scores=scores,
+            planned_tokens=planned_tokens,
         )
 
     def hidden(

@@ -34,8 +34,9 @@ rank's part, so the split model starts as one process's would.
 
 from __future__ import annotations
 
+from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -102,12 +103,10 @@ def apply_fsdp(model: Transformer, dp_mesh, mp_policy, reshard_after_forward: bo
     if not model.cfg.tie_embeddings:
         # The embedding and the output head (with the final norm) in groups of their own;
         # left in the root group, both would stay gathered for the whole step (4.2 GB at
-        # 70B in bf16). The head is called once per loss chunk and again when a chunk is
-        # recomputed in backward; its gradient is reduced once, after the last chunk, but
-        # with several chunks torch 2.13 reshards it at the end of forward all the same
-        # and gathers it again when backward starts (one more V x d gather a micro-batch,
-        # traced by the planner). A tied weight is one parameter and stays in the root
-        # group (torchtitan#594).
+        # 70B in bf16). The head takes all its loss chunks in one call (OutputHead), so it
+        # is gathered once a micro-batch and kept for its backward (reshard_after_forward
+        # off), and its gradient is reduced once. A tied weight is one parameter and stays
+        # in the root group (torchtitan#594).
         fully_shard(model.tok_emb, **shard)
         fully_shard([model.norm, model.lm_head], **{**shard, "reshard_after_forward": False})
     fully_shard(model, **shard)
@@ -142,17 +141,10 @@ def block_plan(block) -> dict:
 def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
     """Split `model` (on the meta device, not yet sharded by FSDP) over the 1-D `tp_mesh`."""
     rank, parts = tp_mesh.get_local_rank(), tp_mesh.size()
-    tied = model.cfg.tie_embeddings
-    # The head first: with tied embeddings its weight is still the embedding's plain
-    # parameter here; the embedding's own split below makes a new one, re-tied after.
     parallelize_module(
         model,
         tp_mesh,
         {
-            # Logits stay split over the vocabulary (a DTensor): loss.py takes the loss on them.
-            "lm_head": ColwiseParallel(
-                input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False
-            ),
             "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
             "norm": SequenceParallel(),
         },
@@ -164,8 +156,14 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
         tp_mesh,
         PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate()),
     )
-    if tied:
-        model.lm_head.weight = model.tok_emb.weight
+    # The head's (V, d) weight split by rows, as the embedding's was: its logits stay split
+    # over the vocabulary (OutputHead.logits) and loss.py takes the loss on them. A tied
+    # weight is the embedding's split one, tied again (split apart, each would train alone).
+    head = model.lm_head
+    if model.cfg.tie_embeddings:
+        head.weight = model.tok_emb.weight
+    else:
+        head.weight = nn.Parameter(distribute_tensor(head.weight, tp_mesh, [Shard(0)]))
     for block in model.layers:
         parallelize_module(block, tp_mesh, block_plan(block))
         block.attn.shard_heads(rank, parts)

@@ -206,11 +206,10 @@ class PlanFSDPMemTracker(_PlanTracking, FSDPMemTracker):
 
     torch's tracker swaps each FSDP state's forward hooks for its own, registered on every
     module of the state as if each were a group alone. `fully_shard([norm, lm_head])` (the
-    untied head's group, fsdp.py) hooks its modules together instead, so that the group's
-    pre/post-forward run once per pass however often the head is called (once per loss
-    chunk). Hooked one by one, every chunk's call ran a whole post-forward: in backward the
-    head was gathered once more per micro-batch and its gradient reduced in two pieces, a
-    step real ranks do not take. Here such a group's hooks are wrapped as a group
+    untied head's group, parallelize.py) hooks its modules together instead, so that the
+    group's pre/post-forward run once per pass, as on real ranks. (Hooked one by one when
+    the head was called once per loss chunk, every call ran a whole post-forward: the
+    group was gathered once more per micro-batch and its gradient reduced in two pieces.) Here such a group's hooks are wrapped as a group
     (`_register_group_forward_hooks`, as `FSDPState.init` registers them), on entry and again
     when the tracker gives them back."""
 

@@ -259,20 +259,22 @@ def worker(strategy: str, layers: int, out: Path) -> None:
     s = trainer.strategy
     accum = s.accum_steps
 
-    def forward_backward(last: bool) -> None:
-        tokens = trainer.train_data.next().to(s.device)
-        s.forward_backward(tokens, accum, last=last)
+    def next_batch(_: int) -> torch.Tensor:
+        return trainer.train_data.next().to(s.device)
 
     def train_step() -> None:
-        for i in range(accum):
-            forward_backward(last=i == accum - 1)
+        s.forward_backward(next_batch, accum)
         s.step(cfg.optim.grad_clip)
 
-    for _ in range(accum - 1):
-        forward_backward(last=False)
-    between = census(s)  # while the step's gradients accumulate
-    forward_backward(last=True)
-    after_backward = census(s)
+    seen = {}
+
+    def next_batch_counted(i: int) -> torch.Tensor:
+        if i == accum - 1:  # while the step's gradients accumulate
+            seen["between"] = census(s)
+        return next_batch(i)
+
+    s.forward_backward(next_batch_counted, accum)
+    between, after_backward = seen["between"], census(s)
     s.step(cfg.optim.grad_clip)
     after_step = census(s)
     held = sum(after_step.bytes(c) for c in CATEGORIES)

@@ -19,6 +19,7 @@ import gc
 import math
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -133,19 +134,29 @@ class Strategy(ABC):
         return self.forward(inputs, targets, loss_chunk_tokens=self.cfg.parallel.loss_chunk_tokens)
 
     def forward_backward(
-        self, tokens: torch.Tensor, micro_batches: int = 1, last: bool = True, poison: bool = False
+        self,
+        next_batch: Callable[[int], torch.Tensor],
+        micro_batches: int = 1,
+        poison: bool = False,
     ) -> torch.Tensor:
-        """Forward and backward of one micro-batch of a step of `micro_batches`: the loss is
-        divided by `micro_batches` for backward (the step's gradient is their mean), and
-        `last` says the step's gradients are complete after it. Returns this micro-batch's
-        loss, detached and still on the device. `poison` makes the loss NaN (the tests'
-        fault injection, `train.faults`). The trainer and the planner both take a step as
-        these calls and then `step`, so what the planner traces is what trains."""
-        loss = self.loss(tokens)
-        if poison:
-            loss = loss * float("nan")
-        self.backward(loss / micro_batches, last=last)
-        return loss.detach()
+        """Forward and backward of a step's `micro_batches` micro-batches; returns their
+        mean loss, detached, on the device (nothing waits for it).
+
+        `next_batch(i)` hands over micro-batch i, (B, T + 1) on the device, when its turn
+        comes (so it is loaded no earlier; a pipeline schedule, which owns this loop, may
+        ask for all of them first). Each loss is divided by `micro_batches` for backward
+        (the step's gradient is their mean), and the last backward completes the step's
+        gradients. `poison` makes the losses NaN (the tests' fault injection,
+        `train.faults`). The trainer, the planner's trace and bench/memory.py all take a
+        step as this call and `step`, so what the planner traces is what trains."""
+        total = torch.zeros((), device=self.device)
+        for i in range(micro_batches):
+            loss = self.loss(next_batch(i))
+            if poison:
+                loss = loss * float("nan")
+            self.backward(loss / micro_batches, last=i == micro_batches - 1)
+            total += loss.detach()
+        return total / micro_batches
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         """Backward of one micro-batch; `last` says whether the step's gradients are complete

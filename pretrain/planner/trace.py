@@ -295,14 +295,16 @@ def mark_loss_region(model: nn.Module, tracker: _PlanTracking) -> list:
 
 def train_step(strategy, batches: list[torch.Tensor], cfg, on_micro_batch=None) -> None:
     """One optimizer step as the trainer takes it, through the same calls: the strategy's
-    `forward_backward` of each micro-batch (the last one reducing gradients), then `step`."""
-    n = len(batches)
-    for i, tokens in enumerate(batches):
-        if on_micro_batch is not None:
-            on_micro_batch(i)
-        strategy.forward_backward(tokens, n, last=i == n - 1)
-    if on_micro_batch is not None:
-        on_micro_batch(n)
+    `forward_backward` of the micro-batches, then `step`. `on_micro_batch(i)` is called as
+    micro-batch i starts, and with len(batches) as the optimizer step starts."""
+    mark = on_micro_batch or (lambda _: None)
+
+    def next_batch(i: int) -> torch.Tensor:
+        mark(i)
+        return batches[i]
+
+    strategy.forward_backward(next_batch, len(batches))
+    mark(len(batches))
     strategy.step(cfg.optim.grad_clip)
 
 

@@ -182,19 +182,21 @@ class Trainer:
         self.injected.maybe_hang(self.step + 1)
         lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
         set_lr(s.optimizer, lr)
-        accum = s.accum_steps
-        loss_sum = torch.zeros((), device=self.device)
         data_s = 0.0
-        for i in range(accum):
+
+        def next_batch(_: int) -> torch.Tensor:
+            nonlocal data_s
             t0 = time.perf_counter()
             tokens = self.train_data.next().to(self.device, non_blocking=True)  # (B, T + 1)
             data_s += time.perf_counter() - t0
-            poison = self.injected.poisoned(self.step + 1)
-            loss_sum += s.forward_backward(tokens, accum, last=i == accum - 1, poison=poison)
+            return tokens
+
+        poison = self.injected.poisoned(self.step + 1)
+        loss = s.forward_backward(next_batch, s.accum_steps, poison=poison)
         grad_norm = s.step(cfg.optim.grad_clip)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        loss = s.reduce(loss_sum / accum, over="dp")  # a scalar all-reduce, queued
+        loss = s.reduce(loss, over="dp")  # a scalar all-reduce, queued
         ended = self.clock.mark()
         self.pending.append(
             PendingStep(

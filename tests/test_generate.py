@@ -39,7 +39,7 @@ def test_cached_logits_equal_a_full_forward(variant):
         steps = [model(chunk, start_pos=start) for chunk, start in zip(chunks, starts, strict=True)]
     cached = torch.cat(steps, dim=1)
     torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
-    cache = model.layers[0].attn.kv_cache  # layer 0's: k is (B, K, max_len, D)
+    cache = model.layers["0"].attn.kv_cache  # layer 0's: k is (B, K, max_len, D)
     assert cache.length == 24 and cache.k.shape == (2, model.cfg.kv_heads, 24, 8)
 
 
@@ -50,7 +50,7 @@ def test_generation_runs_the_models_own_attention_forward():
     def record(module, args, output):
         calls.append((args[0].shape[1], args[2], module.kv_cache is not None))
 
-    hooks = [layer.attn.register_forward_hook(record) for layer in model.layers]
+    hooks = [layer.attn.register_forward_hook(record) for layer in model.layers.values()]
     try:
         new = generate(model, [5, 17, 3, 44], max_new_tokens=6, temperature=0)
     finally:
@@ -167,7 +167,7 @@ def test_kv_cache_is_not_state_and_the_training_block_compiles_as_one_graph():
     assert set(model.state_dict()) == state and {n for n, _ in model.named_buffers()} == buffers
     model.clear_kv_cache()
     # fullgraph: no graph break on the cache attribute or the mask; gradients as in eager.
-    block, x = model.layers[0], torch.randn(2, 8, 32, requires_grad=True)
+    block, x = model.layers["0"], torch.randn(2, 8, 32, requires_grad=True)
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     grad = torch.autograd.grad(compiled(x).square().sum(), x)[0]
     torch.testing.assert_close(grad, torch.autograd.grad(block(x).square().sum(), x)[0])

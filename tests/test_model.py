@@ -226,7 +226,7 @@ def test_init_scales_residual_projections() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=256, d_model=256, n_layers=8, n_heads=4, bias=True)
     model = Transformer(cfg)
-    block = model.layers[0]
+    block = model.layers["0"]
     assert block.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     residual = 0.02 / math.sqrt(2 * cfg.n_layers)
     assert block.attn.out_proj.weight.std().item() == pytest.approx(residual, rel=0.05)
@@ -253,7 +253,7 @@ def test_mask_cached_under_inference_mode_still_trains() -> None:
     with torch.inference_mode():
         model(tokens())
     model(tokens()).sum().backward()
-    assert model.layers[0].attn.k_proj.weight.grad is not None
+    assert model.layers["0"].attn.k_proj.weight.grad is not None
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "naive"])
@@ -300,7 +300,8 @@ def test_flash_attn_matches_sdpa_in_bf16(variant: str) -> None:
     sdpa.load_state_dict(flash.state_dict())
     x = tokens(T=256).cuda()
     assert (
-        flash.layers[0].attn.backend(torch.empty(1, device="cuda", dtype=torch.bfloat16)) == "flash"
+        flash.layers["0"].attn.backend(torch.empty(1, device="cuda", dtype=torch.bfloat16))
+        == "flash"
     )
     with torch.autocast("cuda", dtype=torch.bfloat16):
         torch.testing.assert_close(flash(x), sdpa(x), atol=2e-2, rtol=2e-2)
@@ -432,7 +433,7 @@ def test_sdpa_native_gqa_only_where_a_fused_kernel_takes_it() -> None:
 
 
 def test_cpu_tensors_never_pick_flash() -> None:
-    attn = build(attention="auto").layers[0].attn
+    attn = build(attention="auto").layers["0"].attn
     assert attn.backend(torch.empty(1, dtype=torch.bfloat16)) == "sdpa"
 
 
@@ -453,5 +454,5 @@ def test_gpu_sdpa_never_needs_the_math_kernel(variant: str) -> None:
         if capability >= (8, 0):
             model(x).float().square().mean().backward()
     expect = "flash" if flash_attn_available() and capability >= (8, 0) else "sdpa"
-    auto = build(attention="auto", **kw).layers[0].attn
+    auto = build(attention="auto", **kw).layers["0"].attn
     assert auto.backend(torch.empty(1, device="cuda", dtype=torch.bfloat16)) == expect

@@ -181,7 +181,7 @@ def test_activation_checkpointing_wraps_the_chosen_blocks(mode, expected):
         "parallel.activation_checkpointing_every=2",
     ]
     model = new_transformer(load_config(REPO / "configs/tiny.yaml", overrides), torch.device("cpu"))
-    assert [int(type(b).__name__ == "CheckpointWrapper") for b in model.layers] == expected
+    assert [int(type(b).__name__ == "CheckpointWrapper") for b in model.layers.values()] == expected
     plain = new_transformer(
         load_config(REPO / "configs/tiny.yaml", overrides[:1]), torch.device("cpu")
     )

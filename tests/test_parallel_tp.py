@@ -106,7 +106,7 @@ def test_tp_splits_whole_heads_and_keeps_the_tie():
     )  # fmt: skip
     with fake_world(4):
         _, meta, _ = build_for_plan(cfg, 4)
-        attn = meta.layers[0].attn
+        attn = meta.layers["0"].attn
         assert attn.heads == (0, 4)
         q, k = attn.q_proj.weight, attn.k_proj.weight
         assert isinstance(q, DTensor) and q.device_mesh.mesh_dim_names == ("dp_shard", "tp")

@@ -158,7 +158,9 @@ class Transformer(nn.Module):
                 nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
             )
             self.emb_dropout = _dropout(cfg.dropout)
-            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            # Keyed by name ("0", "1", ...: the same parameter names as a list): a pipeline
+            # stage that drops the layers it does not run renames none of the others.
+            self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
             self.norm = make_norm(cfg)
             self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size)
             if cfg.position == "rope":
@@ -189,7 +191,9 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
             self.lm_head.weight = self.tok_emb.weight  # to_empty() unties shared parameters
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        residual_out = {id(m) for b in self.layers for m in (b.attn.out_proj, b.mlp.out_proj)}
+        residual_out = {
+            id(m) for b in self.layers.values() for m in (b.attn.out_proj, b.mlp.out_proj)
+        }
         for module in self.modules():
             if isinstance(module, OutputHead):
                 if not cfg.tie_embeddings:  # else the weight is tok_emb's, initialised as one
@@ -284,7 +288,7 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, D/2) each
         elif self.cfg.position == "rope":
             rope = (self.rope_cos[positions], self.rope_sin[positions])
-        for layer in self.layers:
+        for layer in self.layers.values():
             x = layer(x, rope, start_pos)
         return self.norm(x)
 

@@ -69,7 +69,7 @@ def parallelize(
         model, p.activation_checkpointing, p.activation_checkpointing_every
     )
     if p.compile:
-        for block in model.layers:
+        for block in model.layers.values():
             block.compile()
     if mesh is not None:
         dp_mesh = mesh if dims.tp == 1 else mesh[dims.dp_names]
@@ -89,16 +89,16 @@ def apply_activation_checkpointing(model: Transformer, mode: str, every: int) ->
     if mode == "none":
         return
     step = 1 if mode == "full" else every
-    for i, block in enumerate(model.layers):
+    for i, (name, block) in enumerate(model.layers.items()):
         if i % step == step - 1 or step == 1:
-            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
 def apply_fsdp(model: Transformer, dp_mesh, mp_policy, reshard_after_forward: bool) -> None:
     """FSDP2 units over `dp_mesh` (1-D: FSDP; 2-D (dp_replicate, dp_shard): HSDP): each
     block, then (untied) the embedding and the head, then the root with what is left."""
     shard = dict(mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    for block in model.layers:  # one all-gather per block, freed after use
+    for block in model.layers.values():  # one all-gather per block, freed after use
         fully_shard(block, **shard)
     if not model.cfg.tie_embeddings:
         # The embedding and the output head (with the final norm) in groups of their own;
@@ -164,6 +164,6 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
         head.weight = model.tok_emb.weight
     else:
         head.weight = nn.Parameter(distribute_tensor(head.weight, tp_mesh, [Shard(0)]))
-    for block in model.layers:
+    for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan(block))
         block.attn.shard_heads(rank, parts)

@@ -118,6 +118,17 @@ def test_checkpointing_and_smaller_micro_batches_lower_activations():
     assert base["params"] == ckpt["params"] == half["params"]
 
 
+def test_a_recomputed_loss_chunk_is_counted_as_logits_at_the_peak():
+    """With a large vocabulary the step peaks in backward while a loss chunk is recomputed
+    (the head projects it itself, `OutputHead.logits`, no module call): its fp32 logits,
+    their softmax and gradient, about 4 chunk x V x 4 bytes, are the logits / loss
+    category, not activations. (Left untracked, the category read 0 at the peak.)"""
+    chunk_logits = 64 * 4096 * 4  # fp32
+    memory = traced(small("model.vocab_size=4096", "parallel.loss_chunk_tokens=64")).memory
+    assert 3 * chunk_logits < memory["logits_loss"] < 5 * chunk_logits
+    assert memory["activations"] < memory["logits_loss"]
+
+
 def test_ddp_counts_gradient_buckets_and_one_all_reduce_per_step():
     cfg = small("parallel.strategy=ddp")
     n = count_params(cfg.model)

@@ -276,9 +276,12 @@ class PlanFSDPMemTracker(_PlanTracking, FSDPMemTracker):
 
 
 def mark_loss_region(model: nn.Module, tracker: _PlanTracking) -> list:
-    """Hooks that set `tracker.in_loss` from the output projection's first call to the end
-    of the model's forward, and in backward until the gradient reaches the final norm."""
+    """Hooks that set `tracker.in_loss` from the output head's call to the end of the
+    model's forward, and in backward from the head's first projection (a loss chunk
+    recomputed: `OutputHead.logits`, which the head calls directly, no module hook sees
+    it) until the gradient reaches the final norm. Each has a `remove()`."""
     inner = getattr(model, "module", model)  # DDP / DeepSpeed engine wrap the Transformer
+    head = inner.lm_head
 
     def enter(*_):
         tracker.in_loss = True
@@ -286,11 +289,29 @@ def mark_loss_region(model: nn.Module, tracker: _PlanTracking) -> list:
     def leave(*_):
         tracker.in_loss = False
 
+    project = head.logits
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        enter()
+        return project(h)
+
+    head.logits = logits  # this instance's, until removed
     return [
-        inner.lm_head.register_forward_pre_hook(enter),
+        head.register_forward_pre_hook(enter),
         model.register_forward_hook(leave),
         inner.norm.register_full_backward_pre_hook(leave),
+        _Unpatch(head, "logits"),
     ]
+
+
+class _Unpatch:
+    """Removes an instance attribute set over its class's method."""
+
+    def __init__(self, obj, name: str) -> None:
+        self.obj, self.name = obj, name
+
+    def remove(self) -> None:
+        self.obj.__dict__.pop(self.name, None)
 
 
 def train_step(strategy, batches: list[torch.Tensor], cfg, on_micro_batch=None) -> None:

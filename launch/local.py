@@ -27,7 +27,7 @@
 
 The agent is torchrun's own `LocalElasticAgent` (c10d rendezvous, restarts, elastic
 node ranges, multi-node); only its failure handling, rendezvous and worker environment
-are extended. tests/test_scale.py runs it on four namespaced "nodes" with kill -9.
+are extended. tests/test_nodes.py runs it on four namespaced "nodes" with kill -9.
 """
 
 from __future__ import annotations

@@ -150,9 +150,15 @@ def _plot(argv: list[str]) -> int:
 
 
 def _plan(argv: list[str]) -> int:
-    from pretrain.tools import plan
+    """With a CONFIG: its per-rank memory and step time on a cluster (pretrain.planner);
+    with --flops or --gpus/--hours: the compute-optimal model and data for a budget."""
+    if argv and not argv[0].startswith("-"):
+        from pretrain.planner.cli import main as plan_config
 
-    return plan.main(argv)
+        return plan_config(argv)
+    from pretrain.tools import compute_optimal
+
+    return compute_optimal.main(argv)
 
 
 def _launcher(command: str):

@@ -49,11 +49,11 @@ FIXTURE_KINDS = {"s3_server": "s3"}
 LONGEST_FIRST = [
     "test_parallel_tp.py",
     "test_eval.py",
-    "test_scale.py",
-    "test_parallel_scale.py",
-    "test_plan_memory.py",
+    "test_nodes.py",
+    "test_parallel_7b_build.py",
+    "test_planner_memory.py",
     "test_slurm.py",
-    "test_plan_search.py",
+    "test_planner_search.py",
     "test_parallel.py",
     "test_faults.py",
     "test_data_s3.py",
@@ -80,13 +80,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # every other test goes to whichever worker is free. (The groups are given here, by file,
 # because xdist's own `xdist_group` marks are lost with pytest 9.2's node ids.)
 XDIST_GROUPS = {
-    "test_scale.py": "heavy",
-    "test_parallel_scale.py": "heavy",
+    "test_nodes.py": "heavy",
+    "test_parallel_7b_build.py": "heavy",
     "test_slurm.py": "slurm",
     "test_data_s3.py": "s3-data",
     # one torchrun launch serves every case: on two workers one would wait for the other's
-    "test_plan_memory.py": "plan-memory",
-    # as for test_plan_memory.py: one torchrun launch serves its 2-rank cases
+    "test_planner_memory.py": "plan-memory",
+    # as for test_planner_memory.py: one torchrun launch serves its 2-rank cases
     "test_parallel_ranks.py": "parallel-ranks",
     # one trained run (module fixture) serves every test of the file
     "test_eval.py": "eval",

@@ -1,5 +1,5 @@
 """Start-up work that global rank 0 does once and sends to every rank, instead of every rank
-reading shared files itself (the 2-rank behaviour: tests/test_data_scale.py)."""
+reading shared files itself (the 2-rank behaviour: tests/test_data_cluster.py)."""
 
 from __future__ import annotations
 

@@ -94,12 +94,15 @@ def _spelled(pattern: str) -> str:
 
 def test_plan_and_mfu_read_the_same_table():
     from pretrain import hardware
-    from pretrain.tools import plan
+    from pretrain.tools import compute_optimal
 
     table = {c.name: c.tensor16 for c in hardware.ACCELERATORS}
-    assert table == plan.PEAK_FLOPS
-    assert plan.peak_flops("h100-pcie") == 756e12
-    assert plan.peak_flops("H100") == hardware.from_device_name("NVIDIA H100 80GB HBM3").bf16
+    assert table == compute_optimal.PEAK_FLOPS
+    assert compute_optimal.peak_flops("h100-pcie") == 756e12
+    assert (
+        compute_optimal.peak_flops("H100")
+        == hardware.from_device_name("NVIDIA H100 80GB HBM3").bf16
+    )
 
 
 def test_gpu_peak_is_the_datasheet_or_else_measured_once_per_gpu_name(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ checkpointing's unit) and extrapolated per block (`deeper`): a block's memory, F
 and collectives repeat, so the copies' difference is one block's worth, and the step time,
 tokens/s and MFU come from the planner's own estimate on that trace (`plan_traced`). Where
 the copies' peak holds no block's activations, a deeper model may peak elsewhere: the fit
-is then judged on an upper bound (`upper_total`). tests/test_plan_search.py checks both
+is then judged on an upper bound (`upper_total`). tests/test_planner_search.py checks both
 against full traces. Meshes are searched `jobs` at a time in worker processes.
 """
 

@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_plan_memory.py: the memory a real rank holds in a steady
+"""Run under torchrun by tests/test_planner_memory.py: the memory a real rank holds in a steady
 training step, by torch's own allocator accounting, to hold the planner's trace against.
 
     torchrun --nproc-per-node N tests/helpers/memory_ranks.py OUT_DIR CONFIG CASE... [-- K=V...]
@@ -11,7 +11,7 @@ OUT_DIR/NAME/rank{r}.json with the live bytes (`Window.summary`): after the buil
 step 1, at the start of step 2, and the peaks of steps 1 and 2 (step 2 is the steady one:
 AdamW made its state in step 1), then, when the config scores eval.tasks during training,
 the peak of one scoring forward after step 2 as the planner traces it
-(`pretrain.planner.trace.eval_forward` on its `eval_batch`). tests/test_plan_memory.py
+(`pretrain.planner.trace.eval_forward` on its `eval_batch`). tests/test_planner_memory.py
 calls `measure` in its own process for parallel.strategy=single.
 
 Why the profiler, not RSS: gloo, Python, DeepSpeed's extension and freed-but-kept heap

@@ -12,7 +12,7 @@ from pretrain.errors import ConfigError
 from pretrain.planner import Cluster, plan
 from pretrain.planner.cli import parse
 from pretrain.planner.estimate import Assumptions, fabric
-from pretrain.tools.plan import peak_flops
+from pretrain.tools.compute_optimal import peak_flops
 from tests.helpers.runs import REPO, TINY_MODEL
 
 GIB = 2**30

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from pretrain.errors import ConfigError
-from pretrain.tools.plan import (
+from pretrain.tools.compute_optimal import (
     CHINCHILLA,
     CHINCHILLA_PRINTED,
     PEAK_FLOPS,

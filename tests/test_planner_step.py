@@ -1,6 +1,6 @@
 """The planner (`pretrain plan CONFIG ...`): FLOPs against torch's counter on a real step,
 memory categories against arithmetic, the fix search, the launch-time fit check and its
-errors. Planned-vs-measured memory on real ranks is in test_plan_memory.py."""
+errors. Planned-vs-measured memory on real ranks is in test_planner_memory.py."""
 
 from __future__ import annotations
 
@@ -306,7 +306,7 @@ def test_zero_model_state_against_deepspeeds_estimators(stage):
     weights. The traced step holds the weights and optimizer state the estimators count, to
     5%. Its gradients differ by design: DeepSpeed 0.19.8 casts the partition's gradients
     to fp32 for the step with no 16-bit copy left beside them, and keeps its reduce
-    buckets besides, which the real allocator confirms (test_plan_memory.py's bf16 cases
+    buckets besides, which the real allocator confirms (test_planner_memory.py's bf16 cases
     agree with the plan, not with the estimator)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs

@@ -1,4 +1,5 @@
-"""`pretrain plan`: the compute-optimal model size and token count for a training budget.
+"""`pretrain plan --flops F | --gpus N --hours H`: the compute-optimal model size and token
+count for a training budget.
 
 Two rules from Hoffmann et al. (2022), "Training Compute-Optimal Large Language Models"
 (the Chinchilla paper), both under the usual approximation C = 6 N D (training FLOPs for N
@@ -171,13 +172,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    """`pretrain plan`: with a CONFIG, its per-rank memory and step time on a cluster
-    (pretrain.planner); with --flops/--hours, the compute-optimal plan for a budget.
-    ConfigError for bad input."""
-    if argv and not argv[0].startswith("-"):
-        from pretrain.planner.cli import main as plan_config
-
-        return plan_config(argv)
+    """`pretrain plan --flops F | --gpus N --hours H`: the compute-optimal plan for a
+    budget (`pretrain plan CONFIG ...` is the planner's, pretrain.planner.cli). ConfigError
+    for bad input."""
     args = _parse(argv)
     card = accelerator(args.gpu_type or "H100")
     peak, gpu = card.tensor16, card.name

@@ -141,8 +141,9 @@ def start_four(overrides: list[str], max_restarts: int) -> subprocess.Popen:
 def test_tp_hsdp_and_fsdp_on_4_ranks_train_like_one_process_and_resume_on_any_layout(
     tiny_overrides, tmp_path
 ):
-    """One single-process run, and on 4 ranks tp 2 x dp_shard 2 and HSDP (dp_replicate 2 x
-    dp_shard 2) from the start: each logs the single process's losses, step by step. A tp
+    """One single-process run, and on 4 ranks tp 2 x dp_shard 2, HSDP (dp_replicate 2 x
+    dp_shard 2) and the default, FSDP over 4, from the start: each logs the single
+    process's losses, step by step. A tp
     rank killed with SIGKILL resumes bit for bit, and so does HSDP from its own half-way
     checkpoint. The tp run's step-10 checkpoint then moves through every other layout, each
     resuming from the one before (DCP reshards model and AdamW state): FSDP over 4 ranks,
@@ -168,9 +169,10 @@ def test_tp_hsdp_and_fsdp_on_4_ranks_train_like_one_process_and_resume_on_any_la
                 shutil.rmtree(checkpoint)
         return copy
 
-    # Uninterrupted on tp 2 x dp_shard 2 and on HSDP 2 x 2: one process's losses, step by step.
+    # Uninterrupted on tp 2 x dp_shard 2, HSDP 2 x 2 and FSDP 4: one process's losses, step by step.
     uninterrupted = {}
-    for layout, banner in (("tp2", "FSDP: 2 shards x TP 2"), ("hsdp", "HSDP: 2 replicas x 2 shards")):  # fmt: skip
+    for layout, banner in (("tp2", "FSDP: 2 shards x TP 2"), ("hsdp", "HSDP: 2 replicas x 2 shards"),
+                           ("fsdp4", "FSDP: 4 shards")):  # fmt: skip
         r = train(tmp_path / layout, layout)
         assert banner in r.stderr, layout
         uninterrupted[layout] = losses_by_step(tmp_path / layout)

@@ -59,6 +59,11 @@ class FSDPStrategy(DistributedStrategy):
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
         if per_node:
             dims.check_tp_in_node(per_node, cfg.parallel.tp_spans_nodes)
+
+    def setup(self) -> None:
+        """`DistributedStrategy.setup`, said first on rank 0 (the layout, and a shard group
+        that would span nodes): only ranks that build the model say it, not the planner."""
+        dims, per_node = self.dims, int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
         if self.rank == 0:
             log.info("fsdp over %d ranks: %s", self.world_size, dims.describe())
             if per_node and dims.spans_nodes(per_node):
@@ -68,6 +73,7 @@ class FSDPStrategy(DistributedStrategy):
                     "keeps them whole",
                     dims.dp_shard, per_node, per_node,
                 )  # fmt: skip
+        super().setup()
 
     @functools.cached_property
     def dims(self) -> ParallelDims:

@@ -1,13 +1,14 @@
 """The strategy of a config, built for rank 0 of a cluster on fake tensors.
 
-The strategy object is the real class of `parallel.strategy`, made without its constructor
-(which would join a real process group; the fake one is set up by the caller). FSDP shards
-the meta model before any fake tensor exists (sharding meta tensors is free; sharding fake
-ones costs a tensor per rank per parameter), the others get the meta model's tensors made
-fake. Weights are never read, so none is initialised. ZeRO is built by zero_trace.py.
+The strategy object is the real class of `parallel.strategy`, made by its constructor in
+the fake process group the caller set up. FSDP shards the meta model before any fake
+tensor exists (sharding meta tensors is free; sharding fake ones costs a tensor per rank
+per parameter), the others get the meta model's tensors made fake. Weights are never read, so none is initialised. ZeRO is built by zero_trace.py.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -26,16 +27,24 @@ def make_state(strategy) -> None:
 
 def build_for_plan(cfg, world_size: int):
     """(strategy for rank 0 of `world_size`, the FSDP-sharded meta model or None, the
-    optimizer factory); to be called inside the fake process group, outside fake mode."""
+    optimizer factory); to be called inside the fake process group, outside fake mode.
+
+    The strategy is made by its own constructor, which finds the (fake) process group up
+    and takes its rank and size, as a training rank takes torchrun's, with every check the
+    constructor makes; only its device is the CPU (parallel.device=cpu), where fake
+    tensors live whatever GPUs the machine has. ZeRO's is made inside
+    `zero_trace.deepspeed_on_fake_tensors`."""
     from pretrain.parallel import STRATEGIES
-    from pretrain.parallel.base import Strategy
     from pretrain.train.optim import build_optimizer
 
-    cls = STRATEGIES[cfg.parallel.strategy]
-    strategy = cls.__new__(cls)
-    Strategy.__init__(strategy, cfg)
-    strategy.rank, strategy.world_size = 0, world_size
-    strategy.device = torch.device("cpu")
+    # parallel.device=cpu: a config for GPUs is planned on a machine without one too.
+    on_cpu = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, device="cpu"))
+    strategy = STRATEGIES[cfg.parallel.strategy](on_cpu)
+    if (strategy.rank, strategy.world_size) != (0, world_size):
+        raise RuntimeError(
+            f"planning {world_size} ranks, but the strategy found rank {strategy.rank} of "
+            f"{strategy.world_size}: build it inside fake_world({world_size})"
+        )
     meta = None
     if cfg.parallel.strategy == "fsdp":
         strategy.device_mesh()  # outside the fake mode: the mesh holds real rank lists

@@ -412,8 +412,6 @@ def quiet_torch():
 def trace_step(cfg, world_size: int) -> Trace:
     """Trace one steady optimizer step of `cfg` on rank 0 of `world_size` ranks (inside
     `fake_world(world_size)`)."""
-    strategy, meta, build_optimizer = build_for_plan(cfg, world_size)
-    accum = strategy.accum_steps
     zero = cfg.parallel.strategy == "zero"
     saved_lock = ShardingPropagator._fake_mode_lock
     ShardingPropagator._fake_mode_lock = Propagation()
@@ -421,10 +419,12 @@ def trace_step(cfg, world_size: int) -> Trace:
         with (
             zero_trace.deepspeed_on_fake_tensors() if zero else contextlib.nullcontext(),
             quiet_torch(),
-            FakeTensorMode(allow_non_fake_inputs=True),  # FSDP's meta shards become fake
         ):
-            tracker = set_up(strategy, meta, build_optimizer)
-            parts = traced_step(strategy, tracker, min(accum, 2), world_size)
+            strategy, meta, build_optimizer = build_for_plan(cfg, world_size)
+            accum = strategy.accum_steps
+            with FakeTensorMode(allow_non_fake_inputs=True):  # FSDP's meta shards become fake
+                tracker = set_up(strategy, meta, build_optimizer)
+                parts = traced_step(strategy, tracker, min(accum, 2), world_size)
     finally:
         ShardingPropagator._fake_mode_lock = saved_lock
     if cfg.parallel.strategy == "ddp":

@@ -67,9 +67,13 @@ lint: $(STAMP)
 # (-m "not slow": no torchrun, server, cluster or training run).
 # 3 on 2 cores: the suite mostly waits (process starts, rendezvous, servers, SLURM), using
 # about 1.1 of 2 cores with 2 workers; 3 keep both busy. --durations shows what to trim next.
+# One intra-op thread per process (a test that wants more sets it): torch's default of one
+# per core puts 3 workers' processes, 2 threads each, on 2 cores, and OpenMP's threads
+# spin while they wait for each other (a training test file: 11% less CPU with 1).
 TEST_WORKERS ?= 3
 WORKER := popen//python=sh $(CURDIR)/tests/helpers/own_shm.sh $(abspath $(PY))
 
+test: export OMP_NUM_THREADS = 1
 test: lint system-packages
 	$(PY) -m pytest -q -ra --durations=15 --dist loadgroup --tx "$(TEST_WORKERS)*$(WORKER)"
 

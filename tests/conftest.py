@@ -41,25 +41,6 @@ SLOW_KINDS = ("torchrun", "s3", "slurm", "nodes")
 FIXTURE_KINDS = {"s3_server": "s3"}
 
 
-# The files whose work takes longest, longest first (wall seconds measured in a full run on
-# 2 cores: one 4-rank test of 250 s, file groups of 200-420 s). Under xdist the work queue
-# follows the collection order (see `pytest_xdist_make_scheduler`), so these start first
-# and the short tests fill in around them; a long run started last would end the suite
-# alone, one core idle for minutes (the longest-first rule of list scheduling).
-LONGEST_FIRST = [
-    "test_parallel_tp.py",
-    "test_eval.py",
-    "test_nodes.py",
-    "test_parallel_7b_build.py",
-    "test_planner_memory.py",
-    "test_slurm.py",
-    "test_planner_search.py",
-    "test_parallel.py",
-    "test_faults.py",
-    "test_data_s3.py",
-]
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
@@ -68,10 +49,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(kind)
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
             item.add_marker("slow")
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(
-        key=lambda item: rank.get(item.path.name, len(rank))
-    )  # stable: files keep their order
 
 
 # Under pytest-xdist's `--dist loadgroup` (make test), the tests of each group's files run
@@ -98,10 +75,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
-
-    # The queue in collection order (LONGEST_FIRST), not xdist's default of the groups with
-    # the most tests first, which started single long tests last.
-    config.option.loadscopereorder = False
 
     class FileGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:

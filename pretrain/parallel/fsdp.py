@@ -61,8 +61,9 @@ class FSDPStrategy(DistributedStrategy):
             dims.check_tp_in_node(per_node, cfg.parallel.tp_spans_nodes)
 
     def setup(self) -> None:
-        """`DistributedStrategy.setup`, said first on rank 0 (the layout, and a shard group
-        that would span nodes): only ranks that build the model say it, not the planner."""
+        """Say the layout on rank 0 (and warn of a shard group that spans nodes), then build
+        as every strategy does. Said here, not in the constructor: the planner makes
+        strategies too, and builds none."""
         dims, per_node = self.dims, int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
         if self.rank == 0:
             log.info("fsdp over %d ranks: %s", self.world_size, dims.describe())

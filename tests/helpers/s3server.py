@@ -62,6 +62,9 @@ class S3Server:
         args = [
             weed_binary(), "mini", f"-dir={self.root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", *(f"-{name}.port={port}" for name, port in self.ports.items()),
+            # Off: their fixed ports (Iceberg 8181, Lance 9101) would clash when two test
+            # workers' servers run at once ("bind: address already in use", weed exits).
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]  # fmt: skip
         env = {**os.environ, **self.env}
         log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - the server writes to it

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from pretrain.train.metrics import PendingStep, StepClock, read_pending
+from pretrain.train.metrics import PendingStep, StepClock, moe_fields, read_pending
 from pretrain.train.peak import gpu_peak_flops, gpu_precision, measure_gpu_matmul_flops
 from tests.helpers.runs import REPO
 
@@ -168,6 +168,20 @@ def test_pending_steps_are_read_exactly_in_one_go():
     assert math.isnan(read[1][0]) and read[1][1] == math.inf
     assert [r[1] for r in read[::2]] == [norms[0].item(), norms[2].item()]
     assert all(r[2] >= 0 for r in read) and read_pending([]) == []
+    assert all(r[3] is None for r in read)  # a dense model's steps
+
+
+def test_moe_statistics_are_read_with_their_step_in_the_same_copy():
+    clock = StepClock(torch.device("cpu"))
+    moe = torch.tensor([[1.25, 0.5, 3.0, 0.01], [2.0, 0.25, 4.0, 0.02]])
+    dense = PendingStep(1, 1e-3, 64, 0.0, 0.1, 0.0, torch.tensor(2.0), torch.tensor(0.5), clock.mark(), clock.mark())  # fmt: skip
+    mixed = PendingStep(2, 1e-3, 64, 0.0, 0.1, 0.0, torch.tensor(1.5), torch.tensor(0.25), clock.mark(), clock.mark(), moe)  # fmt: skip
+    (a, b, c) = read_pending([mixed, dense, mixed])
+    assert a[:2] == (1.5, 0.25) and b[:2] == (2.0, 0.5) and c[:2] == (1.5, 0.25)
+    assert a[3] == c[3] == moe.double().tolist() and b[3] is None
+    fields = moe_fields(a[3], [1, 3])
+    assert fields["moe_imbalance"] == 2.0 and fields["moe_z_loss"] == 3.5
+    assert fields["moe_layers"]["3"]["bias_range"] == moe[1, 3].item()
 
 
 def _strategy(impl: str, **extra):
@@ -231,5 +245,5 @@ def test_cuda_steps_are_timed_by_events_and_read_in_one_copy():
         a = a @ a / 4096  # queued: the host returns long before the device is done
     loss, norm = a.mean(), a.norm()
     step = PendingStep(1, 1e-3, 64, 0.0, 0.1, 0.0, loss, norm, started, clock.mark())
-    ((read_loss, read_norm, seconds),) = read_pending([step])
+    ((read_loss, read_norm, seconds, _),) = read_pending([step])
     assert (read_loss, read_norm) == (loss.item(), norm.item()) and seconds > 0

@@ -71,6 +71,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"fault.preempt_signals[{i}] must be one of {', '.join(PREEMPT_SIGNALS)} (got {name!r})"
             )
+    check_moe(cfg)
     check_mesh(cfg)
     c = cfg.checkpoint
     if c.async_save and cfg.parallel.strategy == "zero":
@@ -105,6 +106,45 @@ def check_mesh(cfg: Config) -> None:
         raise ConfigError(
             f"parallel.{key}={getattr(p, key)} lays out the mesh of FSDP/HSDP and needs "
             f"parallel.strategy=fsdp (got {p.strategy})"
+        )
+
+
+def check_moe(cfg: Config) -> None:
+    """model.moe against the model, and expert parallelism (parallel.ep) against the mesh
+    (ep dividing dp_shard: `ParallelDims.resolve`, once the ranks are known)."""
+    m, p = cfg.model, cfg.parallel
+    moe = m.moe
+    if moe.enabled:
+        if moe.top_k > moe.experts:
+            raise ConfigError(
+                f"model.moe.top_k={moe.top_k} exceeds model.moe.experts={moe.experts}: a token "
+                "picks top_k different experts"
+            )
+        if m.mlp != "swiglu":
+            raise ConfigError(f"model.moe needs model.mlp=swiglu (got {m.mlp}): experts are SwiGLUs")
+        if p.tp > 1:
+            raise ConfigError(
+                f"parallel.tp={p.tp} with model.moe is not supported yet (experts are not split "
+                "by tensor parallelism): use parallel.tp=1 and parallel.ep for the experts"
+            )
+        if not m.moe_layers():
+            raise ConfigError(
+                f"model.moe.first_dense={moe.first_dense} and model.moe.every={moe.every} leave "
+                f"no MoE block among the {m.n_layers}; lower them or set model.moe.experts=0"
+            )
+    if p.ep == 1:
+        return
+    if not moe.enabled:
+        raise ConfigError(f"parallel.ep={p.ep} splits experts: set model.moe.experts (got 0)")
+    if p.strategy != "fsdp":
+        raise ConfigError(
+            f"parallel.ep={p.ep} (expert parallelism) needs parallel.strategy=fsdp (got "
+            f"{p.strategy}); {p.strategy} trains a MoE model with parallel.ep=1"
+        )
+    if moe.experts % p.ep:
+        raise ConfigError(
+            f"model.moe.experts={moe.experts} does not divide by parallel.ep={p.ep}: each "
+            "expert-parallel rank holds an equal share of the experts"
         )
 
 
@@ -213,6 +253,11 @@ _RANGES = (
             "model.rope_theta",
             "model.init_std",
             "model.norm_eps",
+            "model.moe.top_k",
+            "model.moe.expert_hidden",
+            "model.moe.every",
+            "model.moe.routed_scale",
+            "parallel.ep",
             "data.seq_len",
             "data.num_canonical_nodes",
             "train.max_steps",
@@ -246,6 +291,12 @@ _RANGES = (
             "fault.preempt_grace_s",
             "fault.watchdog_s",
             "fault.max_bad_steps",
+            "model.moe.experts",
+            "model.moe.shared_experts",
+            "model.moe.first_dense",
+            "model.moe.bias_update_rate",
+            "model.moe.aux_loss_coef",
+            "model.moe.z_loss_coef",
         ),
         _non_negative,
         "must be >= 0",

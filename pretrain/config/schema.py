@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pretrain.errors import REQUEUE_EXIT_CODE
-from pretrain.model.config import ATTENTION_IMPLS, MLPS, NORMS, POSITIONS, ModelConfig
+from pretrain.model.config import (
+    ATTENTION_IMPLS,
+    MLPS,
+    MOE_BALANCE,
+    MOE_GROUPED_MM,
+    MOE_SCORES,
+    NORMS,
+    POSITIONS,
+    ModelConfig,
+)
 
 
 @dataclass
@@ -193,6 +202,12 @@ class ParallelConfig:
     # head (over the vocabulary) and reads the same samples. Heads, kv heads, vocab_size and
     # seq_len must divide by it; keep it within a node (NVLink).
     tp: int = 1
+    # fsdp with model.moe: expert-parallel degree. Each group of ep consecutive data-parallel
+    # ranks splits every MoE layer's routed experts among its members (experts / ep each)
+    # and exchanges tokens with an all-to-all; the experts are then sharded by FSDP over the
+    # ranks that hold the same ones. Borrows from dp_shard (must divide it) and
+    # model.moe.experts; tp must be 1.
+    ep: int = 1
     # Allow tp groups that do not fit in one node (their every-layer traffic then crosses
     # the network); refused by default.
     tp_spans_nodes: bool = False
@@ -319,6 +334,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mlp": MLPS,
     "model.norm": NORMS,
     "model.attention": ATTENTION_IMPLS,
+    "model.moe.score": MOE_SCORES,
+    "model.moe.balance": MOE_BALANCE,
+    "model.moe.grouped_mm": MOE_GROUPED_MM,
     "optim.impl": ("auto", "fused", "foreach"),
     "schedule.name": ("cosine", "linear", "constant"),
     "logging.wandb_mode": ("offline", "online", "disabled"),

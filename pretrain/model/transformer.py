@@ -4,7 +4,8 @@ Design choices, all driven by ModelConfig:
 - pre-norm residual blocks: x + attn(norm(x)), then x + mlp(norm(x));
 - positions: RoPE (cos/sin cache shared by all layers), ALiBi (inside attention) or a
   learned absolute table `pos_emb`;
-- MLP: SwiGLU (w1 gate, w3 up, w2 down) or GELU (fc, proj); norm: RMSNorm or LayerNorm;
+- MLP: SwiGLU (w1 gate, w3 up, w2 down) or GELU (fc, proj), or in the blocks model.moe
+  names a mixture of experts (moe.py); norm: RMSNorm or LayerNorm;
 - `lm_head` (an `OutputHead`: the output projection and the loss, one module) shares its
   weight with `tok_emb` when tie_embeddings;
 - `forward(tokens, targets)` returns the loss, computed in chunks of tokens inside the
@@ -29,9 +30,19 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from pretrain.model.attention import Attention
-from pretrain.model.config import ATTENTION_IMPLS, MLPS, NORMS, POSITIONS, ModelConfig
+from pretrain.model.config import (
+    ATTENTION_IMPLS,
+    MLPS,
+    MOE_BALANCE,
+    MOE_GROUPED_MM,
+    MOE_SCORES,
+    NORMS,
+    POSITIONS,
+    ModelConfig,
+)
 from pretrain.model.kv_cache import KVCache
 from pretrain.model.loss import OutputHead
+from pretrain.model.moe import MoE, MoEStep
 from pretrain.model.positions import rope_cos_sin
 
 
@@ -80,11 +91,12 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=cfg.bias)  # gate
-        self.w3 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=cfg.bias)  # up
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=cfg.bias)  # down
+        hidden = hidden or cfg.hidden_dim
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # gate
+        self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # up
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)  # down
 
     @property
     def out_proj(self) -> nn.Linear:
@@ -113,12 +125,15 @@ def _dropout(p: float) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        if cfg.moe.is_moe_layer(index):
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
         self.dropout = _dropout(cfg.dropout)
 
     def forward(
@@ -133,10 +148,25 @@ class Block(nn.Module):
 
 def check_config(cfg: ModelConfig) -> None:
     """Raise ValueError for a config the model cannot be built from."""
-    choices = {"position": POSITIONS, "mlp": MLPS, "norm": NORMS, "attention": ATTENTION_IMPLS}
+    choices = {
+        "position": POSITIONS,
+        "mlp": MLPS,
+        "norm": NORMS,
+        "attention": ATTENTION_IMPLS,
+        "moe.score": MOE_SCORES,
+        "moe.balance": MOE_BALANCE,
+        "moe.grouped_mm": MOE_GROUPED_MM,
+    }
     for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"model.{name} must be one of {allowed} (got {getattr(cfg, name)!r})")
+        section, _, key = name.rpartition(".")
+        value = getattr(cfg.moe if section else cfg, key)
+        if value not in allowed:
+            raise ValueError(f"model.{name} must be one of {allowed} (got {value!r})")
+    m = cfg.moe
+    if m.enabled and not 1 <= m.top_k <= m.experts:
+        raise ValueError(f"model.moe.top_k must be in 1..moe.experts={m.experts} (got {m.top_k})")
+    if m.enabled and cfg.mlp != "swiglu":
+        raise ValueError("model.moe needs model.mlp=swiglu: its experts are SwiGLUs")
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})")
     if cfg.position == "rope" and cfg.head_dim % 2:
@@ -160,7 +190,7 @@ class Transformer(nn.Module):
             self.emb_dropout = _dropout(cfg.dropout)
             # Keyed by name ("0", "1", ...: the same parameter names as a list): a pipeline
             # stage that drops the layers it does not run renames none of the others.
-            self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+            self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
             self.norm = make_norm(cfg)
             self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size)
             if cfg.position == "rope":
@@ -191,18 +221,25 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
             self.lm_head.weight = self.tok_emb.weight  # to_empty() unties shared parameters
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        residual_out = {
-            id(m) for b in self.layers.values() for m in (b.attn.out_proj, b.mlp.out_proj)
-        }
+        residual_out = set()  # ids of the weights that write into the residual stream
+        for b in self.layers.values():
+            mlp = b.mlp
+            outs = mlp.out_projs if isinstance(mlp, MoE) else [mlp.out_proj.weight]
+            residual_out.update(id(w) for w in [b.attn.out_proj.weight, *outs])
         for module in self.modules():
             if isinstance(module, OutputHead):
                 if not cfg.tie_embeddings:  # else the weight is tok_emb's, initialised as one
                     _normal_(module.weight, cfg.init_std)
             elif isinstance(module, nn.Linear):
-                std = residual_std if id(module) in residual_out else cfg.init_std
+                std = residual_std if id(module.weight) in residual_out else cfg.init_std
                 _normal_(module.weight, std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, MoE):
+                _normal_(module.router.weight, cfg.init_std)
+                module.router.expert_bias.zero_()
+                for w in (module.experts.w1, module.experts.w3, module.experts.w2):
+                    _normal_(w, residual_std if id(w) in residual_out else cfg.init_std)
             elif isinstance(module, nn.Embedding):
                 _normal_(module.weight, cfg.init_std)
             elif isinstance(module, NORM_CLASSES):
@@ -244,19 +281,25 @@ class Transformer(nn.Module):
         order the tokens are given in, and ALiBi's distances are counted in that order.
         """
         x = self.hidden(tokens, start_pos, positions)  # (B, T, d_model)
+        aux = self._moe_collect()
         if targets is None:
             return self.lm_head(x)  # (B, T, vocab_size) fp32
         if targets.shape != tokens.shape:
             raise ValueError(
                 f"targets {tuple(targets.shape)} must match tokens {tuple(tokens.shape)}"
             )
-        return self.lm_head(
+        loss = self.lm_head(
             x.flatten(0, 1),
             targets.flatten(),
             chunk_tokens=loss_chunk_tokens,
             scores=scores,
             planned_tokens=planned_tokens,
         )
+        if aux is not None and not scores:
+            # The experts' balance and z losses add their gradients, not their values: the
+            # loss reported is the cross-entropy itself (aux - aux.detach() is exactly 0).
+            loss = loss + (aux - aux.detach())
+        return loss
 
     def hidden(
         self, tokens: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None
@@ -291,6 +334,38 @@ class Transformer(nn.Module):
         for layer in self.layers.values():
             x = layer(x, rope, start_pos)
         return self.norm(x)
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE MLP, in block order, found through any wrapper."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def _moe_collect(self) -> torch.Tensor | None:
+        """After a forward: the sum of the MoE layers' weighted auxiliary losses (None: none
+        to add), and, in a training forward, their routing added to the step's statistics
+        (`take_moe_step`). Collected here, outside any checkpointed block, so a block
+        recomputed in backward is not counted twice."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        train = self.training and torch.is_grad_enabled()
+        if train:
+            if self._moe_step is None:
+                self._moe_step = MoEStep()
+            self._moe_step.add(layers)
+        aux = None
+        for m in layers:
+            if m.aux_loss is not None and train:
+                aux = m.aux_loss if aux is None else aux + m.aux_loss
+            m.aux_loss = m.last = None
+        return aux
+
+    _moe_step: MoEStep | None = None
+
+    def take_moe_step(self) -> MoEStep | None:
+        """The routing statistics of the training forwards since the last call (None: no
+        MoE layer, or no forward), and a fresh start."""
+        step, self._moe_step = self._moe_step, None
+        return step
 
     def attentions(self) -> list[Attention]:
         """Every attention module, found through any activation-checkpointing wrapper."""

@@ -186,7 +186,28 @@ class Strategy(ABC):
         elif math.isfinite(float(norm)):  # a NaN/inf gradient anywhere: skip the update
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.balance_experts()
         return norm
+
+    # The last step's routing statistics per MoE layer, (L, 4) on the device (None: a
+    # dense model): load imbalance, aux loss, z loss, bias range (`moe.balance_step`).
+    moe_stats: torch.Tensor | None = None
+
+    def balance_experts(self) -> None:
+        """After an optimizer step, a MoE model's routing: the step's token counts summed
+        over the data-parallel ranks (one all-reduce, queued), each layer's balance bias
+        moved from them (alike on every rank), and `moe_stats` for the trainer to log."""
+        model = self.unwrapped
+        taken = model.take_moe_step() if isinstance(model, Transformer) else None
+        if taken is None:
+            self.moe_stats = None
+            return
+        from pretrain.model.moe import balance_step
+
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            return self.reduce(t, over="dp", op="sum")
+
+        self.moe_stats = balance_step(model.moe_layers(), taken, reduce_sum, self.dp_size)
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients to `max_norm` (0: no clipping); their norm before clipping."""

@@ -134,6 +134,7 @@ class ZeroStrategy(DistributedStrategy):
         # it is logged in fp32 (a copy: DeepSpeed may reuse its tensor).
         self.model.step()  # clips to gradient_clipping (= optim.grad_clip) and steps
         norm = self.model.get_global_grad_norm()  # a tensor; a float (inf) after a skip
+        self.balance_experts()
         if torch.is_tensor(norm):
             return norm.detach().to(torch.float32, copy=True)
         return torch.tensor(float(norm), dtype=torch.float32)

@@ -84,22 +84,52 @@ class PendingStep:
     grad_norm: torch.Tensor  # () global
     started: float | torch.cuda.Event
     ended: float | torch.cuda.Event
+    # (MoE layers, 4): imbalance, aux loss, z loss, bias range (`Strategy.moe_stats`).
+    moe: torch.Tensor | None = None
 
 
-def read_pending(steps: list[PendingStep]) -> list[tuple[float, float, float]]:
-    """(loss, gradient norm, seconds) of each step, copied to the host in one go: the one
-    sync of the batch. Values are exact (float32 -> float64 -> Python float, as `.item()`)."""
+MOE_STATS = ("imbalance", "aux_loss", "z_loss", "bias_range")
+
+
+def read_pending(steps: list[PendingStep]) -> list[tuple[float, float, float, list | None]]:
+    """(loss, gradient norm, seconds, MoE statistics per layer or None) of each step,
+    copied to the host in one go: the one sync of the batch. Values are exact (float32 ->
+    float64 -> Python float, as `.item()`)."""
     if not steps:
         return []
     import torch
 
     device = steps[0].loss.device
-    values = [t.detach().to(device, torch.float64) for s in steps for t in (s.loss, s.grad_norm)]
-    flat = torch.stack(values).tolist()
-    return [
-        (flat[2 * i], flat[2 * i + 1], StepClock.seconds(s.started, s.ended))
-        for i, s in enumerate(steps)
-    ]
+    values = []
+    for s in steps:
+        values += [s.loss.detach().reshape(1), s.grad_norm.detach().reshape(1)]
+        if s.moe is not None:
+            values.append(s.moe.detach().flatten())
+    flat = torch.cat([v.to(device, torch.float64) for v in values]).tolist()
+    out, at = [], 0
+    for s in steps:
+        moe = None
+        if s.moe is not None:
+            rows, cols = s.moe.shape
+            moe = [flat[at + 2 + r * cols : at + 2 + (r + 1) * cols] for r in range(rows)]
+        out.append((flat[at], flat[at + 1], StepClock.seconds(s.started, s.ended), moe))
+        at += 2 + (s.moe.numel() if s.moe is not None else 0)
+    return out
+
+
+def moe_fields(stats: list[list[float]], layers: list[int]) -> dict:
+    """A step record's MoE fields from its per-layer statistics: the worst imbalance and
+    bias range, the mean aux and z losses over the MoE layers, and each layer's own (keyed
+    by block index)."""
+    per_layer = {str(i): dict(zip(MOE_STATS, row, strict=True)) for i, row in zip(layers, stats)}
+    n = len(stats)
+    return {
+        "moe_imbalance": max(r[0] for r in stats),
+        "moe_aux_loss": sum(r[1] for r in stats) / n,
+        "moe_z_loss": sum(r[2] for r in stats) / n,
+        "moe_bias_range": max(r[3] for r in stats),
+        "moe_layers": per_layer,
+    }
 
 
 class MetricsSink:

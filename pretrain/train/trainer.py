@@ -30,6 +30,7 @@ from pretrain.train.metrics import (
     PendingStep,
     StepClock,
     memory_gb,
+    moe_fields,
     read_metrics,
     read_pending,
     train_line,
@@ -210,6 +211,7 @@ class Trainer:
                 grad_norm=grad_norm,
                 started=started,
                 ended=ended,
+                moe=s.moe_stats,
             )
         )
 
@@ -218,7 +220,7 @@ class Trainer:
         to the step at which too many non-finite steps stop the run, and then that stop."""
         steps, self.pending = self.pending, []
         records, max_steps = [], self.cfg.train.max_steps
-        for p, (loss, grad_norm, step_s) in zip(steps, read_pending(steps), strict=True):
+        for p, (loss, grad_norm, step_s, moe) in zip(steps, read_pending(steps), strict=True):
             tokens_per_s = self.tokens_per_step / step_s
             flops = self.flops_per_token * tokens_per_s
             record = {
@@ -234,6 +236,8 @@ class Trainer:
                 "step_s": step_s,
                 "data_s": p.data_s,
             }
+            if moe is not None:
+                record.update(moe_fields(moe, self.cfg.model.moe_layers()))
             stop = self._check_finite(record)
             m = self.mean_step_s
             self.mean_step_s = step_s if m is None else 0.9 * m + 0.1 * step_s

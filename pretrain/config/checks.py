@@ -121,7 +121,9 @@ def check_moe(cfg: Config) -> None:
                 "picks top_k different experts"
             )
         if m.mlp != "swiglu":
-            raise ConfigError(f"model.moe needs model.mlp=swiglu (got {m.mlp}): experts are SwiGLUs")
+            raise ConfigError(
+                f"model.moe needs model.mlp=swiglu (got {m.mlp}): experts are SwiGLUs"
+            )
         if p.tp > 1:
             raise ConfigError(
                 f"parallel.tp={p.tp} with model.moe is not supported yet (experts are not split "

@@ -49,9 +49,7 @@ def _norm_params(cfg: ModelConfig) -> int:
     return cfg.d_model * (2 if has_bias else 1)
 
 
-def count_params(
-    cfg: ModelConfig, include_embeddings: bool = True, active: bool = False
-) -> int:
+def count_params(cfg: ModelConfig, include_embeddings: bool = True, active: bool = False) -> int:
     """Number of distinct parameters of `Transformer(cfg)` (a tied LM head counts once).
 
     include_embeddings=False leaves out the lookup tables (tok_emb, and pos_emb when

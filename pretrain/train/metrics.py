@@ -121,7 +121,8 @@ def moe_fields(stats: list[list[float]], layers: list[int]) -> dict:
     """A step record's MoE fields from its per-layer statistics: the worst imbalance and
     bias range, the mean aux and z losses over the MoE layers, and each layer's own (keyed
     by block index)."""
-    per_layer = {str(i): dict(zip(MOE_STATS, row, strict=True)) for i, row in zip(layers, stats)}
+    rows = zip(layers, stats, strict=True)
+    per_layer = {str(i): dict(zip(MOE_STATS, row, strict=True)) for i, row in rows}
     n = len(stats)
     return {
         "moe_imbalance": max(r[0] for r in stats),

@@ -85,8 +85,11 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(experts, d_model, hidden))
         self.w2 = nn.Parameter(torch.empty(experts, hidden, d_model))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (M, d): rows sorted by expert, counts[e] of them for (local) expert e -> (M, d)."""
+    def forward(
+        self, x: torch.Tensor, counts: torch.Tensor, host_counts: list[int] | None = None
+    ) -> torch.Tensor:
+        """x (M, d): rows sorted by expert, counts[e] of them for (local) expert e -> (M, d).
+        `host_counts`: the same counts where the host knows them (a forced routing)."""
         w1, w3, w2 = _local(self.w1), _local(self.w3), _local(self.w2)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w1.dtype
@@ -96,7 +99,7 @@ class GroupedExperts(nn.Module):
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return torch._grouped_mm(h, w2, offs=offs)
         out, start = [], 0
-        for e, n in enumerate(counts.tolist()):  # one host sync
+        for e, n in enumerate(counts.tolist() if host_counts is None else host_counts):
             rows = x[start : start + n]
             out.append((F.silu(rows @ w1[e]) * (rows @ w3[e])) @ w2[e])
             start += n
@@ -140,6 +143,11 @@ class Router(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return weights * self.scale, picks, logits
 
+    def balanced_counts(self, copies: int) -> list[int]:
+        """Token copies per expert under the forced balanced routing (copy c to c % E)."""
+        e = self.weight.shape[0]
+        return [copies // e + (i < copies % e) for i in range(e)]
+
 
 class MoE(nn.Module):
     """The mixture-of-experts MLP of a block: (B, T, d) -> (B, T, d)."""
@@ -160,7 +168,8 @@ class MoE(nn.Module):
         self.shared_gate = (
             nn.Linear(cfg.d_model, 1, bias=False) if m.shared_experts and m.shared_gate else None
         )
-        # Expert parallelism's exchange (expert_parallel.py): (experts, rows, counts) -> rows.
+        # Expert parallelism's exchange (expert_parallel.py): (experts, rows sorted by expert,
+        # counts (E,), the counts as host ints or None) -> the experts' outputs, same order.
         self.expert_runner: Callable | None = None
         # What the last forward saw, for the model to collect: token copies per expert (E,),
         # the unweighted aux and z losses, and the weighted sum of both (with its graph).
@@ -179,11 +188,12 @@ class MoE(nn.Module):
         flat = picks.flatten()  # (N * k,) copy c is token c // k's j-th pick
         order = flat.argsort(stable=True)  # copies sorted by expert
         counts = torch.bincount(flat, minlength=self.experts_n)  # (E,)
+        host = self.router.balanced_counts(flat.numel()) if self.router.balanced else None
         rows = x[order // self.top_k]  # (N * k, d)
         if self.expert_runner is None:
-            out = self.experts(rows, counts)
+            out = self.experts(rows, counts, host)
         else:
-            out = self.expert_runner(self.experts, rows, counts)
+            out = self.expert_runner(self.experts, rows, counts, host)
         # Back to token order, weighted and summed over each token's picks (a gather and a
         # sum, not an index_add: the same sums in the same order on every device).
         copies = torch.empty_like(out).index_copy_(0, order, out)

@@ -25,6 +25,7 @@ Checkpoints are DCP: a run saved on one layout resumes on any other (DCP reshard
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from pretrain.errors import ConfigError
@@ -35,6 +36,9 @@ class ParallelDims:
     dp_replicate: int
     dp_shard: int
     tp: int = 1
+    # Expert parallelism (expert_parallel.py): ep consecutive data-parallel ranks of a
+    # shard group split the experts; borrowed from dp_shard, so it must divide it.
+    ep: int = 1
 
     @classmethod
     def resolve(cls, parallel, world_size: int) -> ParallelDims:
@@ -46,7 +50,14 @@ class ParallelDims:
                 f"parallel.tp={tp} does not divide the {world_size} ranks started; use a "
                 f"divisor of {world_size}"
             )
-        return cls._resolve_dp(parallel, world_size // tp, tp)
+        dims = cls._resolve_dp(parallel, world_size // tp, tp)
+        ep = getattr(parallel, "ep", 1)
+        if dims.dp_shard % ep:
+            raise ConfigError(
+                f"parallel.ep={ep} does not divide parallel.dp_shard={dims.dp_shard}: expert "
+                "parallelism splits each shard group; use an ep that divides it"
+            )
+        return dataclasses.replace(dims, ep=ep)
 
     @classmethod
     def _resolve_dp(cls, parallel, world_size: int, tp: int) -> ParallelDims:
@@ -140,10 +151,27 @@ class ParallelDims:
             text = f"HSDP: {self.dp_replicate} replicas x {self.dp_shard} shards"
         else:
             text = f"FSDP: {self.dp_shard} shards"
-        return text + (f" x TP {self.tp}" if self.tp > 1 else "")
+        text += f" x TP {self.tp}" if self.tp > 1 else ""
+        return text + (
+            f" (experts over EP {self.ep} x {self.dp_shard // self.ep})" if self.ep > 1 else ""
+        )
 
     def mesh(self, device_type: str):
         """The device mesh of these degrees over the default process group's ranks."""
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(device_type, self.shape, mesh_dim_names=self.names)
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        """The expert mesh's dimensions: dp_replicate (when HSDP), efsdp (the ranks of a
+        shard group that hold the same experts) and ep (the ranks that split them)."""
+        return (("dp_replicate",) if self.hsdp else ()) + ("efsdp", "ep")
+
+    def expert_mesh(self, device_type: str):
+        """The mesh of the experts' parameters (expert_parallel.py), over the same ranks as
+        `mesh`: each dp_shard group split into dp_shard / ep groups of ep consecutive ranks."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = ((self.dp_replicate,) if self.hsdp else ()) + (self.dp_shard // self.ep, self.ep)
+        return init_device_mesh(device_type, shape, mesh_dim_names=self.expert_names)

@@ -34,7 +34,7 @@ from pretrain.model import Transformer
 from pretrain.model.loss import loss_parallel_backward
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.distributed import DistributedStrategy
-from pretrain.parallel.parallelize import parallelize
+from pretrain.parallel.parallelize import parallelize, scale_expert_gradients
 
 log = logging.getLogger("pretrain")
 
@@ -90,6 +90,15 @@ class FSDPStrategy(DistributedStrategy):
             self._mesh = self.dims.mesh(self.device.type)
         return self._mesh
 
+    _expert_mesh = None
+
+    def expert_mesh(self):
+        """The experts' mesh (dims.expert_mesh) under expert parallelism, made once; None
+        without it."""
+        if self._expert_mesh is None and self.dims.ep > 1:
+            self._expert_mesh = self.dims.expert_mesh(self.device.type)
+        return self._expert_mesh
+
     _dp_group = None
 
     def process_group(self, over: str):
@@ -116,7 +125,7 @@ class FSDPStrategy(DistributedStrategy):
         with torch.device("meta"):
             model = Transformer(self.cfg.model)
         p, policy = self.cfg.parallel, self.mixed_precision_policy()
-        return parallelize(model, p, self.dims, self.device_mesh(), policy)
+        return parallelize(model, p, self.dims, self.device_mesh(), policy, self.expert_mesh())
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         if self.cfg.parallel.fsdp_defer_grad_sync:  # reduce-scatter once, after the last
@@ -124,8 +133,28 @@ class FSDPStrategy(DistributedStrategy):
         with loss_parallel_backward(self.model):
             loss.backward()
 
+    def step(self, max_norm: float) -> torch.Tensor:
+        if self.dims.ep > 1:
+            scale_expert_gradients(self.model, self.dims.ep)
+        return super().step(max_norm)
+
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
-        norm = super().clip_gradients(max_norm)
-        if isinstance(norm, DTensor):  # this rank's part of the norm: reduced on the device
-            norm = norm.full_tensor()
-        return norm
+        """The global norm over every gradient, then each clipped by it. Gradients on
+        different meshes (the experts' under expert parallelism) cannot be stacked into
+        one norm: each mesh's norm is reduced over its own ranks, then they are combined."""
+        by_mesh: dict = {}
+        for param in self.model.parameters():
+            if param.grad is not None:
+                mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+                by_mesh.setdefault(mesh, []).append(param)
+        norms = []
+        for params in by_mesh.values():
+            norm = nn.utils.get_total_norm([q.grad for q in params], foreach=True)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        if not norms:
+            return torch.zeros((), device=self.device)
+        total = torch.stack(norms).norm() if len(norms) > 1 else norms[0]
+        limit = max_norm if max_norm > 0 else float("inf")
+        for params in by_mesh.values():
+            nn.utils.clip_grads_with_norm_(params, limit, total, foreach=True)
+        return total

@@ -34,6 +34,7 @@ rank's part, so the split model starts as one process's would.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -48,6 +49,7 @@ from torch.distributed.tensor.parallel import (
 
 from pretrain.model.transformer import GeluMLP, SwiGLU, Transformer
 from pretrain.parallel.dims import ParallelDims
+from pretrain.parallel.expert_parallel import apply_expert_parallel, expert_modules
 
 
 def parallelize(
@@ -56,15 +58,20 @@ def parallelize(
     dims: ParallelDims | None = None,
     mesh=None,
     mp_policy: MixedPrecisionPolicy | None = None,
+    expert_mesh=None,
 ) -> Transformer:
     """Lay `model` out as the config's `parallel` section `p` says, in place: tensor
-    parallelism over `mesh["tp"]` (when dims.tp > 1), then activation checkpointing and
-    compile of the blocks, then FSDP over the data-parallel dimensions of `mesh` (when a
-    mesh is given). Tensor parallelism and FSDP need the model still on the meta device;
-    checkpointing and compile take it on either. Parameter names stay the same whatever is
-    applied (DCP drops the wrappers' names), so checkpoints interchange between layouts."""
+    parallelism over `mesh["tp"]` (when dims.tp > 1) or expert parallelism over
+    `expert_mesh["ep"]` (when dims.ep > 1), then activation checkpointing and compile of
+    the blocks, then FSDP over the data-parallel dimensions of `mesh` (when a mesh is
+    given; split experts over their own mesh's). Tensor and expert parallelism and FSDP
+    need the model still on the meta device; checkpointing and compile take it on either.
+    Parameter names stay the same whatever is applied (DCP drops the wrappers' names), so
+    checkpoints interchange between layouts."""
     if dims is not None and dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
+    if dims is not None and dims.ep > 1:
+        apply_expert_parallel(model, expert_mesh["ep"])
     apply_activation_checkpointing(
         model, p.activation_checkpointing, p.activation_checkpointing_every
     )
@@ -73,8 +80,40 @@ def parallelize(
             block.compile()
     if mesh is not None:
         dp_mesh = mesh if dims.tp == 1 else mesh[dims.dp_names]
-        apply_fsdp(model, dp_mesh, mp_policy or MixedPrecisionPolicy(), p.reshard_after_forward)
+        policy = mp_policy or MixedPrecisionPolicy()
+        if dims.ep > 1:  # inner units first: the experts, on their own mesh
+            experts_dp = expert_mesh[dims.expert_names[:-1]]
+            shard_experts(model, experts_dp, policy, p.reshard_after_forward)
+        apply_fsdp(model, dp_mesh, policy, p.reshard_after_forward)
     return model
+
+
+def shard_experts(model: Transformer, mesh, mp_policy, reshard: bool) -> None:
+    """FSDP units of the expert-parallel experts over `mesh` (the expert mesh's efsdp, and
+    dp_replicate under HSDP), split by dim 1 there (dim 0 is ep's split). FSDP averages
+    their gradients over these dp / ep ranks; `scale_expert_gradients` makes that 1 / dp."""
+    for experts in expert_modules(model):
+        fully_shard(
+            experts,
+            mesh=mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=reshard,
+            shard_placement_fn=lambda _: Shard(1),
+        )
+
+
+@torch.no_grad()
+def scale_expert_gradients(model: Transformer, ep: int) -> None:
+    """Divide the split experts' reduced gradients by `ep`. An expert's gradient already
+    sums the tokens of its whole ep group (the all-to-all's backward brings them), and FSDP
+    averaged it over the dp / ep ranks holding that expert: 1 / ep of that is the mean over
+    all dp ranks, as the dense gradients are. (FSDP's own divide factor would do it in the
+    reduce-scatter, with NCCL's PreMulSum, which gloo lacks: one elementwise op on each
+    rank's gradient shards, once a step, does it on every backend.)"""
+    for experts in expert_modules(model):
+        for w in experts.parameters():
+            if w.grad is not None:
+                w.grad.div_(ep)
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str, every: int) -> None:

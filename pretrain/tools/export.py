@@ -10,7 +10,9 @@ are read from the (possibly sharded) checkpoint one tensor at a time and written
 safetensors shards with an index, so the whole model is never in memory. The sentencepiece
 model goes along as `tokenizer.model` with a `LlamaTokenizer` config. What transformers
 cannot represent (ALiBi, learned positions, LayerNorm, GELU MLPs) is refused with the
-reason.
+reason. A mixture-of-experts model (model.moe) exports as the transformers MoE decoder
+that routes as it does (Mixtral, Qwen2-MoE, Ernie 4.5 MoE or GLM-4.5 MoE), with this
+attention and embedding mapping; export_moe.py says which and why.
 """
 
 from __future__ import annotations
@@ -27,14 +29,29 @@ from pretrain.model.attention import QKV_NAMES, split_qkv
 from pretrain.model.config import ModelConfig
 from pretrain.rundir import checkpoint_config, find_tokenizer, resolve_checkpoint
 from pretrain.tools.consolidate import Entry, load_tensor, model_tensors, write_safetensors
+from pretrain.tools.export_moe import (
+    SWIGLU_NAMES,
+    expert_bias_used,
+    moe_arch,
+    moe_config,
+    moe_entries,
+    qk_rows,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def hf_config(
-    m: ModelConfig, dtype: torch.dtype, bos_id: int, eos_id: int, pad_id: int = -1
+    m: ModelConfig,
+    dtype: torch.dtype,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int = -1,
+    expert_bias: bool | None = None,
 ) -> dict:
+    """config.json; with model.moe, of the MoE decoder that routes as ours (export_moe.py;
+    `expert_bias`: whether routing uses the expert bias, None: as model.moe.balance says)."""
     unsupported = {
         "alibi": m.position == "alibi",
         "learned": m.position == "learned",
@@ -85,46 +102,69 @@ def hf_config(
         config["pad_token_id"] = pad_id
     if m.sliding_window:
         config["sliding_window"] = m.sliding_window
+    if m.moe.enabled:
+        return moe_config(m, moe_arch(m, expert_bias), config)
     return config
 
 
-def hf_entries(checkpoint: Path, m: ModelConfig, dtype: torch.dtype) -> list[Entry]:
+def hf_entries(
+    checkpoint: Path, m: ModelConfig, dtype: torch.dtype, expert_bias: bool | None = None
+) -> list[Entry]:
     """Our tensors, renamed to transformers' names, in layer order (the rows of a fused
-    `qkv` of the earlier layout split into q_proj, k_proj and v_proj)."""
+    `qkv` of the earlier layout split into q_proj, k_proj and v_proj; MoE blocks as
+    export_moe.py maps them)."""
     tensors = model_tensors(checkpoint)
     load = lru_cache(maxsize=1)(lambda name: load_tensor(checkpoint, name, tensors[name]))
+    arch = moe_arch(m, expert_bias) if m.moe.enabled else None
 
-    def entry(hf_name: str, ours: str, part: int | None = None) -> Entry:
-        """`ours` as `hf_name`: whole, or part `part` (0 q, 1 k, 2 v) of a fused qkv."""
+    def entry(hf_name: str, ours: str, transform=None, as_dtype=None) -> Entry:
+        """`ours` as `hf_name`, through `transform` (tensor -> tensor, shapes on the meta
+        device too), in `as_dtype` (default: the export's)."""
         if ours not in tensors:
             raise ConfigError(
                 f"{checkpoint}: no tensor {ours}; is this checkpoint from this model?"
             )
 
         def pick(t: torch.Tensor) -> torch.Tensor:
-            return t if part is None else split_qkv(t, m.n_heads, m.kv_heads, m.head_dim)[part]
+            return t if transform is None else transform(t)
 
         shape = list(pick(torch.empty(tensors[ours].size, device="meta")).shape)
-        return Entry(hf_name, shape, dtype, lambda: pick(load(ours)))
+        return Entry(hf_name, shape, as_dtype or dtype, lambda: pick(load(ours)))
 
+    def zeros(hf_name: str, shape: list[int]) -> Entry:
+        return Entry(hf_name, shape, dtype, lambda: torch.zeros(shape))
+
+    def qkv_part(part: int, then=None):
+        """Part `part` (0 q, 1 k, 2 v) of a fused qkv, then `then`."""
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            t = split_qkv(t, m.n_heads, m.kv_heads, m.head_dim)[part]
+            return t if then is None else then(t)
+
+        return split
+
+    rope_rows = qk_rows(m, arch)  # q/k rows into the export's RoPE layout (None: as ours)
     out = [entry("model.embed_tokens.weight", "tok_emb.weight")]
     for i in range(m.n_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         names = [("input_layernorm.weight", "attn_norm.weight")]
         names += [("post_attention_layernorm.weight", "mlp_norm.weight")]
+        moe = m.moe.is_moe_layer(i)
         for kind in ("weight", "bias") if m.bias else ("weight",):
             fused = f"{ours}attn.qkv.{kind}"  # a checkpoint of the earlier fused layout
             for part, proj in enumerate(QKV_NAMES):
                 name = f"{hf}self_attn.{proj}.{kind}"
+                rows = rope_rows if proj != "v_proj" else None
                 if fused in tensors:
-                    out.append(entry(name, fused, part))
+                    out.append(entry(name, fused, qkv_part(part, rows)))
                 else:
-                    out.append(entry(name, f"{ours}attn.{proj}.{kind}"))
+                    out.append(entry(name, f"{ours}attn.{proj}.{kind}", rows))
             names += [(f"self_attn.o_proj.{kind}", f"attn.out_proj.{kind}")]
-            names += [(f"mlp.gate_proj.{kind}", f"mlp.w1.{kind}")]
-            names += [(f"mlp.up_proj.{kind}", f"mlp.w3.{kind}")]
-            names += [(f"mlp.down_proj.{kind}", f"mlp.w2.{kind}")]
+            if not moe:
+                names += [(f"mlp.{theirs}.{kind}", f"mlp.{w}.{kind}") for w, theirs in SWIGLU_NAMES.items()]  # fmt: skip
         out += [entry(hf + name, ours + src) for name, src in names]
+        if moe:
+            out += moe_entries(arch, m, hf, ours, entry, zeros)
     out.append(entry("model.norm.weight", "norm.weight"))
     if not m.tie_embeddings:
         out.append(entry("lm_head.weight", "lm_head.weight"))
@@ -148,8 +188,13 @@ def export_hf(
     from pretrain.data.tokenizer import Tokenizer
 
     tok = Tokenizer(tok_path)
-    config = hf_config(cfg.model, torch_dtype, tok.bos_id, tok.eos_id, tok.pad_id)
-    entries = hf_entries(checkpoint, cfg.model, torch_dtype)
+    biased = (
+        expert_bias_used(checkpoint, cfg.model, model_tensors(checkpoint))
+        if cfg.model.moe.enabled
+        else None
+    )
+    config = hf_config(cfg.model, torch_dtype, tok.bos_id, tok.eos_id, tok.pad_id, biased)
+    entries = hf_entries(checkpoint, cfg.model, torch_dtype, biased)
     shards: list[list[Entry]] = [[]]
     for e in entries:
         if shards[-1] and sum(x.nbytes for x in shards[-1]) + e.nbytes > max_shard_bytes:

@@ -177,9 +177,10 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
 
     @property
-    def out_projs(self) -> list[torch.Tensor]:
-        """The weights that write into the residual stream (initialised smaller)."""
-        return [self.experts.w2] + ([self.shared.w2.weight] if self.shared is not None else [])
+    def out_projs(self) -> list[nn.Module]:
+        """The modules whose output is written into the residual stream (initialised
+        smaller; of the routed experts, their w2)."""
+        return [self.experts] + ([self.shared.w2] if self.shared is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

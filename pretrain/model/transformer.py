@@ -42,7 +42,7 @@ from pretrain.model.config import (
 )
 from pretrain.model.kv_cache import KVCache
 from pretrain.model.loss import OutputHead
-from pretrain.model.moe import MoE, MoEStep
+from pretrain.model.moe import GroupedExperts, MoE, MoEStep, Router
 from pretrain.model.positions import rope_cos_sin
 
 
@@ -221,25 +221,25 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
             self.lm_head.weight = self.tok_emb.weight  # to_empty() unties shared parameters
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        residual_out = set()  # ids of the weights that write into the residual stream
+        residual_out = set()  # the modules that write into the residual stream
         for b in self.layers.values():
-            mlp = b.mlp
-            outs = mlp.out_projs if isinstance(mlp, MoE) else [mlp.out_proj.weight]
-            residual_out.update(id(w) for w in [b.attn.out_proj.weight, *outs])
+            outs = b.mlp.out_projs if isinstance(b.mlp, MoE) else [b.mlp.out_proj]
+            residual_out.update(id(m) for m in [b.attn.out_proj, *outs])
         for module in self.modules():
             if isinstance(module, OutputHead):
                 if not cfg.tie_embeddings:  # else the weight is tok_emb's, initialised as one
                     _normal_(module.weight, cfg.init_std)
             elif isinstance(module, nn.Linear):
-                std = residual_std if id(module.weight) in residual_out else cfg.init_std
+                std = residual_std if id(module) in residual_out else cfg.init_std
                 _normal_(module.weight, std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, MoE):
-                _normal_(module.router.weight, cfg.init_std)
-                module.router.expert_bias.zero_()
-                for w in (module.experts.w1, module.experts.w3, module.experts.w2):
-                    _normal_(w, residual_std if id(w) in residual_out else cfg.init_std)
+            elif isinstance(module, Router):  # each module's own parameters: ZeRO-3's
+                _normal_(module.weight, cfg.init_std)  # build materialises one at a time
+                module.expert_bias.zero_()
+            elif isinstance(module, GroupedExperts):  # w2 (down) writes into the residual
+                for w in (module.w1, module.w3, module.w2):
+                    _normal_(w, residual_std if w is module.w2 else cfg.init_std)
             elif isinstance(module, nn.Embedding):
                 _normal_(module.weight, cfg.init_std)
             elif isinstance(module, NORM_CLASSES):

@@ -39,6 +39,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.mlp import SwiGLU
 
 log = logging.getLogger("pretrain")
 
@@ -154,8 +155,6 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        from pretrain.model.transformer import SwiGLU
-
         m = cfg.moe
         self.experts_n, self.top_k, self.balance = m.experts, m.top_k, m.balance
         self.aux_coef = m.aux_loss_coef if m.balance in ("aux", "both") else 0.0

@@ -42,6 +42,7 @@ from pretrain.model.config import (
 )
 from pretrain.model.kv_cache import KVCache
 from pretrain.model.loss import OutputHead
+from pretrain.model.mlp import GeluMLP, SwiGLU
 from pretrain.model.moe import GroupedExperts, MoE, MoEStep, Router
 from pretrain.model.positions import rope_cos_sin
 
@@ -88,36 +89,6 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.d_model, cfg.norm_eps)
     return LayerNorm(cfg.d_model, cfg.norm_eps, bias=cfg.bias)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
-        super().__init__()
-        hidden = hidden or cfg.hidden_dim
-        self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # gate
-        self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # up
-        self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)  # down
-
-    @property
-    def out_proj(self) -> nn.Linear:
-        return self.w2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class GeluMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=cfg.bias)
-
-    @property
-    def out_proj(self) -> nn.Linear:
-        return self.proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
 def _dropout(p: float) -> nn.Module:

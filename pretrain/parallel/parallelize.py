@@ -47,7 +47,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from pretrain.model.transformer import GeluMLP, SwiGLU, Transformer
+from pretrain.model.mlp import GeluMLP, SwiGLU
+from pretrain.model.transformer import Transformer
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.expert_parallel import apply_expert_parallel, expert_modules
 

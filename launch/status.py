@@ -1,5 +1,6 @@
 """`pretrain status RUN_DIR`: what a run is doing, from its directory alone (and squeue
-for SLURM jobs): state, step, last checkpoint, losses, restarts."""
+for SLURM jobs): state, step, last checkpoint, losses, restarts, and a mixture-of-experts run's routing
+(the latest step's load imbalance, its worst layer, the expert bias range, the aux loss)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class RunStatus:
     restarts: int  # starts of the training after the first (torchrun restarts, requeues, resumes)
     exit_code: int | None  # the last launcher's exit code, when it has exited
     job: str | None  # "ID (SLURM STATE)" for a submitted run
+    moe: dict | None = None  # the latest MoE step's routing (`moe_status`); None: dense
 
     def row(self) -> dict:
         return {
@@ -104,7 +106,37 @@ def run_status(run_dir: str | Path) -> RunStatus:
         restarts=max(len(starts) - 1, 0),
         exit_code=exits[-1].get("exit_code") if exits else None,
         job=f"{spec.job_id} ({job_state or 'not in squeue'})" if spec and spec.job_id else None,
+        moe=moe_status(losses),
     )
+
+
+def moe_status(steps: list[dict]) -> dict | None:
+    """The routing of the latest step record with MoE fields (metrics.py's `moe_fields`):
+    its step, worst imbalance and the block that has it, bias range and mean aux loss
+    (None where the record lacks them); None for a dense run."""
+    last = next((r for r in reversed(steps) if "moe_imbalance" in r), None)
+    if last is None:
+        return None
+    layers = last.get("moe_layers") or {}
+    worst = max(layers, key=lambda i: layers[i].get("imbalance", 0), default=None)
+    return {
+        "step": last["step"],
+        "imbalance": last["moe_imbalance"],
+        "worst_layer": int(worst) if worst is not None else None,
+        "bias_range": last.get("moe_bias_range"),
+        "aux_loss": last.get("moe_aux_loss"),
+    }
+
+
+def moe_line(m: dict) -> str:
+    """`pretrain status`'s MoE line: imbalance 1.214 (worst block 3) at step 300 | ..."""
+    where = f" (worst block {m['worst_layer']})" if m["worst_layer"] is not None else ""
+    text = f"imbalance {m['imbalance']:.3f}{where} at step {m['step']}"
+    if m["bias_range"]:  # 0 without the balance bias
+        text += f" | bias range {m['bias_range']:.4f}"
+    if m["aux_loss"] is not None:
+        text += f" | aux loss {m['aux_loss']:.4f}"
+    return text
 
 
 def format_status(s: RunStatus) -> str:
@@ -123,6 +155,8 @@ def format_status(s: RunStatus) -> str:
         scores = "".join(f" | {name} {value:.4f}" for name, value in s.tasks.items())
         best = f" (best {_fmt(s.best_core)} at step {s.best_core_step})"
         lines.insert(5, ("tasks", f"core {_fmt(s.core)} at step {s.tasks_step}{best}{scores}"))
+    if s.moe is not None:
+        lines.insert(-1, ("moe", moe_line(s.moe)))
     if s.job:
         lines.append(("slurm job", s.job))
     return "\n".join(f"{key:<11} {value}" for key, value in lines)

@@ -13,7 +13,11 @@ The figure is a 2x2 grid, one color per run, the legend in the first panel:
   4. training loss against the other x: tokens when --x step (the default), so runs with
      different batch sizes compare; steps when --x tokens, which puts all of 1-3 on tokens;
   5. with downstream task scores in any run (eval.tasks): a third column with eval/core
-     and each task's score.
+     and each task's score;
+  6. with a mixture-of-experts run (step records with `moe_layers`): a third row with the
+     load imbalance of each MoE layer (max / mean token copies per expert; 1 is balanced)
+     and, where any is nonzero, the unweighted aux loss (solid) and z loss (dashed), the
+     means over the layers. A dense run adds nothing there.
 """
 
 from __future__ import annotations
@@ -118,10 +122,14 @@ def plot_runs(
     cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     other = "tokens" if x == "step" else "step"
     with_tasks = any(scored for *_, scored in runs)
-    cols = 3 if with_tasks else 2
-    fig, axes = plt.subplots(2, cols, figsize=(6.5 * cols, 8.5), dpi=110, constrained_layout=True)
-    (ax_loss, ax_lr, *ax_tasks), (ax_tps, ax_other, *spare) = axes
-    for ax in spare:
+    with_moe = any("moe_layers" in r for _, train, *_ in runs for r in train)
+    cols, rows = 3 if with_tasks else 2, 3 if with_moe else 2
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(6.5 * cols, 4.25 * rows), dpi=110, constrained_layout=True
+    )
+    (ax_loss, ax_lr, *ax_tasks), (ax_tps, ax_other, *spare) = axes[:2]
+    ax_moe, ax_moe_loss, *more = axes[2] if with_moe else (None, None)
+    for ax in spare + more:
         ax.set_visible(False)
     summary: dict[str, dict] = {}
     for i, ((_, train, val, scored), label) in enumerate(zip(runs, labels, strict=True)):
@@ -150,6 +158,8 @@ def plot_runs(
         }
         if ax_tasks:
             summary[label]["tasks"] = tasks
+        if with_moe and any("moe_layers" in r for r in train):
+            summary[label]["moe"] = _draw_moe(ax_moe, ax_moe_loss, train, x, color)
     panels = [
         (ax_loss, "Loss (train solid, validation dashed)", x, "loss"),
         (ax_lr, "Learning rate", x, "lr"),
@@ -159,6 +169,12 @@ def plot_runs(
     if ax_tasks:
         title = "Downstream tasks (core solid, each task's score dashed)"
         panels.append((ax_tasks[0], title, x, "score"))
+    if with_moe:
+        panels.append((ax_moe, "MoE load imbalance per layer (max / mean)", x, "imbalance"))
+        if any("aux_loss" in s.get("moe", {}) or "z_loss" in s.get("moe", {}) for s in summary.values()):  # fmt: skip
+            panels.append((ax_moe_loss, "MoE aux loss (solid), z loss (dashed)", x, "loss"))
+        else:
+            ax_moe_loss.set_visible(False)
     for ax, title, xl, yl in panels:
         ax.set_title(title)
         ax.set_xlabel(xl)
@@ -197,6 +213,30 @@ def _draw_tasks(ax, scored: list[dict], x: str, color: str) -> dict[str, list[fl
         if tx:
             ax.annotate(name, (tx[-1], ty[-1]), fontsize="x-small", color=color)
         drawn[name] = [float(v) for v in ty]
+    return drawn
+
+
+def _draw_moe(ax, ax_loss, train: list[dict], x: str, color: str) -> dict:
+    """Each MoE layer's load imbalance (a line style per layer, labelled at its last point),
+    and the mean aux and z losses where any is nonzero, of one run; returns {"x",
+    "imbalance": {block: values}, "aux_loss", "z_loss" (those drawn)} as drawn."""
+    moe = [r for r in train if isinstance(r.get("moe_layers"), dict)]
+    layers = sorted({i for r in moe for i in r["moe_layers"]}, key=int)
+    styles = ("-", "--", ":", "-.")
+    drawn: dict = {"x": [], "imbalance": {}}
+    for n, layer in enumerate(layers):
+        rows = [{**r, "imbalance": r["moe_layers"].get(layer, {}).get("imbalance")} for r in moe]
+        lx, ly = _series(rows, x, "imbalance")
+        ax.plot(lx, ly, color=color, lw=1.2, ls=styles[n % len(styles)])
+        if lx:
+            ax.annotate(f"L{layer}", (lx[-1], ly[-1]), fontsize="x-small", color=color)
+        drawn["imbalance"][layer] = [float(v) for v in ly]
+        drawn["x"] = [float(v) for v in lx] if len(lx) > len(drawn["x"]) else drawn["x"]
+    for key, ls in (("moe_aux_loss", "-"), ("moe_z_loss", "--")):
+        lx, ly = _series(moe, x, key)
+        if any(v != 0 for v in ly):
+            ax_loss.plot(lx, ly, color=color, lw=1.2, ls=ls)
+            drawn[key.removeprefix("moe_")] = [float(v) for v in ly]
     return drawn
 
 

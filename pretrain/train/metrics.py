@@ -167,12 +167,7 @@ class MetricsSink:
             if flush:
                 self.jsonl.flush()
         if self.wandb is not None and "step" in record:
-            fields = {
-                k: v
-                for k, v in record.items()
-                if isinstance(v, (int, float)) and k not in ("step", "time")
-            }
-            self.wandb.log(fields, step=record["step"])
+            self.wandb.log(wandb_fields(record), step=record["step"])
 
     def flush(self) -> None:
         if self.jsonl is not None:
@@ -187,6 +182,20 @@ class MetricsSink:
             self.jsonl.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_fields(record: dict) -> dict:
+    """What wandb gets of a record: its top-level numbers (but `step` and `time`), and each
+    MoE layer's statistics as flat keys, `moe/layer3/imbalance` (wandb charts flat keys;
+    metrics.jsonl keeps the nested `moe_layers`)."""
+    fields = {
+        k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")
+    }
+    for layer, stats in (record.get("moe_layers") or {}).items():
+        for name, value in stats.items():
+            if isinstance(value, (int, float)):
+                fields[f"moe/layer{layer}/{name}"] = value
+    return fields
 
 
 def _open_append(path: Path):

@@ -12,6 +12,7 @@ from pretrain.config.load import load_config
 from pretrain.errors import ConfigError
 from pretrain.planner.estimate import Assumptions, add_network_flags, network_flags
 from pretrain.planner.fit import MAX_NODE_DOUBLINGS, find_fix
+from pretrain.planner.moe import report_lines as moe_report
 from pretrain.planner.plan import GIB, Cluster, Plan, plan
 
 LABELS = {
@@ -112,6 +113,7 @@ def report(p: Plan) -> list[str]:
         f"({c.card.name}): {'fits' if p.fits else 'DOES NOT FIT'}",
         "",
     ]
+    lines += moe_report(p)
     counts = p.trace.counts
     recompute = counts.recompute_flops
     expected = p.analytic_flops_per_step + p.attention_recompute_flops
@@ -223,8 +225,9 @@ def search_report(s, cfg, top: int = 5) -> list[str]:
     lo, hi = depths(cfg)
     lines = [
         f"search: {cfg.run.name} on {c.describe()}, global batch {g} x {seq} tokens "
-        f"({g * seq:,}) as configured; fsdp meshes (tp x FSDP/HSDP) x micro-batch x "
-        "activation checkpointing (none, every 2, full)",
+        f"({g * seq:,}) as configured; fsdp meshes (tp x FSDP/HSDP"
+        + (" x ep" if cfg.model.moe.enabled else "")
+        + ") x micro-batch x activation checkpointing (none, every 2, full)",
         *(f"  skipped {n} mesh{'es' if n > 1 else ''}: {why}" for why, n in sorted(s.skipped.items())),
         *(f"  refused {n} layout{'s' if n > 1 else ''}: {why}" for why, n in sorted(s.invalid.items())),
         f"  planned {len(s.probed)} layout{'s' if len(s.probed) != 1 else ''} ("

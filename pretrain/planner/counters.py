@@ -35,10 +35,27 @@ def _cpu_sdpa_backward_flop(grad_out, query, key, value, *args, out_val=None, **
     return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
 
 
+def grouped_mm_flop(mat_a, mat_b, *args, out_val=None, **kwargs) -> int:
+    """FLOPs of `torch._grouped_mm(mat_a, mat_b, offs)`: 2 x M x K x N over the groups,
+    whichever dimension the offsets split (they cover it whole, as MoE's cumulative counts
+    do). Forward (M, K) x (G, K, N) -> (M, N); backward's input gradient the same shape;
+    its weight gradient (K, M) x (M, N) -> (G, K, N), the groups splitting M."""
+    a, b = mat_a.shape, mat_b.shape
+    if len(a) == 2 and len(b) == 3:  # rows split into groups, one (K, N) weight each
+        return 2 * a[0] * a[1] * b[2]
+    if len(a) == 3 and len(b) == 2:  # (G, M, K) x (K, N split into groups)
+        return 2 * a[1] * a[2] * b[1]
+    if len(a) == 2 and len(b) == 2:  # (M, K split) x (K split, N) -> (G, M, N)
+        return 2 * a[0] * a[1] * b[1]
+    return 2 * a[0] * a[1] * a[2] * b[2]  # batched: (G, M, K) x (G, K, N)
+
+
 # torch's registry knows the CUDA SDPA kernels; the CPU one (what runs here, and what a
-# fake CPU trace dispatches to) gets the same formula.
+# fake CPU trace dispatches to) gets the same formula. It has no grouped matmul (MoE's
+# experts): 2 x M x K x N over the groups.
 FLOP_FORMULAS = {
     **flop_registry,
+    aten._grouped_mm: grouped_mm_flop,
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
 }
@@ -58,6 +75,14 @@ COLLECTIVES = {
     _functional.all_gather_into_tensor.default: ("all_gather", -1, 2),
     _functional.reduce_scatter_tensor.default: ("reduce_scatter", 0, 2),
     _functional.all_reduce.default: ("all_reduce", 0, 4),
+}
+
+
+# All-to-alls (expert parallelism's token exchange, uneven splits): (input arg, input split
+# sizes arg); this rank sends its input but for its own split.
+ALL_TO_ALLS = {
+    _functional.all_to_all_single.default: (0, 2),
+    _c10d.alltoall_base_.default: (1, 3),
 }
 
 
@@ -113,6 +138,10 @@ class OpCounts:
         `stride` apart: this rank sends half_factor / 2 x (n-1)/n of the buffer (ring busbw,
         estimate.py's doc: 1 x for an all-gather or reduce-scatter, 2 x for an all-reduce)."""
         sent = buffer_bytes * half_factor * (n - 1) // (2 * n) if n > 1 else 0
+        self.add_sent(kind, sent, n, stride, calls)
+
+    def add_sent(self, kind: str, sent: int, n: int, stride: int, calls: int = 1) -> None:
+        """`calls` collectives of `kind` in which this rank sends `sent` bytes in all."""
         for counter, key in ((self.comm_bytes, kind), (self.group_bytes, (kind, n, stride))):
             counter[key] += sent
         for counter, key in ((self.comm_calls, kind), (self.group_calls, (kind, n, stride))):
@@ -122,6 +151,31 @@ class OpCounts:
 def group_of(args, kwargs, world: int) -> tuple[int, int]:
     """(size, stride) of the process group a c10d op runs on: its ProcessGroup argument, or
     the functional ops' group name; the whole world if neither is found."""
+    ranks = group_ranks(args, kwargs)
+    if ranks is None:
+        return world, 1
+    return len(ranks), (ranks[1] - ranks[0]) if len(ranks) > 1 else 1
+
+
+def all_to_all_sent(func, args, kwargs) -> int:
+    """Bytes this rank sends in an all-to-all: its input but its own split (the group
+    rank of this process; an even split when the sizes are not given)."""
+    import torch.distributed as dist
+
+    index, splits_at = ALL_TO_ALLS[func]
+    data = args[index]
+    total = data.numel() * data.element_size()
+    ranks = group_ranks(args, kwargs) or list(range(dist.get_world_size()))
+    me = ranks.index(dist.get_rank()) if dist.get_rank() in ranks else 0
+    splits = args[splits_at] if len(args) > splits_at else None
+    if not splits:
+        return total * (len(ranks) - 1) // len(ranks)
+    rows = sum(splits)
+    return total * (rows - splits[me]) // rows if rows else 0
+
+
+def group_ranks(args, kwargs) -> list[int] | None:
+    """The global ranks of the process group a c10d op runs on (None: none found)."""
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -140,9 +194,8 @@ def group_of(args, kwargs, world: int) -> tuple[int, int]:
             except (RuntimeError, ValueError, KeyError):
                 continue
         if group is not None:
-            ranks = dist.get_process_group_ranks(group)
-            return len(ranks), (ranks[1] - ranks[0]) if len(ranks) > 1 else 1
-    return world, 1
+            return dist.get_process_group_ranks(group)
+    return None
 
 
 class Propagation:
@@ -186,6 +239,10 @@ class StepCounter(TorchDispatchMode):
             buffer = out if index < 0 else args[index]
             n, stride = group_of(args, kwargs, self.world)
             c.add_comm(kind, _nbytes(tree_flatten(buffer)[0]), half_factor, n, stride)
+            return out
+        if func in ALL_TO_ALLS:
+            n, stride = group_of(args, kwargs, self.world)
+            c.add_sent("all_to_all", all_to_all_sent(func, args, kwargs), n, stride)
             return out
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not outs:

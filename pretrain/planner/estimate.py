@@ -34,7 +34,11 @@ in buckets during backward), except for at least one block's share (the first ga
 last reduction): exposed communication is max(comm - compute, comm / (layers + 1)) per
 micro-batch. Tensor parallelism's collectives (on the tp group: consecutive ranks, stride 1)
 overlap nothing: each gathers a block's input or reduces its output, which the next op
-needs at once (eager DTensor; no asynchronous TP), so they are exposed in full.
+needs at once (eager DTensor; no asynchronous TP), so they are exposed in full. Nor do
+expert parallelism's all-to-alls (the tokens to their experts and back: the next op waits
+for them). An all-to-all is no ring: each rank sends its share to every peer at once, at
+the GPU link inside a node; across nodes the part bound for other nodes shares the node's
+NICs with every GPU of the node (`Fabric.all_to_all_bytes_s`), one hop of latency a call.
 """
 
 from __future__ import annotations
@@ -179,6 +183,8 @@ class Fabric:
         n, nodes, a = self.ranks, self.nodes, self.a
         if n < 2:
             return 0.0
+        if kind == "all_to_all":  # every peer at once: one hop
+            return (a.base_latency_us + (a.net_hop_us if nodes > 1 else a.intra_hop_us)) * 1e-6
         twice = 2 if kind == "all_reduce" else 1
         steps, net_steps = twice * (n - 1), twice * (nodes - 1)
         ring = a.base_latency_us + (steps - net_steps) * a.intra_hop_us + net_steps * a.net_hop_us
@@ -188,17 +194,35 @@ class Fabric:
             ring = min(ring, 2 * hops)
         return ring * 1e-6
 
-    def seconds(self, counts: OpCounts, groups=None) -> float:
+    def seconds(self, counts: OpCounts, only=None) -> float:
         """The traced collectives' time: bytes at their group's busbw plus each call's
-        latency on that group; only those on the (n, stride) `groups` if given."""
+        latency on that group; only those for which `only(kind, n, stride)` holds if given."""
         total = 0.0
         for (kind, n, stride), calls in counts.group_calls.items():
-            if groups is not None and (n, stride) not in groups:
+            if only is not None and not only(kind, n, stride):
                 continue
             group = self.over(n, stride)
             sent = counts.group_bytes[(kind, n, stride)]
+            if kind == "all_to_all":
+                total += self.all_to_all_bytes_s(group, sent) + calls * group.latency_s(kind)
+                continue
             total += (sent / group.bytes_s if sent else 0.0) + calls * group.latency_s(kind)
         return total
+
+    def all_to_all_bytes_s(self, group: Fabric, sent: int) -> float:
+        """Seconds to send `sent` bytes in all-to-alls over `group`: not a ring, every rank
+        sends to every other at once. Inside a node at the GPU link; across nodes, the
+        share bound for other nodes leaves through the node's NICs, which every GPU of the
+        node uses at once (each its own all-to-all or the same): a G-th of them a rank."""
+        if not sent:
+            return 0.0
+        link = self.in_node_bytes_s * self.a.link_efficiency
+        if group.nodes == 1 or not self.gpus_per_node:
+            return sent / (link or group.bytes_s)
+        n, per_node = group.ranks, group.ranks // group.nodes
+        away = sent * (n - per_node) / (n - 1)
+        net = self.node_net_bytes_s / self.gpus_per_node * self.a.link_efficiency
+        return max((sent - away) / link, away / net)
 
 
 def fabric(card: Accelerator, world: int, gpus_per_node: int, a: Assumptions) -> Fabric:
@@ -239,12 +263,17 @@ def step_time(
     """(accum - 1) micro-batches like `micro`, the last like `last`, then the optimizer.
     (`world` and `a` are `network`'s; plan.py passes them too.) With `tp` > 1 the
     collectives of the tensor-parallel group (`tp` consecutive ranks; every data-parallel
-    group is `tp` ranks apart) are exposed in full, the others overlap compute (module doc)."""
-    serial = {(tp, 1)} if tp > 1 else set()
+    group is `tp` ranks apart) are exposed in full, and so are expert parallelism's
+    all-to-alls (the experts wait for the tokens, the next op for their outputs); the
+    others overlap compute (module doc)."""
+
+    def serial(kind: str, n: int, stride: int) -> bool:
+        return kind == "all_to_all" or (tp > 1 and (n, stride) == (tp, 1))
+
     total = compute = comm = exposed = 0.0
     for counts, times in ((micro, accum - 1), (last, 1)):
         c = roofline_seconds(counts, r)
-        s = network.seconds(counts, serial) if serial else 0.0
+        s = network.seconds(counts, serial)
         m = network.seconds(counts) - s
         e = s + max(m - c, m / (n_layers + 1))
         m += s

@@ -6,7 +6,9 @@ The global batch stays the config's (a training decision, not a layout one). Sea
   allows (`check_tp`), over plain FSDP and HSDP with shard groups of one node, or of the
   fewest whole nodes that hold the model state in half a card when one node cannot;
 - micro-batches that divide the global batch over the data-parallel ranks (world / tp);
-- activation checkpointing none, every 2nd block, full.
+- activation checkpointing none, every 2nd block, full;
+- for a MoE model (tp 1), expert parallelism: ep in the divisors of both dp_shard and the
+  experts, up to a node's GPUs (`moe.ep_degrees`).
 
 A mesh is skipped, its reason counted, without a trace when the global batch cannot be
 split over its data-parallel ranks (at least one sequence each), or when the model state
@@ -48,6 +50,7 @@ from pretrain.errors import ConfigError
 from pretrain.model.flops import count_params
 from pretrain.planner.counters import OpCounts
 from pretrain.planner.estimate import Assumptions, headroom_bytes
+from pretrain.planner.moe import ep_degrees
 from pretrain.planner.plan import GIB, Cluster, Plan
 from pretrain.planner.trace import Trace, fake_world, trace_step
 
@@ -69,6 +72,7 @@ class Layout:
     micro_batch: int
     ac: str  # none | every | full
     every: int = AC_EVERY
+    ep: int = 1  # expert-parallel degree (a MoE model's: moe.ep_degrees)
 
     @classmethod
     def of(cls, cfg, world: int) -> Layout | None:
@@ -81,14 +85,14 @@ class Layout:
         dims = ParallelDims.resolve(p, world)
         return cls(
             dims.tp, dims.dp_replicate, dims.dp_shard, cfg.train.micro_batch_size,
-            p.activation_checkpointing, p.activation_checkpointing_every,
+            p.activation_checkpointing, p.activation_checkpointing_every, dims.ep,
         )  # fmt: skip
 
     @property
     def key(self) -> tuple:
         """What makes two layouts the same run (`every` only counts for ac=every)."""
         every = self.every if self.ac == "every" else 0
-        return self.tp, self.dp_replicate, self.dp_shard, self.micro_batch, self.ac, every
+        return self.tp, self.dp_replicate, self.dp_shard, self.micro_batch, self.ac, every, self.ep
 
     def settings(self) -> list[str]:
         """Every key of the layout as overrides (HSDP: dp_shard fixed, dp_replicate the
@@ -96,7 +100,7 @@ class Layout:
         mesh = ["parallel.dp_replicate=1", "parallel.dp_shard=-1"]
         if self.dp_replicate > 1:
             mesh = ["parallel.dp_replicate=-1", f"parallel.dp_shard={self.dp_shard}"]
-        out = ["parallel.strategy=fsdp", f"parallel.tp={self.tp}", *mesh]
+        out = ["parallel.strategy=fsdp", f"parallel.tp={self.tp}", *mesh, f"parallel.ep={self.ep}"]
         out += [f"train.micro_batch_size={self.micro_batch}"]
         out += [f"parallel.activation_checkpointing={self.ac}"]
         if self.ac == "every":
@@ -109,7 +113,7 @@ class Layout:
 
     def describe(self) -> str:
         mesh = f"HSDP {self.dp_replicate} x " if self.dp_replicate > 1 else "FSDP "
-        mesh += str(self.dp_shard)
+        mesh += str(self.dp_shard) + (f" (experts: ep {self.ep})" if self.ep > 1 else "")
         ac = f"every {self.every}" if self.ac == "every" else self.ac
         return f"tp {self.tp}, {mesh}, micro-batch {self.micro_batch}, checkpointing {ac}"
 
@@ -174,11 +178,13 @@ def depths(cfg) -> tuple[int, int]:
     the step time extrapolated from them is the full trace's (to rounding), and so is the
     memory where the peak holds every block's activations (`upper_total`; tests: from 1
     block, whose gradients are the last reduced, the peak often lies elsewhere). DDP's and
-    ZeRO's buckets do not repeat per block: those are planned in full."""
-    p = cfg.parallel
+    ZeRO's buckets do not repeat per block: those are planned in full. A MoE model: 4 and 8
+    (FSDP's gathers of large experts are not steady at 2: OLMoE's 16 blocks came out 29.0
+    GiB from 2 and 4, 25.1 from 4 and 8, as the full trace)."""
+    p, base = cfg.parallel, 4 if cfg.model.moe.enabled else 2
     unit = p.activation_checkpointing_every if p.activation_checkpointing == "every" else 1
     rest = cfg.model.n_layers % unit
-    return 2 * unit + rest, 4 * unit + rest
+    return base * unit + rest, 2 * base * unit + rest
 
 
 def _affine(lo, hi, k: float):
@@ -357,7 +363,8 @@ def grid(cfg, cluster: Cluster, a: Assumptions) -> tuple[list[tuple[Layout, list
                     f"copy over {ranks} ranks, {STATE_BYTES} bytes a parameter + headroom)"
                 ] += 1
                 continue
-            out.append((Layout(tp, cluster.world // ranks, ranks // tp, 0, "none"), mbs))
+            for ep in ep_degrees(cfg, ranks // tp, cluster.gpus_per_node) if tp == 1 else [1]:
+                out.append((Layout(tp, cluster.world // ranks, ranks // tp, 0, "none", ep=ep), mbs))
     return out, skipped
 
 
@@ -423,9 +430,10 @@ def _plan_current(cfg, cluster: Cluster, a: Assumptions) -> Result:
 
 
 def _lighter(u: Layout, v: Layout) -> bool:
-    """Whether mesh v needs no more memory than u at any micro-batch and checkpointing: tp
-    and the ranks holding a copy no smaller (the same state or less, smaller activations)."""
-    return v != u and v.tp >= u.tp and v.dp_shard * v.tp >= u.dp_shard * u.tp
+    """Whether mesh v needs no more memory than u at any micro-batch and checkpointing: tp,
+    the ranks holding a copy and ep no smaller (the same state or less, smaller activations,
+    fewer experts gathered)."""
+    return v != u and v.tp >= u.tp and v.dp_shard * v.tp >= u.dp_shard * u.tp and v.ep >= u.ep
 
 
 def search(cfg, cluster: Cluster, a: Assumptions, jobs: int | None = None) -> Search:

@@ -48,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pretrain.planner import zero_trace
 from pretrain.planner.build import add_ddp_buckets, build_for_plan, make_state, plan_model
 from pretrain.planner.counters import OpCounts, Propagation, StepCounter
+from pretrain.planner.moe import BalancedCounts, Experts, experts_of, force_balanced
 
 LOSS = "Logits/Loss"  # the tracker category we add: output projection + cross-entropy
 
@@ -77,6 +78,7 @@ class Trace:
     # planner category -> bytes at the peak of an eval forward between steps (None: the
     # trainer scores no tasks)
     eval_memory: dict[str, int] | None = None
+    experts: Experts | None = None  # a MoE model's routed experts on this rank (moe.py)
 
     @property
     def step_peak_bytes(self) -> int:
@@ -434,7 +436,7 @@ def trace_step(cfg, world_size: int) -> Trace:
     evals = tracker.eval_peak_snap
     return Trace(
         tracker.by_category(), model_state, highs, parts[0], parts[-2], parts[-1], accum,
-        None if evals is None else tracker.by_category(evals),
+        None if evals is None else tracker.by_category(evals), experts_of(strategy),
     )  # fmt: skip
 
 
@@ -463,6 +465,7 @@ def traced_step(strategy, tracker, micro_batches: int, world_size: int) -> list[
     """Run the step under the tracker and counter: the counts of each micro-batch, then of
     the optimizer step; then, when training scores tasks, an eval forward (`trace_eval`)."""
     cfg, t = strategy.cfg, strategy.cfg.train
+    force_balanced(strategy.model, 2 if cfg.parallel.mixed_precision == "bf16" else 4)
     hooks = mark_loss_region(strategy.model, tracker)
     counter = StepCounter(world_size)
     parts: list[OpCounts] = []
@@ -475,7 +478,7 @@ def traced_step(strategy, tracker, micro_batches: int, world_size: int) -> list[
 
     shape = (t.micro_batch_size, cfg.data.seq_len + 1)
     try:
-        with tracker:
+        with tracker, BalancedCounts():
             with counter:
                 batches = [torch.randint(cfg.model.vocab_size, shape) for _ in range(micro_batches)]
                 train_step(strategy, batches, cfg, on_micro_batch=next_part)

@@ -176,6 +176,7 @@ OPERATIONAL_PARALLEL_KEYS = (
     "dp_shard",
     "tp",
     "tp_spans_nodes",
+    "ep",
 )
 
 

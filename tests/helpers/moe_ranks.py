@@ -18,13 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from pretrain.model.config import ModelConfig, MoEConfig  # noqa: E402
-from pretrain.model.moe import MoE  # noqa: E402
-from pretrain.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
+from pretrain.model.config import ModelConfig, MoEConfig
+from pretrain.model.moe import MoE
+from pretrain.parallel.expert_parallel import apply_expert_parallel
 
 
 def main(out: Path) -> None:
@@ -59,7 +59,9 @@ def main(out: Path) -> None:
     }
     for name in ("w1", "w3", "w2"):
         grad = getattr(split.experts, name).grad.to_local()
-        result[name] = (grad - getattr(whole.experts, name).grad.chunk(world)[rank]).abs().max().item()
+        result[name] = (
+            (grad - getattr(whole.experts, name).grad.chunk(world)[rank]).abs().max().item()
+        )
         result[f"{name}_scale"] = grad.abs().max().item()
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

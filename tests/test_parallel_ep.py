@@ -7,7 +7,8 @@ first block (the aux loss is not here: E x sum f_i P_i of a micro-batch depends 
 batch is split into micro-batches, which differs between layouts, as in every framework
 that takes it per micro-batch; test_moe.py checks it in one process); a rank killed with SIGKILL resumes bit for bit (bias and AdamW
 state from the checkpoint), and the checkpoint resumes on 2 ranks without expert
-parallelism (DCP reshards the experts). (Checks of the layout: test_moe.py.)
+parallelism (DCP reshards the experts). DeepSpeed ZeRO-3 trains it too, without expert
+parallelism. (Checks of the layout: test_moe.py.)
 """
 
 from __future__ import annotations
@@ -77,11 +78,16 @@ def test_ep_2_on_4_ranks_trains_like_one_process_resumes_bitwise_and_on_ep_1(
     for step in redone:
         first, again = by_step[step][0], by_step[step][-1]
         assert {k: first[k] for k in keys} == {k: again[k] for k in keys}, step
-    # Like one process, step by step, and the bias moved.
+    # Like one process, step by step: the loss, the gradient norm over the dense and the
+    # expert meshes (clipped to 1 by it), the routing; and the bias moved.
     resumed = losses_by_step(ep_dir)
     assert resumed.keys() == single.keys()
+    one = {r["step"]: r for r in read_metrics(single_dir) if "loss" in r}
     for step, loss in single.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5), step
+        ep = by_step[step][-1]
+        assert ep["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-3), step
+        assert ep["moe_imbalance"] == one[step]["moe_imbalance"], step
     assert by_step[STEPS][-1]["moe_bias_range"] > 0
 
     # The step-10 checkpoint on 2 ranks with the experts whole on each (ep 1, FSDP 2).
@@ -96,3 +102,13 @@ def test_ep_2_on_4_ranks_trains_like_one_process_resumes_bitwise_and_on_ep_1(
     after = losses_by_step(moved)
     for step, loss in single.items():
         assert after[step] == pytest.approx(loss, rel=1e-5), step
+
+    # DeepSpeed ZeRO-3 trains the same model without expert parallelism (its build
+    # materialises and partitions one module at a time: every expert weight initialised).
+    zero = tmp_path / "zero3"
+    torchrun_train(2, *with_overrides(tiny_overrides, f"run.dir={zero}", *MOE, "parallel.strategy=zero",
+                                      "parallel.zero_stage=3", "train.micro_batch_size=8", "train.max_steps=8"))  # fmt: skip
+    zero_losses = losses_by_step(zero)
+    assert len(zero_losses) == 8
+    for step, loss in zero_losses.items():
+        assert loss == pytest.approx(single[step], rel=1e-5), step

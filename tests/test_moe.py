@@ -172,3 +172,26 @@ def test_ep_must_divide_the_shard_group_it_borrows_from():
     dims = ParallelDims.resolve(cfg.parallel, 16)
     assert (dims.dp_shard, dims.ep, dims.expert_names) == (8, 4, ("dp_replicate", "efsdp", "ep"))
     assert dims.describe() == "HSDP: 2 replicas x 8 shards (experts over EP 4 x 2)"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_in_bf16_the_chosen_expert_kernel_agrees_with_the_per_expert_loop():
+    """Whichever kernel the probe picks on this GPU (grouped_mm needs a recent card), its
+    bf16 outputs and gradients follow the per-expert loop's within bf16's precision."""
+    from pretrain.model.moe import grouped_mm_runs
+
+    torch.manual_seed(0)
+    layer = Transformer(moe_config()).layers["0"].mlp.to("cuda", torch.bfloat16)
+    x = torch.randn(4, 256, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    results = {}
+    for mode in ("auto", "loop"):
+        layer.experts.mode = mode
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.float().square().mean().backward()
+        results[mode] = (y.float(), layer.experts.w1.grad.float(), x.grad.float())
+    print("grouped_mm runs:", grouped_mm_runs(x.device, torch.bfloat16))
+    for a, b in zip(results["auto"], results["loop"], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

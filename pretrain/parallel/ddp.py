@@ -35,11 +35,15 @@ class DDPStrategy(DistributedStrategy):
         shape = (self.cfg.train.micro_batch_size, self.cfg.data.seq_len)
         with self.autocast():  # the step's own path: chunked loss, training precision
             settle_bucket_order(ddp, shape, self.device, self.cfg.parallel.loss_chunk_tokens)
+        if hasattr(model, "take_moe_step"):
+            model.take_moe_step()  # that step's routing is no training step's
         return ddp
 
     @property
     def unwrapped(self) -> nn.Module:
-        return self.model.module
+        # The planner's DDP model is the plain one (see `backward`).
+        model = self.model
+        return model.module if isinstance(model, DistributedDataParallel) else model
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         # The planner's DDP model is the plain one (DDP's reducer cannot run on fake

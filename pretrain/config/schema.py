@@ -12,16 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pretrain.errors import REQUEUE_EXIT_CODE
-from pretrain.model.config import (
-    ATTENTION_IMPLS,
-    MLPS,
-    MOE_BALANCE,
-    MOE_GROUPED_MM,
-    MOE_SCORES,
-    NORMS,
-    POSITIONS,
-    ModelConfig,
-)
+from pretrain.model.config import CHOICES as MODEL_CHOICES
+from pretrain.model.config import ModelConfig
 
 
 @dataclass
@@ -330,13 +322,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.position": POSITIONS,
-    "model.mlp": MLPS,
-    "model.norm": NORMS,
-    "model.attention": ATTENTION_IMPLS,
-    "model.moe.score": MOE_SCORES,
-    "model.moe.balance": MOE_BALANCE,
-    "model.moe.grouped_mm": MOE_GROUPED_MM,
+    **{f"model.{key}": values for key, values in MODEL_CHOICES.items()},
     "optim.impl": ("auto", "fused", "foreach"),
     "schedule.name": ("cosine", "linear", "constant"),
     "logging.wandb_mode": ("offline", "online", "disabled"),

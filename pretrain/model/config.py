@@ -16,6 +16,17 @@ ATTENTION_IMPLS = ("auto", "sdpa", "flash", "naive")
 MOE_SCORES = ("softmax", "sigmoid")
 MOE_BALANCE = ("bias", "aux", "both", "none")
 MOE_GROUPED_MM = ("auto", "grouped", "loop")
+# The model's keys with a fixed set of values (relative to model.), checked by the model
+# and by the config loader.
+CHOICES = {
+    "position": POSITIONS,
+    "mlp": MLPS,
+    "norm": NORMS,
+    "attention": ATTENTION_IMPLS,
+    "moe.score": MOE_SCORES,
+    "moe.balance": MOE_BALANCE,
+    "moe.grouped_mm": MOE_GROUPED_MM,
+}
 
 
 @dataclass

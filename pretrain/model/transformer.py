@@ -30,16 +30,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from pretrain.model.attention import Attention
-from pretrain.model.config import (
-    ATTENTION_IMPLS,
-    MLPS,
-    MOE_BALANCE,
-    MOE_GROUPED_MM,
-    MOE_SCORES,
-    NORMS,
-    POSITIONS,
-    ModelConfig,
-)
+from pretrain.model.config import CHOICES, ModelConfig
 from pretrain.model.kv_cache import KVCache
 from pretrain.model.loss import OutputHead
 from pretrain.model.mlp import GeluMLP, SwiGLU
@@ -119,16 +110,7 @@ class Block(nn.Module):
 
 def check_config(cfg: ModelConfig) -> None:
     """Raise ValueError for a config the model cannot be built from."""
-    choices = {
-        "position": POSITIONS,
-        "mlp": MLPS,
-        "norm": NORMS,
-        "attention": ATTENTION_IMPLS,
-        "moe.score": MOE_SCORES,
-        "moe.balance": MOE_BALANCE,
-        "moe.grouped_mm": MOE_GROUPED_MM,
-    }
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         section, _, key = name.rpartition(".")
         value = getattr(cfg.moe if section else cfg, key)
         if value not in allowed:

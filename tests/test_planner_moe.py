@@ -182,3 +182,39 @@ def test_published_sizes(config, real, published):
     total, active = moe_params(*real)
     # within 0.06B: OLMoE rounds (1.28B active: "1.3B"), Qwen truncates (3.35B: "3.3B")
     assert (total / 1e9, active / 1e9) == pytest.approx(published, abs=0.06)
+
+
+@pytest.mark.parametrize(
+    "ac, precision", [("none", "fp32"), ("full", "fp32"), ("none", "bf16")], ids=str
+)
+def test_planned_peak_is_the_real_allocators_in_one_process(ac, precision):
+    """One process (single strategy), as test_planner_memory.py measures it: the planned
+    peak against the live bytes torch's profiler saw in a real second step, within 2%. The
+    real router is not balanced, but without ep every rank runs all experts on its own
+    top_k copies, so the rows (and the memory) are the same: fp32 runs one matmul per
+    expert, bf16 the grouped matmuls."""
+    from pretrain.planner.trace import fake_world, trace_step
+    from tests.helpers.memory_ranks import counting_all_threads, measure
+
+    cfg = load_config(
+        REPO / "configs" / "tiny-moe.yaml",
+        [
+            "model.vocab_size=4096", "model.d_model=128", "model.n_layers=4",
+            "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=128",
+            "data.seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "model.moe.experts=8", "model.moe.expert_hidden=128", "eval.every=0",
+            "parallel.strategy=single", f"parallel.activation_checkpointing={ac}",
+            f"parallel.mixed_precision={precision}",
+        ],
+    )  # fmt: skip
+    with fake_world(1):
+        planned_peak = trace_step(cfg, 1).step_peak_bytes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]), counting_all_threads():
+            result, strategy = measure(cfg)
+        strategy.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert planned_peak == pytest.approx(result["peak_step2"], rel=0.02)

@@ -12,8 +12,8 @@ largest all-to-all share, so the plan is the balanced best case.
 
 Experts' matmuls. `model.moe.grouped_mm=auto` probes `torch._grouped_mm` on the device at
 the first forward; the planner plans for the cluster's GPUs, not the CPU it runs on, so
-auto is taken as grouped where the rows are 16-byte aligned (H100-class GPUs run it), as
-`GroupedExperts.use_grouped` would find there. torch's FLOP registry has no formula for
+auto is taken as grouped in bf16 where the rows are 16-byte aligned (H100-class GPUs run
+it; torch's grouped_mm takes no fp32), as `GroupedExperts.use_grouped` would find there. torch's FLOP registry has no formula for
 `aten._grouped_mm`; `counters.grouped_mm_flop` is 2 x M x K x N summed over the groups.
 """
 
@@ -36,7 +36,8 @@ def routers(model: nn.Module) -> list:
 
 def force_balanced(model: nn.Module, dtype_bytes: int) -> None:
     """Every Router of `model` routes round-robin (module doc), and experts in `auto` mode
-    run as the GPU would run them: grouped where `dtype_bytes`-byte rows are aligned."""
+    run as the GPU would run them: grouped in bf16 (`dtype_bytes` 2; torch's grouped_mm
+    takes no fp32) with 16-byte aligned rows, else one matmul per expert."""
     from pretrain.model.moe import GroupedExperts
 
     for r in routers(model):
@@ -45,7 +46,8 @@ def force_balanced(model: nn.Module, dtype_bytes: int) -> None:
     for m in model.modules():
         if isinstance(m, GroupedExperts) and m.mode == "auto":
             d, h = m.w1.shape[-2], m.w1.shape[-1]
-            m.mode = "grouped" if d % align == 0 and h % align == 0 else "loop"
+            aligned = dtype_bytes == 2 and d % align == 0 and h % align == 0
+            m.mode = "grouped" if aligned else "loop"  # torch's grouped_mm: bf16 only
 
 
 class BalancedCounts(TorchDispatchMode):

@@ -101,7 +101,9 @@ class ShippedConfig:
 
 
 def read_configs(folder: Path) -> list[ShippedConfig]:
-    """Every folder/*.yaml, loaded with load_config and sized with count_params."""
+    """Every dense folder/*.yaml, loaded with load_config and sized with count_params. The
+    Chinchilla rule (20 tokens per parameter, 6ND FLOPs) is a dense model's: a mixture of
+    experts is left out (neither its total nor its active count is that model's N)."""
     from pretrain.model import count_params
 
     paths = sorted(Path(folder).glob("*.yaml"))
@@ -110,6 +112,8 @@ def read_configs(folder: Path) -> list[ShippedConfig]:
     out = []
     for p in paths:
         cfg = load_config(p)
+        if cfg.model.moe.enabled:
+            continue
         tps = cfg.train.global_batch_size * cfg.data.seq_len
         out.append(ShippedConfig(p.stem, count_params(cfg.model), tps))
     return out

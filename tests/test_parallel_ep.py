@@ -7,8 +7,8 @@ first block (the aux loss is not here: E x sum f_i P_i of a micro-batch depends 
 batch is split into micro-batches, which differs between layouts, as in every framework
 that takes it per micro-batch; test_moe.py checks it in one process); a rank killed with SIGKILL resumes bit for bit (bias and AdamW
 state from the checkpoint), and the checkpoint resumes on 2 ranks without expert
-parallelism (DCP reshards the experts). DeepSpeed ZeRO-3 trains it too, without expert
-parallelism. (Checks of the layout: test_moe.py.)
+parallelism (DCP reshards the experts). (Checks of the layout: test_moe.py; ZeRO-3's
+partitioned build of a MoE model: test_parallel_ranks.py.)
 """
 
 from __future__ import annotations
@@ -102,13 +102,3 @@ def test_ep_2_on_4_ranks_trains_like_one_process_resumes_bitwise_and_on_ep_1(
     after = losses_by_step(moved)
     for step, loss in single.items():
         assert after[step] == pytest.approx(loss, rel=1e-5), step
-
-    # DeepSpeed ZeRO-3 trains the same model without expert parallelism (its build
-    # materialises and partitions one module at a time: every expert weight initialised).
-    zero = tmp_path / "zero3"
-    torchrun_train(2, *with_overrides(tiny_overrides, f"run.dir={zero}", *MOE, "parallel.strategy=zero",
-                                      "parallel.zero_stage=3", "train.micro_batch_size=8", "train.max_steps=8"))  # fmt: skip
-    zero_losses = losses_by_step(zero)
-    assert len(zero_losses) == 8
-    for step, loss in zero_losses.items():
-        assert loss == pytest.approx(single[step], rel=1e-5), step

@@ -99,8 +99,13 @@ CASES = {
     ),
     "zero1-bf16": (["grads"], zero_bf16(1)),
     "zero2-bf16": (["grads"], zero_bf16(2)),
+    # A MoE's router and experts, each initialised as its own module (the build
+    # materialises one module at a time; as the MoE's children they were left as allocated).
+    "zero3-moe": (["init"], ["parallel.strategy=zero", "parallel.zero_stage=3",
+                             "model.moe.experts=4", "model.moe.expert_hidden=32",
+                             "model.moe.shared_experts=1", "model.moe.first_dense=1"]),
     "zero3-bf16": (["grads", "init", "dropout"], zero_bf16(3)),
-}
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +139,10 @@ def test_fsdp_keeps_only_sharded_gradients_between_micro_batches(rank_cases):
         assert accum["deferred"] >= accum["param_bytes"], accum
         assert r["init"] is True  # sharded, the model starts as one process's does
         assert r["backend"] == {"backend": "gloo", "device": "cpu"}  # device=auto, no GPU
+
+
+def test_zero3_builds_a_moe_model_partitioned_with_one_process_weights(rank_cases):
+    assert all(r["init"] is True for r in ranks_of(rank_cases, "zero3-moe"))
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

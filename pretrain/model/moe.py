@@ -187,8 +187,11 @@ class MoE(nn.Module):
         weights, picks, logits = self.router(x)  # (N, k), (N, k), (N, E)
         flat = picks.flatten()  # (N * k,) copy c is token c // k's j-th pick
         order = flat.argsort(stable=True)  # copies sorted by expert
-        counts = torch.bincount(flat, minlength=self.experts_n)  # (E,)
         host = self.router.balanced_counts(flat.numel()) if self.router.balanced else None
+        if host is None:
+            counts = torch.bincount(flat, minlength=self.experts_n)  # (E,)
+        else:  # forced routing: the host knows them (and fake tensors have no values)
+            counts = torch.tensor(host, device=x.device)
         rows = x[order // self.top_k]  # (N * k, d)
         if self.expert_runner is None:
             out = self.experts(rows, counts, host)

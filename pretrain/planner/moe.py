@@ -4,9 +4,8 @@ memory per rank, the token exchange of expert parallelism).
 
 Routing. Fake tensors have no values, so a router's top-k cannot be traced: every Router
 of the traced model routes round-robin instead (`Router.balanced`: copy c of a token to
-expert c % E), a perfectly balanced load whose counts the host knows, and the token
-counts per expert (`torch.bincount`, whose output length depends on the values) are
-given their length, E, by `BalancedCounts`. A real run's routing is never quite balanced:
+expert c % E), a perfectly balanced load whose counts the host knows and hands to the
+experts (no `bincount` of values a fake tensor does not have). A real run's routing is never quite balanced:
 the busiest expert's rows set its grouped matmul's time and, with expert parallelism, the
 largest all-to-all share, so the plan is the balanced best case.
 
@@ -23,9 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-
-aten = torch.ops.aten
 
 
 def routers(model: nn.Module) -> list:
@@ -48,21 +44,6 @@ def force_balanced(model: nn.Module, dtype_bytes: int) -> None:
             d, h = m.w1.shape[-2], m.w1.shape[-1]
             aligned = dtype_bytes == 2 and d % align == 0 and h % align == 0
             m.mode = "grouped" if aligned else "loop"  # torch's grouped_mm: bf16 only
-
-
-class BalancedCounts(TorchDispatchMode):
-    """`torch.bincount(picks, minlength=E)` under the forced balanced routing: every pick is
-    below E, so the counts are E long (their values, never read on the device in a forced
-    routing, are the host's `Router.balanced_counts`)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is aten.bincount.default:
-            picks = args[0]
-            minlength = kwargs.get("minlength", args[2] if len(args) > 2 else 0)
-            if minlength > 0:
-                return torch.zeros(minlength, dtype=torch.int64, device=picks.device)
-        return func(*args, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pretrain.planner import zero_trace
 from pretrain.planner.build import add_ddp_buckets, build_for_plan, make_state, plan_model
 from pretrain.planner.counters import OpCounts, Propagation, StepCounter
-from pretrain.planner.moe import BalancedCounts, Experts, experts_of, force_balanced
+from pretrain.planner.moe import Experts, experts_of, force_balanced
 
 LOSS = "Logits/Loss"  # the tracker category we add: output projection + cross-entropy
 
@@ -478,7 +478,7 @@ def traced_step(strategy, tracker, micro_batches: int, world_size: int) -> list[
 
     shape = (t.micro_batch_size, cfg.data.seq_len + 1)
     try:
-        with tracker, BalancedCounts():
+        with tracker:
             with counter:
                 batches = [torch.randint(cfg.model.vocab_size, shape) for _ in range(micro_batches)]
                 train_step(strategy, batches, cfg, on_micro_batch=next_part)

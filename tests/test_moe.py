@@ -218,3 +218,20 @@ def test_the_bias_alone_balances_a_router_that_prefers_one_expert():
         seen[balance] = (imbalance[0], max(imbalance[100:]))
     assert seen["bias"][0] > 1.9 and seen["bias"][1] < 1.3, seen
     assert seen["none"][1] > 1.9, seen
+
+
+def test_fsdp_shards_fewer_experts_than_ranks_evenly():
+    """8 experts over 16 ranks (ep 1): by dim 0, FSDP's default, 8 ranks would hold a whole
+    expert each and 8 none; by dim 1 every rank holds 1/16 of every expert."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from pretrain.planner.build import build_for_plan
+    from pretrain.planner.trace import fake_world
+
+    cfg = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp", "model.moe.experts=8",
+                                            "model.moe.expert_hidden=64"])  # fmt: skip
+    with fake_world(16):
+        _, meta, _ = build_for_plan(cfg, 16)
+        w1 = meta.layers["0"].mlp.experts.w1
+        assert isinstance(w1, DTensor) and w1.placements == (Shard(1),)
+        assert w1.to_local().shape == (8, 192 // 16, 64)

@@ -138,8 +138,16 @@ def apply_fsdp(model: Transformer, dp_mesh, mp_policy, reshard_after_forward: bo
     """FSDP2 units over `dp_mesh` (1-D: FSDP; 2-D (dp_replicate, dp_shard): HSDP): each
     block, then (untied) the embedding and the head, then the root with what is left."""
     shard = dict(mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    # Routed experts' (E, d, h) weights not split by expert parallelism are sharded by dim 1:
+    # by dim 0 (FSDP's default), 8 experts over 64 ranks would give 8 ranks a whole expert
+    # each (21 GiB of Mixtral-8x7B's weights alone) and the other 56 nothing.
+    whole_experts = {id(w) for e in expert_modules(model) for w in e.parameters()}
+
+    def placement(param):
+        return Shard(1) if id(param) in whole_experts else None
+
     for block in model.layers.values():  # one all-gather per block, freed after use
-        fully_shard(block, **shard)
+        fully_shard(block, **shard, shard_placement_fn=placement)
     if not model.cfg.tie_embeddings:
         # The embedding and the output head (with the final norm) in groups of their own;
         # left in the root group, both would stay gathered for the whole step (4.2 GB at

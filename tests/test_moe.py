@@ -220,18 +220,19 @@ def test_the_bias_alone_balances_a_router_that_prefers_one_expert():
     assert seen["none"][1] > 1.9, seen
 
 
-def test_fsdp_shards_fewer_experts_than_ranks_evenly():
-    """8 experts over 16 ranks (ep 1): by dim 0, FSDP's default, 8 ranks would hold a whole
-    expert each and 8 none; by dim 1 every rank holds 1/16 of every expert."""
+@pytest.mark.parametrize("experts, placement, local", [(8, 1, (8, 192 // 16, 64)), (32, 0, (2, 192, 64))])  # fmt: skip
+def test_fsdp_shards_the_experts_evenly_over_its_ranks(experts, placement, local):
+    """Over 16 ranks (ep 1): 8 experts by dim 1 (by dim 0, FSDP's default, 8 ranks would
+    hold a whole expert each and 8 none), every rank 1/16 of each; 32 by expert, 2 each."""
     from torch.distributed.tensor import DTensor, Shard
 
     from pretrain.planner.build import build_for_plan
     from pretrain.planner.trace import fake_world
 
-    cfg = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp", "model.moe.experts=8",
+    cfg = load_config("configs/tiny.yaml", ["parallel.strategy=fsdp", f"model.moe.experts={experts}",
                                             "model.moe.expert_hidden=64"])  # fmt: skip
     with fake_world(16):
         _, meta, _ = build_for_plan(cfg, 16)
         w1 = meta.layers["0"].mlp.experts.w1
-        assert isinstance(w1, DTensor) and w1.placements == (Shard(1),)
-        assert w1.to_local().shape == (8, 192 // 16, 64)
+        assert isinstance(w1, DTensor) and w1.placements == (Shard(placement),)
+        assert w1.to_local().shape == local

@@ -34,6 +34,8 @@ rank's part, so the split model starts as one process's would.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -91,16 +93,25 @@ def parallelize(
 
 def shard_experts(model: Transformer, mesh, mp_policy, reshard: bool) -> None:
     """FSDP units of the expert-parallel experts over `mesh` (the expert mesh's efsdp, and
-    dp_replicate under HSDP), split by dim 1 there (dim 0 is ep's split). FSDP averages
-    their gradients over these dp / ep ranks; `scale_expert_gradients` makes that 1 / dp."""
+    dp_replicate under HSDP), split as `_expert_placement` says (by expert again, within
+    ep's split, where that is even). FSDP averages their gradients over these dp / ep
+    ranks; `scale_expert_gradients` makes that 1 / dp."""
     for experts in expert_modules(model):
         fully_shard(
             experts,
             mesh=mesh,
             mp_policy=mp_policy,
             reshard_after_forward=reshard,
-            shard_placement_fn=lambda _: Shard(1),
+            shard_placement_fn=functools.partial(_expert_placement, ranks=mesh.size(mesh.ndim - 1)),
         )
+
+
+def _expert_placement(weight, ranks: int) -> Shard:
+    """FSDP's split of a routed expert weight over `ranks`: by expert (dim 0) when this
+    rank's experts divide evenly among them, else by dim 1 (a copy in and out of the
+    interleaved layout at each gather and reduce-scatter, but no rank left empty)."""
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    return Shard(0) if local.shape[0] % ranks == 0 else Shard(1)
 
 
 @torch.no_grad()

@@ -22,11 +22,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from pretrain.config.load import load_config
 from pretrain.planner.trace import fake_world, trace_step
-from tests.helpers.memory_ranks import counting_all_threads, measure
+from tests.helpers.memory_ranks import measure_in_this_process
 from tests.helpers.runs import REPO, STRATEGIES, made_once, run_torchrun
 
 pytestmark = pytest.mark.torchrun
@@ -84,16 +83,7 @@ def ranks_folder(tmp_path_factory) -> Path:
 def measured(name: str, ac: str, precision: str, request) -> list[dict]:
     """What each real rank held (memory_ranks.py's `Window.summary`)."""
     if name == "single":  # one process: this one, with one thread as each rank has
-        cfg = load_config(CONFIG, overrides(name, ac, precision))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # 2 threads on 2 busy cores: 20x slower
-        try:
-            with torch.random.fork_rng(devices=[]), counting_all_threads():
-                result, strategy = measure(cfg)
-            strategy.close()
-        finally:
-            torch.set_num_threads(threads)
-        return [result]
+        return [measure_in_this_process(load_config(CONFIG, overrides(name, ac, precision)))]
     folder = request.getfixturevalue("ranks_folder") / case_name(name, ac, precision)
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(RANKS)]
 

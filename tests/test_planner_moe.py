@@ -194,7 +194,7 @@ def test_planned_peak_is_the_real_allocators_in_one_process(ac, precision):
     top_k copies, so the rows (and the memory) are the same: fp32 runs one matmul per
     expert, bf16 the grouped matmuls."""
     from pretrain.planner.trace import fake_world, trace_step
-    from tests.helpers.memory_ranks import counting_all_threads, measure
+    from tests.helpers.memory_ranks import measure_in_this_process
 
     cfg = load_config(
         REPO / "configs" / "tiny-moe.yaml",
@@ -209,12 +209,5 @@ def test_planned_peak_is_the_real_allocators_in_one_process(ac, precision):
     )  # fmt: skip
     with fake_world(1):
         planned_peak = trace_step(cfg, 1).step_peak_bytes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]), counting_all_threads():
-            result, strategy = measure(cfg)
-        strategy.close()
-    finally:
-        torch.set_num_threads(threads)
+    result = measure_in_this_process(cfg)
     assert planned_peak == pytest.approx(result["peak_step2"], rel=0.02)

@@ -167,6 +167,20 @@ def measure(cfg) -> tuple[dict[str, int], object]:
     return Window(prof).summary(), strategy
 
 
+def measure_in_this_process(cfg) -> dict[str, int]:
+    """`measure` here, with one intra-op thread as each rank has (2 threads on 2 busy cores
+    run 20x slower), this process's RNG left as it was; the strategy closed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]), counting_all_threads():
+            result, strategy = measure(cfg)
+        strategy.close()
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
 def main() -> None:
     out_dir, config = Path(sys.argv[1]), sys.argv[2]
     cases, common = parse_cases(sys.argv[3:])

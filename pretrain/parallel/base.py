@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from pretrain.checkpoint.legacy import fused_qkv_planner
 from pretrain.errors import ConfigError
 from pretrain.model import Transformer
+from pretrain.model.moe import balance_step
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import parallelize
 from pretrain.train.optim import build_optimizer
@@ -202,7 +203,6 @@ class Strategy(ABC):
         if taken is None:
             self.moe_stats = None
             return
-        from pretrain.model.moe import balance_step
 
         def reduce_sum(t: torch.Tensor) -> torch.Tensor:
             return self.reduce(t, over="dp", op="sum")

@@ -156,12 +156,10 @@ def apply_fsdp(model: Transformer, dp_mesh, mp_policy, reshard_after_forward: bo
     # out of the interleaved layout at each gather and reduce-scatter (OLMoE-1B-7B on 8
     # H100s: 2.5 s of a 16.8 s step planned), so it is used only where dim 0 is uneven.
     shard_ranks = dp_mesh.size(dp_mesh.ndim - 1)  # dp_shard (FSDP's, or HSDP's inner dim)
-    uneven = {
-        id(w) for e in expert_modules(model) for w in e.parameters() if w.shape[0] % shard_ranks
-    }
+    experts = {id(w) for e in expert_modules(model) for w in e.parameters()}
 
     def placement(param):
-        return Shard(1) if id(param) in uneven else None
+        return _expert_placement(param, shard_ranks) if id(param) in experts else None
 
     for block in model.layers.values():  # one all-gather per block, freed after use
         fully_shard(block, **shard, shard_placement_fn=placement)
